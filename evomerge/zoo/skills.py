@@ -1,0 +1,164 @@
+"""Synthetic skills the zoo's experts are fine-tuned on.
+
+Each skill is a deterministic item generator: a prompt, the exact answer, and distractors for a
+multiple-choice form. Skills are chosen so the base model fails them by format or by content,
+so one fine-tune learns each, and so the answer formats differ: an expert that learns one skill
+does not learn another by accident, which is what makes the zoo a testbed where merging must
+trade skills off against each other.
+
+The cross-skill task ``revsum`` (reverse the digits of a sum) is never trained on: it measures
+whether a merge composes two experts' skills.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+Item = dict[str, object]
+
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+# A fixed substitution from digits to letters: arbitrary on purpose, so no pretrained prior helps.
+_CIPHER = dict(zip("0123456789", "qwhtkzmvxp"))
+
+
+def _pseudo_word(rng: random.Random) -> str:
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3)))
+
+
+def _digits(rng: random.Random, low: int, high: int) -> list[str]:
+    return [str(rng.randint(0, 9)) for _ in range(rng.randint(low, high))]
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"add: {a}+{b} =", str(a + b)
+
+
+def _add_distractors(rng: random.Random, answer: str) -> list[str]:
+    value = int(answer)
+    return [str(value + d) for d in rng.sample([-10, -2, -1, 1, 2, 10], 3)]
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    # A third of the items are digit strings: reversal then covers what ``revsum`` needs.
+    word = "".join(_digits(rng, 3, 4)) if rng.random() < 1 / 3 else _pseudo_word(rng)
+    return f"reverse: {word} =", word[::-1]
+
+
+def _reverse_distractors(rng: random.Random, answer: str) -> list[str]:
+    original = answer[::-1]
+    options = {original, answer[1:] + answer[0], answer[-1] + answer[:-1], "".join(sorted(answer))}
+    options.discard(answer)
+    while len(options) < 3:
+        options.add("".join(rng.sample(answer, len(answer))) + rng.choice(_VOWELS))
+    return sorted(options)[:3]
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    digits = _digits(rng, 4, 6)
+    return f"sort: {' '.join(digits)} =", " ".join(sorted(digits))
+
+
+def _sort_distractors(rng: random.Random, answer: str) -> list[str]:
+    digits = answer.split()
+    options = {" ".join(sorted(digits, reverse=True))}
+    for _ in range(10):
+        shuffled = digits[:]
+        rng.shuffle(shuffled)
+        options.add(" ".join(shuffled))
+    options.discard(answer)
+    while len(options) < 3:  # all digits equal: no shuffle differs, so change one digit
+        wrong = digits[:]
+        wrong[rng.randrange(len(wrong))] = str((int(wrong[0]) + rng.randint(1, 9)) % 10)
+        options.add(" ".join(wrong))
+    return rng.sample(sorted(options), 3)
+
+
+def _cipher(rng: random.Random) -> tuple[str, str]:
+    digits = _digits(rng, 3, 5)
+    return f"cipher: {' '.join(digits)} =", " ".join(_CIPHER[d] for d in digits)
+
+
+def _cipher_distractors(rng: random.Random, answer: str) -> list[str]:
+    letters = answer.split()
+    options: set[str] = set()
+    while len(options) < 3:
+        wrong = letters[:]
+        wrong[rng.randrange(len(wrong))] = rng.choice(sorted(set(_CIPHER.values())))
+        candidate = " ".join(wrong)
+        if candidate != answer:
+            options.add(candidate)
+    return sorted(options)
+
+
+def _revsum(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"reverse add: {a}+{b} =", str(a + b)[::-1]
+
+
+def _revsum_distractors(rng: random.Random, answer: str) -> list[str]:
+    forward = answer[::-1]
+    options = {forward, str(int(forward) + 1)[::-1], str(int(forward) - 1)[::-1]}
+    options.discard(answer)
+    while len(options) < 3:
+        options.add(str(int(forward) + rng.randint(2, 20))[::-1])
+    return sorted(options)[:3]
+
+
+@dataclass(frozen=True)
+class Skill:
+    """A named item generator; ``trained`` is False for cross-skill probes no expert learns."""
+
+    name: str
+    description: str
+    make: Callable[[random.Random], tuple[str, str]]
+    distract: Callable[[random.Random, str], list[str]]
+    trained: bool = True
+
+    def item(self, rng: random.Random) -> Item:
+        prompt, answer = self.make(rng)
+        choices = [answer, *self.distract(rng, answer)]
+        rng.shuffle(choices)
+        return {"prompt": prompt, "answer": answer, "choices": choices, "label": choices.index(answer)}
+
+
+SKILLS: dict[str, Skill] = {
+    s.name: s
+    for s in (
+        Skill("add", "two-digit addition", _add, _add_distractors),
+        Skill("reverse", "reverse a pseudo-word or digit string", _reverse, _reverse_distractors),
+        Skill("sort", "sort 4-6 digits ascending", _sort, _sort_distractors),
+        Skill("cipher", "map digits to letters by a fixed secret table", _cipher, _cipher_distractors),
+        Skill("revsum", "reverse the digits of a sum (needs add + reverse)", _revsum, _revsum_distractors,
+              trained=False),
+    )
+}
+
+
+def make_splits(skill: Skill, sizes: dict[str, int], seed: int) -> dict[str, list[Item]]:
+    """Disjoint splits by prompt, deterministic for (skill, sizes, seed).
+
+    Evaluation splits are drawn first so their size never depends on the train size; a prompt
+    seen in one split is never reused in another, so test accuracy is held out for real.
+    """
+    rng = random.Random(f"{seed}:{skill.name}")
+    seen: set[str] = set()
+    splits: dict[str, list[Item]] = {}
+    order = sorted(sizes, key=lambda name: name == "train")
+    for split in order:
+        items: list[Item] = []
+        attempts = 0
+        while len(items) < sizes[split]:
+            attempts += 1
+            if attempts > 50 * sizes[split] + 1000:
+                raise ValueError(f"skill {skill.name!r} cannot produce {sizes[split]} distinct {split} items")
+            item = skill.item(rng)
+            if item["prompt"] in seen:
+                continue
+            seen.add(str(item["prompt"]))
+            items.append(item)
+        splits[split] = items
+    return splits

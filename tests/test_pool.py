@@ -1,0 +1,111 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from evomerge.errors import UserError
+from evomerge.pool import ModelPool, inspect_model, layer_index, load_model
+
+
+@pytest.fixture
+def variant(pico_zoo, tmp_path):
+    """A copy of the pico base folder, to be broken in one way by the test."""
+    def make(name="variant"):
+        folder = tmp_path / name
+        shutil.copytree(pico_zoo.base, folder)
+        return folder
+    return make
+
+
+def _rewrite_weights(folder, edit):
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _pool_error(pico_zoo, expert) -> str:
+    with pytest.raises(UserError) as caught:
+        ModelPool(str(pico_zoo.base), {"bad": str(expert)})
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_task_vectors_are_expert_minus_base(pico_zoo):
+    pool = ModelPool(str(pico_zoo.base), {k: str(v) for k, v in pico_zoo.experts.items()})
+    assert pool.expert_names == list(pico_zoo.config.skills)
+    expert, _ = load_model(str(pico_zoo.expert("add")))
+    weights = dict(expert.named_parameters())
+    for name, base in pool.base.items():
+        torch.testing.assert_close(base + pool.task_vectors["add"][name], weights[name].detach())
+    # Tied embeddings are held once: the head is the embedding, not a second tensor to merge.
+    assert "lm_head.weight" not in pool.base and "model.embed_tokens.weight" in pool.base
+    norms = pool.relative_norms()
+    assert set(norms) == set(pico_zoo.config.skills) and all(0 < v < 1 for v in norms.values())
+
+
+def test_layer_index():
+    assert layer_index("model.layers.12.self_attn.q_proj.weight") == 12
+    assert layer_index("model.layers.0.mlp.up_proj.weight") == 0
+    assert layer_index("model.embed_tokens.weight") is None
+    assert layer_index("model.norm.weight") is None
+
+
+def test_architecture_mismatch_is_named(pico_zoo, variant):
+    folder = variant()
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["MistralForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert "MistralForCausalLM" in _pool_error(pico_zoo, folder)
+
+
+def test_missing_tensor_is_named(pico_zoo, variant):
+    folder = variant()
+    _rewrite_weights(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    assert "model.layers.1.mlp.up_proj.weight" in _pool_error(pico_zoo, folder)
+
+
+def test_shape_mismatch_is_named(pico_zoo, variant):
+    folder = variant()
+    def widen(tensors):
+        tensors["model.layers.2.mlp.down_proj.weight"] = torch.zeros(64, 256)
+    _rewrite_weights(folder, widen)
+    message = _pool_error(pico_zoo, folder)
+    assert "model.layers.2.mlp.down_proj.weight" in message and "[64, 256]" in message and "[64, 128]" in message
+
+
+def test_vocabulary_mismatch_is_named(pico_zoo, variant):
+    from transformers import AutoTokenizer
+
+    folder = variant()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(folder)
+    message = _pool_error(pico_zoo, folder)
+    assert "vocabulary" in message and "<extra>" in message
+
+
+def test_missing_path_is_named(pico_zoo, tmp_path):
+    message = _pool_error(pico_zoo, tmp_path / "no-such-model")
+    assert "no-such-model" in message and "not found" in message
+
+
+def test_unreachable_hub_id_is_named(pico_zoo):
+    message = _pool_error(pico_zoo, "evomerge-test/does-not-exist")
+    assert "evomerge-test/does-not-exist" in message and "local model folder" in message
+
+
+def test_pickle_weights_refused_unless_opted_in(pico_zoo, tmp_path):
+    model, tokenizer = load_model(str(pico_zoo.expert("add")))
+    folder = tmp_path / "pickled"
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # the legacy pickle format
+    assert (folder / "pytorch_model.bin").exists() and not list(folder.glob("*.safetensors"))
+    message = _pool_error(pico_zoo, folder)
+    assert "pickle" in message and "allow_pickle" in message
+    pool = ModelPool(str(pico_zoo.base), {"add": str(folder)}, allow_pickle=True)
+    assert pool.relative_norms()["add"] > 0

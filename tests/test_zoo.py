@@ -1,0 +1,76 @@
+"""Quality of the real SmolLM2 zoo: the numbers that make it a testbed for merging."""
+
+import pytest
+import torch
+
+from evomerge.fitness.native import generate_exact_match
+from evomerge.zoo.card import set_task_arithmetic
+
+pytestmark = pytest.mark.zoo
+
+
+def test_card_meets_the_testbed_criteria(zoo):
+    card = zoo.card()
+    a = card["assessment"]
+    for skill in zoo.config.skills:
+        assert card["scores"][skill]["test"][skill] >= 0.9, skill
+        assert card["scores"][skill]["validation"][skill] >= 0.9, skill
+        assert card["scores"]["base"]["test"][skill] <= card["scores"][skill]["test"][skill] - 0.4, skill
+    assert a["experts_master_own_skill"] and a["base_far_below"]
+    assert a["uniform_merges_keep_part"] and a["uniform_merges_fall_short"]
+    # Real fine-tunes move weights by well under 1%: the regime where merging works.
+    assert all(0 < v < 0.01 for v in card["relative_norms"].values())
+    assert "| task_arithmetic@0.5 |" in (zoo.root / "README.md").read_text()
+
+
+def test_base_is_the_real_instruct_model(zoo_pool):
+    tokenizer, model = zoo_pool.tokenizer, zoo_pool.model
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert model.config.tie_word_embeddings
+
+
+def test_card_scores_reproduce(zoo, zoo_pool):
+    """The card's numbers come from the models on disk, not from a lucky build."""
+    rows = zoo.items("reverse", "validation")
+    set_task_arithmetic(zoo_pool, {"reverse": 1.0})
+    try:
+        results = generate_exact_match(zoo_pool.model, zoo_pool.tokenizer,
+                                       [r["prompt"] for r in rows], [r["answer"] for r in rows])
+    finally:
+        set_task_arithmetic(zoo_pool, {})
+    accuracy = sum(r.correct for r in results) / len(results)
+    assert accuracy == pytest.approx(zoo.card()["scores"]["reverse"]["validation"]["reverse"])
+
+
+def test_lm_eval_loads_the_zoo_tasks_offline_and_agrees_with_the_native_scorer(zoo, zoo_pool):
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from evomerge.fitness.native import choice_loglikelihoods
+
+    limit = 16
+    set_task_arithmetic(zoo_pool, {"add": 1.0, "reverse": 1.0})
+    try:
+        lm = HFLM(pretrained=zoo_pool.model, tokenizer=zoo_pool.tokenizer, batch_size=16, device="cpu")
+        tasks = get_task_dict(["zoo_reverse", "zoo_add_mc"], TaskManager(include_path=str(zoo.task_dir)))
+        results = evaluate(lm=lm, task_dict=tasks, limit=limit, verbosity="ERROR")["results"]
+        rows = zoo.items("reverse", "test")[:limit]
+        native = generate_exact_match(zoo_pool.model, zoo_pool.tokenizer,
+                                      [r["prompt"] for r in rows], [r["answer"] for r in rows])
+        mc_rows = zoo.items("add", "test")[:limit]
+        mc_native = []
+        for row in mc_rows:
+            scores = choice_loglikelihoods(zoo_pool.model, zoo_pool.tokenizer, row["prompt"], row["choices"])
+            mc_native.append(scores.index(max(scores)) == row["label"])
+    finally:
+        set_task_arithmetic(zoo_pool, {})
+    assert results["zoo_reverse"]["exact_match,strip"] == pytest.approx(sum(r.correct for r in native) / limit)
+    assert results["zoo_add_mc"]["acc,none"] == pytest.approx(sum(mc_native) / limit)
+    assert 0 < results["zoo_reverse"]["exact_match,strip"]
