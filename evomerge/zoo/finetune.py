@@ -22,9 +22,9 @@ from evomerge.zoo.skills import Item
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    steps: int = 150
+    steps: int = 120
     batch_size: int = 16
-    lr: float = 5e-5
+    lr: float = 1e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
 
@@ -69,7 +69,7 @@ def finetune(
     rows = encode_items(tokenizer, items)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
     def lr_at(step: int) -> float:
         if step < config.warmup_steps:

@@ -25,7 +25,7 @@ _CIPHER = dict(zip("0123456789", "qwhtkzmvxp"))
 
 
 def _pseudo_word(rng: random.Random) -> str:
-    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3)))
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(2))
 
 
 def _digits(rng: random.Random, low: int, high: int) -> list[str]:

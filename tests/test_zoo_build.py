@@ -1,0 +1,82 @@
+"""The zoo builder's plumbing, on the pico zoo: caching, determinism, task files, card."""
+
+import json
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from evomerge.config import zoo_config
+from evomerge.errors import UserError
+from evomerge.zoo.build import Zoo, build_zoo
+
+
+def test_pico_zoo_has_everything_a_search_needs(pico_zoo):
+    assert pico_zoo.is_built()
+    for folder in [pico_zoo.base, *pico_zoo.experts.values()]:
+        assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+    card = pico_zoo.card()
+    models = ["base", *pico_zoo.config.skills, "task_arithmetic@0.5", "task_arithmetic@0.8", "task_arithmetic@1"]
+    assert list(card["scores"]) == models
+    for split in ("validation", "test"):
+        assert set(card["scores"]["base"][split]) == {*pico_zoo.config.skills, *pico_zoo.config.probes}
+    assert set(card["relative_norms"]) == set(pico_zoo.config.skills)
+    for skill, stats in card["training"].items():
+        assert stats["loss_end"] < stats["loss_start"], skill
+
+
+def test_task_files_are_lm_eval_configs_over_the_splits(pico_zoo):
+    config = yaml.safe_load((pico_zoo.task_dir / "zoo_add.yaml").read_text())
+    assert config["output_type"] == "generate_until" and config["task"] == "zoo_add"
+    files = config["dataset_kwargs"]["data_files"]
+    assert set(files) == {"train", "validation", "test"}
+    rows = [json.loads(line) for line in open(files["validation"])]
+    assert len(rows) == pico_zoo.config.eval_size and {"prompt", "answer", "choices", "label"} <= set(rows[0])
+    mc = yaml.safe_load((pico_zoo.task_dir / "zoo_add_mc.yaml").read_text())
+    assert mc["output_type"] == "multiple_choice" and mc["doc_to_target"] == "{{label}}"
+    probe = yaml.safe_load((pico_zoo.task_dir / "zoo_revsum.yaml").read_text())
+    assert set(probe["dataset_kwargs"]["data_files"]) == {"validation", "test"}  # never trained on
+
+
+def test_lm_eval_builds_the_zoo_tasks_offline(pico_zoo):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    tasks = get_task_dict(pico_zoo.tasks + ["zoo_sort_mc"], TaskManager(include_path=str(pico_zoo.task_dir)))
+    assert set(tasks) == {*pico_zoo.tasks, "zoo_sort_mc"}
+    docs = list(tasks["zoo_add"].validation_docs())
+    assert len(docs) == pico_zoo.config.eval_size
+
+
+def test_build_is_deterministic_and_cached(pico_zoo, tmp_path):
+    again = build_zoo(zoo_config(["zoo=pico"]), cache=tmp_path, log=lambda _: None)
+    assert again.root.name == pico_zoo.root.name
+    for name in ["base", *pico_zoo.config.skills]:
+        first = load_file(pico_zoo.root / "models" / name / "model.safetensors")
+        second = load_file(again.root / "models" / name / "model.safetensors")
+        assert first.keys() == second.keys()
+        assert all((first[k] == second[k]).all() for k in first), name
+    assert again.card()["scores"] == pico_zoo.card()["scores"]
+    logs = []
+    build_zoo(zoo_config(["zoo=pico"]), cache=tmp_path, log=logs.append)
+    assert logs == []  # a built zoo is reused, not rebuilt
+
+
+def test_config_changes_name_a_new_zoo(tmp_path):
+    first = Zoo.at(zoo_config(["zoo=pico"]), tmp_path)
+    assert Zoo.at(zoo_config(["zoo=pico", "zoo.seed=1"]), tmp_path).root != first.root
+    assert Zoo.at(zoo_config(["zoo=pico", "zoo.finetune.lr=0.01"]), tmp_path).root != first.root
+    assert Zoo.at(zoo_config(["zoo=pico"]), tmp_path).root == first.root
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["zoo=pico", "zoo.skills=[add,telepathy]"], "telepathy"),
+    (["zoo=pico", "zoo.skills=[add,revsum]"], "revsum"),
+    (["zoo=pico", "zoo.skills=[add]"], "at least 2 skills"),
+    (["zoo=pico", "zoo.kind=gpt5"], "gpt5"),
+    (["zoo=pico", "+zoo.colour=blue"], "colour"),
+    (["zoo=pico", "+zoo.finetune.momentum=0.9"], "momentum"),
+    (["zoo=nope"], "nope"),
+])
+def test_bad_zoo_settings_are_named(overrides, named):
+    with pytest.raises(UserError, match=named):
+        zoo_config(overrides)
