@@ -74,3 +74,13 @@ def test_lm_eval_loads_the_zoo_tasks_offline_and_agrees_with_the_native_scorer(z
     assert results["zoo_reverse"]["exact_match,strip"] == pytest.approx(sum(r.correct for r in native) / limit)
     assert results["zoo_add_mc"]["acc,none"] == pytest.approx(sum(mc_native) / limit)
     assert 0 < results["zoo_reverse"]["exact_match,strip"]
+
+
+def test_the_gguf_file_loads_to_exactly_the_saved_base(zoo):
+    """The hub-free path: the PyPI wheel's GGUF, dequantized by transformers, is the zoo's base."""
+    from evomerge.pool import ModelPool
+    from evomerge.zoo.base import GGUF_NAME
+
+    pool = ModelPool(str(zoo.downloads / GGUF_NAME), {"saved": str(zoo.base)})
+    assert pool.relative_norms() == {"saved": 0.0}
+    assert len(pool.base) == 2 + 9 * 30  # embedding, final norm, 9 per block; the tied head once

