@@ -1,0 +1,469 @@
+"""Merge methods against independent references: plain loops over elements, following each paper's
+(or, where they differ, mergekit's) definition, on small random tensors; plus mergekit itself."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evomerge.errors import UserError
+from evomerge.merge.methods import (
+    METHODS,
+    PARAM_RANGES,
+    MagnitudeQuantiles,
+    MergeParamError,
+    MergeParams,
+    merge_tensor,
+    validate,
+)
+
+torch.set_num_threads(1)
+
+SHAPE = (64, 48)
+WEIGHTS = [0.9, 0.6, -0.3]
+DENSITIES = [0.5, 0.3, 0.8]
+GAMMAS = [0.05, 0.1, 0.3]
+EPSILONS = [0.1, 0.2, 0.15]
+ATOL = 2e-5
+
+
+def tensors(k: int, seed: int = 0, shape: tuple[int, ...] = SHAPE) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen), 0.1 * torch.randn((k, *shape), generator=gen)
+
+
+def lists(base: torch.Tensor, deltas: torch.Tensor) -> tuple[list[float], list[list[float]]]:
+    return base.reshape(-1).tolist(), [d.reshape(-1).tolist() for d in deltas]
+
+
+def as_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype).reshape(like.shape)
+
+
+def sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+# --- reference building blocks, one expert (a flat list) at a time ----------------------------
+
+
+def ref_top_k(delta: list[float], density: float) -> list[float]:
+    """Keep the int(density * n) largest magnitudes (at least one), by sorting."""
+    n = len(delta)
+    if density >= 1:
+        return list(delta)
+    k = 0 if density <= 0 else max(1, int(density * n))
+    keep = set(sorted(range(n), key=lambda j: -abs(delta[j]))[:k])
+    return [x if j in keep else 0.0 for j, x in enumerate(delta)]
+
+
+def ref_band(delta: list[float], density: float, gamma: float) -> list[float]:
+    """Breadcrumbs as mergekit defines it: sort ascending, skip the bottom, keep `target` elements."""
+    n = len(delta)
+    if density >= 1:
+        return list(delta)
+    target, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - target - top)
+    ascending = sorted(range(n), key=lambda j: abs(delta[j]))
+    keep = set(ascending[bottom:bottom + target])
+    return [x if j in keep else 0.0 for j, x in enumerate(delta)]
+
+
+def ref_l1(original: list[float], kept: list[float]) -> list[float]:
+    before, after = sum(abs(x) for x in original), sum(abs(x) for x in kept)
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return [x * before / after for x in kept]
+
+
+def ref_gta(base: list[float], deltas: list[list[float]], weights: list[float], *, ties: bool,
+            normalize: bool, lam: float) -> list[float]:
+    """Generalized task arithmetic, element by element."""
+    out = []
+    for j, b in enumerate(base):
+        vals = [w * d[j] for w, d in zip(weights, deltas)]
+        if ties:
+            elected = 1 if sum(vals) >= 0 else -1
+            chosen = [i for i, v in enumerate(vals) if sign(v) == elected]
+            mixed = sum(vals[i] for i in chosen)
+            divisor = sum(weights[i] for i in chosen) or 1.0
+        else:
+            mixed = sum(vals)
+            divisor = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
+        out.append(b + lam * (mixed / divisor if normalize else mixed))
+    return out
+
+
+def ref_della_keep(delta: list[float], draws: list[float], density: float, epsilon: float,
+                   width: int) -> list[float]:
+    """DELLA's MagPrune: within each row, probability rises with magnitude rank."""
+    if density >= 1:
+        return list(delta)
+    kept = []
+    for start in range(0, len(delta), width):
+        row = delta[start:start + width]
+        order = sorted(range(width), key=lambda j: abs(row[j]))
+        rank = {j: r for r, j in enumerate(order)}
+        for j, x in enumerate(row):
+            p = density - epsilon + 2 * epsilon * rank[j] / (width - 1)
+            kept.append(x if draws[start + j] < p else 0.0)
+    return kept
+
+
+# --- references per method -------------------------------------------------------------------
+
+
+def reference(method: str, base: torch.Tensor, deltas: torch.Tensor, p: MergeParams,
+              seed: int | None = None) -> torch.Tensor:
+    b, ds = lists(base, deltas)
+    k = len(ds)
+    w = list(p.weight) if p.weight is not None else [1.0] * k
+    spec = METHODS[method]
+    normalize = spec.default_normalize if p.normalize is None else p.normalize
+    rescale = spec.default_rescale if p.rescale is None else p.rescale
+    if method == "linear":
+        experts = [[x + y for x, y in zip(b, d)] for d in ds]
+        total = sum(w)
+        out = [sum(wi * e[j] for wi, e in zip(w, experts)) / (total if normalize else 1) for j in range(len(b))]
+    elif method == "task_arithmetic":
+        out = ref_gta(b, ds, w, ties=False, normalize=normalize, lam=p.lambda_)
+    elif method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        if method == "ties":
+            kept = [ref_top_k(d, den) for d, den in zip(ds, p.density)]
+        else:
+            kept = [ref_band(d, den, g) for d, den, g in zip(ds, p.density, p.gamma)]
+        if rescale:
+            kept = [ref_l1(d, kd) for d, kd in zip(ds, kept)]
+        out = ref_gta(b, kept, w, ties=method != "breadcrumbs", normalize=normalize, lam=p.lambda_)
+    elif method in ("dare_linear", "dare_ties", "della", "della_linear"):
+        # The documented draw protocol: one uniform in [0, 1) per element of deltas, in order.
+        draws = torch.rand(deltas.shape, generator=torch.Generator().manual_seed(seed)).reshape(k, -1).tolist()
+        if method.startswith("dare"):
+            kept = [[x if u < den else 0.0 for x, u in zip(d, us)] for d, us, den in zip(ds, draws, p.density)]
+        else:
+            kept = [ref_della_keep(d, us, den, e, base.shape[-1])
+                    for d, us, den, e in zip(ds, draws, p.density, p.epsilon)]
+        if rescale:
+            kept = [ref_l1(d, kd) for d, kd in zip(ds, kept)]
+        out = ref_gta(b, kept, w, ties=method in ("dare_ties", "della"), normalize=normalize, lam=p.lambda_)
+    elif method == "slerp":
+        v0, v1 = b, [x + y for x, y in zip(b, ds[0])]
+        n0, n1 = math.sqrt(sum(x * x for x in v0)), math.sqrt(sum(x * x for x in v1))
+        cos = sum(x * y for x, y in zip(v0, v1)) / (n0 * n1)
+        if abs(cos) > 0.9995:
+            c0, c1 = 1 - p.t, p.t
+        else:
+            theta = math.acos(cos)
+            c0, c1 = math.sin((1 - p.t) * theta) / math.sin(theta), math.sin(p.t * theta) / math.sin(theta)
+        out = [c0 * x + c1 * y for x, y in zip(v0, v1)]
+    elif method == "model_stock":
+        width = base.shape[-1] if p.filter_wise else len(b)
+        out = []
+        for start in range(0, len(b), width):
+            rows = [d[start:start + width] for d in ds]
+            cosines = []
+            for i in range(k):
+                for j in range(i + 1, k):
+                    dot = sum(x * y for x, y in zip(rows[i], rows[j]))
+                    norms = math.sqrt(sum(x * x for x in rows[i])) * math.sqrt(sum(y * y for y in rows[j]))
+                    cosines.append(dot / norms)
+            c = sum(cosines) / len(cosines)
+            t = k * c / (1 + (k - 1) * c)
+            for j in range(width):
+                average = sum(b[start + j] + r[j] for r in rows) / k
+                out.append(t * average + (1 - t) * b[start + j])
+    elif method == "magmax":
+        out = []
+        for j, x in enumerate(b):
+            vals = [wi * d[j] for wi, d in zip(w, ds)]
+            out.append(x + p.lambda_ * max(vals, key=abs))
+    elif method == "consensus":
+        divisor = sum(w) if normalize else 1.0
+        out = []
+        for j, x in enumerate(b):
+            tau = [wi * d[j] for wi, d in zip(w, ds)]
+            votes = sum(abs(tau[i]) >= p.lambda_tall * abs(sum(tau[m] for m in range(k) if m != i)) for i in range(k))
+            out.append(x + p.lambda_ * (sum(tau) / divisor if votes >= p.k else 0.0))
+    elif method == "lines":
+        alpha = 1 / k if p.alpha is None else p.alpha
+        scale = (alpha + p.beta * p.layer_fraction) / (sum(w) if normalize else 1.0)
+        out = [x + scale * sum(wi * d[j] for wi, d in zip(w, ds)) for j, x in enumerate(b)]
+    else:
+        raise AssertionError(method)
+    return as_tensor(out, base)
+
+
+def params_for(method: str, k: int, **overrides: object) -> MergeParams:
+    values: dict[str, object] = dict(weight=WEIGHTS[:k], density=DENSITIES[:k], gamma=GAMMAS[:k],
+                                     epsilon=EPSILONS[:k], lambda_=0.8, layer_fraction=0.4, alpha=0.3, t=0.35)
+    values.update(overrides)
+    return MergeParams(**values)
+
+
+DETERMINISTIC = [(m, k) for m, spec in METHODS.items() if not spec.randomized for k in (1, 2, 3)
+                 if spec.min_experts <= k <= (spec.max_experts or 3)]
+RANDOMIZED = [(m, k) for m, spec in METHODS.items() if spec.randomized for k in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("method,k", DETERMINISTIC)
+def test_matches_reference(method: str, k: int) -> None:
+    base, deltas = tensors(k, seed=k)
+    p = params_for(method, k)
+    torch.testing.assert_close(merge_tensor(method, base, deltas, p), reference(method, base, deltas, p),
+                               atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,k", RANDOMIZED)
+def test_randomized_matches_reference(method: str, k: int) -> None:
+    base, deltas = tensors(k, seed=10 + k)
+    p = params_for(method, k)
+    merged = merge_tensor(method, base, deltas, p, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(merged, reference(method, base, deltas, p, seed=7), atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties", "consensus", "task_arithmetic",
+                                    "lines", "linear"])
+@pytest.mark.parametrize("switches", [(True, True), (False, False), (False, True)])
+def test_switches_match_reference(method: str, switches: tuple[bool, bool]) -> None:
+    base, deltas = tensors(3, seed=4)
+    p = params_for(method, 3, normalize=switches[0], rescale=switches[1], lambda_tall=0.5)
+    torch.testing.assert_close(merge_tensor(method, base, deltas, p), reference(method, base, deltas, p),
+                               atol=ATOL, rtol=1e-5)
+
+
+def test_model_stock_filter_wise_and_slerp_fallback_match_reference() -> None:
+    base, deltas = tensors(3, seed=5)
+    p = MergeParams(filter_wise=True)
+    torch.testing.assert_close(merge_tensor("model_stock", base, deltas, p),
+                               reference("model_stock", base, deltas, p), atol=ATOL, rtol=1e-5)
+    p = MergeParams(t=0.3)
+    for delta in (0.001 * base + 1e-4 * deltas[0], -2 * base):  # nearly parallel, antiparallel
+        torch.testing.assert_close(merge_tensor("slerp", base, delta[None], p),
+                                   reference("slerp", base, delta[None], p), atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(merge_tensor("slerp", base, -2 * base[None], p), 0.4 * base)
+
+
+# --- identities ----------------------------------------------------------------------------------
+
+
+def test_task_arithmetic_with_zero_weights_is_base() -> None:
+    base, deltas = tensors(3)
+    assert torch.equal(merge_tensor("task_arithmetic", base, deltas, MergeParams(weight=[0.0, 0.0, 0.0])), base)
+
+
+def test_linear_of_one_expert_is_the_expert() -> None:
+    base, deltas = tensors(1)
+    torch.testing.assert_close(merge_tensor("linear", base, deltas, MergeParams(weight=[1.0])), base + deltas[0])
+
+
+def test_ties_at_full_density_with_agreeing_signs_is_normalized_task_arithmetic() -> None:
+    base, deltas = tensors(3)
+    deltas = deltas.abs() * torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).sign()
+    p = MergeParams(weight=[0.5, 0.2, 0.3], density=[1.0, 1.0, 1.0], lambda_=0.7)
+    ta = merge_tensor("task_arithmetic", base, deltas, MergeParams(weight=p.weight, lambda_=0.7, normalize=True))
+    torch.testing.assert_close(merge_tensor("ties", base, deltas, p), ta)
+    assert not torch.allclose(ta, merge_tensor("task_arithmetic", base, deltas, MergeParams(weight=p.weight)))
+
+
+@pytest.mark.parametrize("random_method,counterpart", [("dare_linear", "task_arithmetic"), ("dare_ties", "ties"),
+                                                       ("della", "ties"), ("della_linear", "task_arithmetic")])
+def test_full_density_random_methods_equal_their_deterministic_counterpart(random_method: str,
+                                                                           counterpart: str) -> None:
+    base, deltas = tensors(3)
+    spec = METHODS[random_method]
+    p = MergeParams(weight=WEIGHTS, density=[1.0] * 3, normalize=spec.default_normalize, rescale=spec.default_rescale)
+    merged = merge_tensor(random_method, base, deltas, p, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(merged, merge_tensor(counterpart, base, deltas, p))
+
+
+@pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if spec.randomized])
+def test_randomized_methods_are_deterministic_per_seed(method: str) -> None:
+    base, deltas = tensors(2)
+    p = params_for(method, 2)
+
+    def run(seed: int) -> torch.Tensor:
+        return merge_tensor(method, base, deltas, p, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.allclose(run(1), run(2))
+
+
+def test_dare_keeps_density_fraction_and_restores_l1_norm() -> None:
+    base, deltas = tensors(1)
+    p = MergeParams(density=[0.3])
+    merged = merge_tensor("dare_linear", base, deltas, p, generator=torch.Generator().manual_seed(0))
+    change = merged - base
+    assert abs((change != 0).float().mean().item() - 0.3) < 0.03
+    torch.testing.assert_close(change.abs().sum(), deltas[0].abs().sum())
+
+
+def test_della_keeps_large_magnitudes_more_often() -> None:
+    base, deltas = tensors(1)
+    p = MergeParams(density=[0.5], epsilon=[0.4])
+    kept = merge_tensor("della_linear", base, deltas, p, generator=torch.Generator().manual_seed(0)) != base
+    above_median = deltas[0].abs() > deltas[0].abs().median(dim=1, keepdim=True).values
+    assert kept[above_median].float().mean() > kept[~above_median].float().mean() + 0.2
+
+
+@pytest.mark.parametrize("t", [0.0, 1.0])
+def test_slerp_endpoints(t: float) -> None:
+    base, deltas = tensors(1)
+    expected = base if t == 0 else base + deltas[0]
+    torch.testing.assert_close(merge_tensor("slerp", base, deltas, MergeParams(t=t)), expected)
+
+
+def test_consensus_with_k_zero_is_task_arithmetic_and_above_k_is_base() -> None:
+    base, deltas = tensors(3)
+    ta = merge_tensor("task_arithmetic", base, deltas, MergeParams(weight=WEIGHTS, lambda_=0.5))
+    everything = MergeParams(weight=WEIGHTS, lambda_=0.5, k=0)
+    torch.testing.assert_close(merge_tensor("consensus", base, deltas, everything), ta)
+    assert torch.equal(merge_tensor("consensus", base, deltas, MergeParams(k=4)), base)
+
+
+def test_lines_scales_with_depth() -> None:
+    base, deltas = tensors(2)
+    total = deltas.sum(0)
+    p = MergeParams(alpha=0.2, beta=0.6)
+    for fraction, scale in ((0.0, 0.2), (0.5, 0.5), (1.0, 0.8)):
+        merged = merge_tensor("lines", base, deltas, MergeParams(alpha=p.alpha, beta=p.beta, layer_fraction=fraction))
+        torch.testing.assert_close(merged, base + scale * total)
+
+
+def test_half_precision_accumulates_in_float32_and_keeps_dtype() -> None:
+    base, deltas = tensors(3)
+    p = params_for("ties", 3)
+    merged = merge_tensor("ties", base.bfloat16(), deltas.bfloat16(), p)
+    assert merged.dtype == torch.bfloat16
+    expected = merge_tensor("ties", base.bfloat16().float(), deltas.bfloat16().float(), p).bfloat16()
+    assert torch.equal(merged, expected)
+
+
+def test_elements_tied_at_the_threshold_are_all_kept() -> None:
+    base = torch.zeros(8)
+    deltas = torch.tensor([[4.0, -3.0, 2.0, 2.0, -2.0, 1.0, 0.5, 0.1]])
+    merged = merge_tensor("ties", base, deltas, MergeParams(density=[3 / 8]))
+    assert merged.tolist() == [4.0, -3.0, 2.0, 2.0, -2.0, 0.0, 0.0, 0.0]
+
+
+# --- MagnitudeQuantiles ------------------------------------------------------------------------
+
+
+def test_quantiles_are_exact_at_grid_points() -> None:
+    _, deltas = tensors(3, shape=(40, 33))
+    table = MagnitudeQuantiles.from_deltas(deltas, resolution=64)
+    n = 40 * 33
+    assert len(table.counts) == 65 and table.counts[0] == 1 and table.counts[-1] == n
+    flat = deltas.abs().reshape(3, -1)
+    for i in range(3):
+        for count in table.counts:
+            exact = torch.kthvalue(flat[i], n - count + 1).values.item()
+            assert table.magnitude_threshold(i, count / n) == exact
+
+
+def test_quantiles_interpolate_between_grid_points_and_are_exact_for_small_tensors() -> None:
+    _, deltas = tensors(2, shape=(40, 33))
+    table = MagnitudeQuantiles.from_deltas(deltas, resolution=16)
+    n = 40 * 33
+    c0, c1 = table.counts[3], table.counts[4]
+    middle = table.magnitude_threshold(1, (c0 + c1) // 2 / n)
+    assert table.magnitude_threshold(1, c1 / n) < middle < table.magnitude_threshold(1, c0 / n)
+    assert table.magnitude_threshold(0, 0.0) == math.inf
+    small = MagnitudeQuantiles.from_deltas(deltas[:, :2, :5], resolution=16)
+    flat = deltas[:, :2, :5].abs().reshape(2, -1)
+    for count in range(1, 11):
+        assert small.magnitude_threshold(1, count / 10) == torch.kthvalue(flat[1], 11 - count).values.item()
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_quantile_thresholds_reproduce_exact_merges(method: str) -> None:
+    base, deltas = tensors(3)
+    table = MagnitudeQuantiles.from_deltas(deltas, resolution=SHAPE[0] * SHAPE[1])
+    p = params_for(method, 3)
+    assert torch.equal(merge_tensor(method, base, deltas, p, thresholds=table), merge_tensor(method, base, deltas, p))
+    coarse = MagnitudeQuantiles.from_deltas(deltas, resolution=32)
+    approx = merge_tensor(method, base, deltas, p, thresholds=coarse)
+    exact = merge_tensor(method, base, deltas, p)
+    assert (approx != exact).float().mean() < 0.05
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,params,experts,message", [
+    ("ties", MergeParams(density=[1.5, 0.2]), ["add", "mul"], "density 1.5 for expert 'add' is outside [0, 1]"),
+    ("foo", MergeParams(), None, "unknown merge method 'foo'; valid: linear, task_arithmetic, ties"),
+    ("slerp", MergeParams(), ["a", "b"], "slerp merges the base with exactly 1 expert, got 2"),
+    ("model_stock", MergeParams(), 1, "model_stock merges the base with at least 2 experts, got 1"),
+    ("della", MergeParams(density=0.1), 2, "epsilon 0.15 for expert 0 is too wide for density 0.1"),
+    ("breadcrumbs", MergeParams(gamma=[0.1, 0.2, 0.3]), 2, "gamma has 3 values for 2 experts"),
+    ("dare_ties", MergeParams(weight=[1.0, math.nan]), None, "weight nan for expert 1 is not a finite number"),
+    ("slerp", MergeParams(t=1.2), 1, "t 1.2 for slerp is outside [0, 1]"),
+    ("consensus", MergeParams(k=1.5), 3, "k 1.5 for consensus is not an integer"),
+    ("linear", MergeParams(weight=[1.0, -1.0]), None, "linear weights sum to 0"),
+    ("ties", MergeParams(normalize="yes"), 2, "normalize 'yes' for ties must be true or false"),
+])
+def test_validate_messages(method: str, params: MergeParams, experts: object, message: str) -> None:
+    with pytest.raises(MergeParamError, match="^" + message.replace("[", r"\[").replace("(", r"\(")) as info:
+        validate(method, params, experts)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, UserError)
+    assert "\n" not in str(info.value)
+
+
+def test_valid_recipes_pass_and_merge_tensor_validates() -> None:
+    for method, spec in METHODS.items():
+        validate(method, params_for(method, spec.min_experts), spec.min_experts)
+    base, deltas = tensors(2)
+    with pytest.raises(MergeParamError, match="slerp merges the base with exactly 1 expert"):
+        merge_tensor("slerp", base, deltas, MergeParams())
+    with pytest.raises(ValueError, match="pass a torch.Generator"):
+        merge_tensor("dare_ties", base, deltas, MergeParams())
+    with pytest.raises(MergeParamError, match="needs layer_fraction"):
+        merge_tensor("lines", base, deltas, MergeParams())
+    with pytest.raises(ValueError, match="deltas have shape"):
+        merge_tensor("linear", base, deltas[:, :3], MergeParams())
+
+
+def test_registry_describes_every_parameter() -> None:
+    for spec in METHODS.values():
+        for name in spec.per_expert_params + spec.global_params:
+            assert name in PARAM_RANGES or name in ("normalize", "rescale", "filter_wise"), (spec.name, name)
+        assert spec.description
+
+
+# --- against mergekit itself ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "model_stock"])
+@pytest.mark.parametrize("normalize,rescale", [(True, False), (False, True)])
+def test_matches_mergekit(method: str, normalize: bool, rescale: bool) -> None:
+    registry = pytest.importorskip("mergekit.merge_methods.registry")
+    from mergekit.merge_methods.base import TensorGroup
+
+    base, deltas = tensors(3, seed=9)
+    group = TensorGroup.from_tensors([base, *(base + d for d in deltas)], base_index=0)
+    ids = [entry.id for entry in group.non_base]
+    mergekit_method = registry.get(method)
+    given = {"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 0.7, "filter_wise": rescale,
+             "weight": dict(zip(ids, WEIGHTS)), "density": dict(zip(ids, DENSITIES)), "gamma": dict(zip(ids, GAMMAS))}
+    names = {parameter.name for parameter in mergekit_method.spec.parameters}
+    expected = mergekit_method.merge_group(group, **{k: v for k, v in given.items() if k in names})
+    p = MergeParams(weight=WEIGHTS, density=DENSITIES, gamma=GAMMAS, lambda_=0.7, normalize=normalize,
+                    rescale=rescale, filter_wise=rescale)
+    torch.testing.assert_close(merge_tensor(method, base, deltas, p), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_and_slerp_match_mergekit(normalize: bool) -> None:
+    registry = pytest.importorskip("mergekit.merge_methods.registry")
+    from mergekit.merge_methods.base import TensorBatch
+
+    base, deltas = tensors(3, seed=8)
+    batch = TensorBatch(tuple((base + d)[None] for d in deltas))
+    expected = registry.get("linear").merge_batch(batch, weight=torch.tensor([WEIGHTS]), normalize=normalize)[0]
+    merged = merge_tensor("linear", base, deltas, MergeParams(weight=WEIGHTS, normalize=normalize))
+    torch.testing.assert_close(merged, expected, atol=1e-6, rtol=1e-6)
+    pair = TensorBatch((base[None], (base + deltas[0])[None]), base_index=0)
+    expected = registry.get("slerp").merge_batch(pair, t=torch.tensor([0.35]))[0]
+    torch.testing.assert_close(merge_tensor("slerp", base, deltas[:1], MergeParams(t=0.35)), expected)
