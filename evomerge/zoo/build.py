@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from evomerge.errors import UserError
+from evomerge.fitness.native import generate_exact_match
 from evomerge.zoo.finetune import FinetuneConfig, finetune
 from evomerge.zoo.skills import SKILLS, make_splits
 from evomerge.zoo.tasks import read_jsonl, task_name, write_task_files
 
+DEV_ITEMS = 50  # validation items an expert's early stopping looks at
 ZOO_FORMAT = 2  # bump when a change to the build code changes what a config produces
 KINDS = ("smollm2", "pico")
 
@@ -38,7 +38,7 @@ class ZooConfig:
     train_size: int = 2400
     eval_size: int = 100
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    merge_scales: tuple[float, ...] = (0.5, 0.8, 1.0)
+    merge_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -144,7 +144,6 @@ def build_zoo(config: ZooConfig, cache: Path | None = None,
     started = time.perf_counter()
     zoo.root.mkdir(parents=True, exist_ok=True)
     (zoo.root / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     _build_base(zoo, log)
     _write_data(zoo, log)
     training = {}
@@ -189,8 +188,16 @@ def _build_expert(zoo: Zoo, skill: str, index: int, log: Callable[[str], None]) 
         return json.loads(stats_path.read_text())
     log(f"expert {skill}: fine-tuning the base ({zoo.config.finetune.steps} steps, lr {zoo.config.finetune.lr})")
     model, tokenizer = load_model(str(zoo.base))
+    # Early stopping looks at a slice of validation, as a practitioner tuning an expert would;
+    # the test split stays untouched for the card.
+    dev = zoo.items(skill, "validation")[:DEV_ITEMS]
+
+    def accuracy(candidate) -> float:
+        results = generate_exact_match(candidate, tokenizer, [r["prompt"] for r in dev], [r["answer"] for r in dev])
+        return sum(r.correct for r in results) / len(results)
+
     stats = finetune(model, tokenizer, zoo.items(skill, "train"), zoo.config.finetune,
-                     seed=zoo.config.seed * 1000 + index, log=log)
+                     seed=zoo.config.seed * 1000 + index, accuracy=accuracy, log=log)
     tmp = zoo.expert(skill).with_name(skill + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
