@@ -28,9 +28,10 @@ def _log(message: str) -> None:
 def _zoo_build(args: argparse.Namespace) -> int:
     from evomerge.config import zoo_config
     from evomerge.zoo.build import build_zoo
+    from evomerge.zoo.card import card_markdown
 
     zoo = build_zoo(zoo_config(args.overrides), log=_log)
-    print((zoo.root / "README.md").read_text())
+    print(card_markdown(zoo.card()))
     print(f"zoo ready at {zoo.root}")
     return 0
 
@@ -38,6 +39,7 @@ def _zoo_build(args: argparse.Namespace) -> int:
 def _zoo_info(args: argparse.Namespace) -> int:
     from evomerge.config import zoo_config
     from evomerge.zoo.build import Zoo
+    from evomerge.zoo.card import card_markdown
 
     zoo = Zoo.at(zoo_config(args.overrides))
     card = zoo.card()
@@ -46,7 +48,7 @@ def _zoo_info(args: argparse.Namespace) -> int:
                           "experts": {k: str(v) for k, v in zoo.experts.items()},
                           "task_dir": str(zoo.task_dir)}, indent=2))
     else:
-        print((zoo.root / "README.md").read_text())
+        print(card_markdown(card))
         print(f"models under {zoo.root / 'models'}; lm-eval tasks: include_path={zoo.task_dir}")
     return 0
 

@@ -8,6 +8,7 @@ exactly that (plus the cross-skill probe) so a reader can check it instead of tr
 from __future__ import annotations
 
 import json
+import os
 from typing import Callable
 
 import torch
@@ -104,7 +105,8 @@ def card_markdown(card: dict) -> str:
                  f"vs experts' own-skill mean {a['expert_mean_test']:.2f}")
     for probe, best in a["best_single_model_on_probe"].items():
         lines.append(f"- cross-skill probe {probe}: best single model is {best['model']} at {best['test']:.2f}")
-    lines += ["", f"Built in {card['build_seconds'] / 60:.1f} min."]
+    lines += ["", f"This build run took {card['build_seconds'] / 60:.1f} min on {card.get('cpus', '?')} CPUs "
+              "(stages already in the cache are reused, not re-run or counted)."]
     return "\n".join(lines) + "\n"
 
 
@@ -125,6 +127,7 @@ def write_card(zoo, training: dict, build_seconds: float, log: Callable[[str], N
     }
     card["assessment"] = assess(zoo, scores)
     card["build_seconds"] = build_seconds
+    card["cpus"] = os.cpu_count()
     (zoo.root / "README.md").write_text(card_markdown(card))
     tmp = zoo.card_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(card, indent=2))
