@@ -31,8 +31,12 @@ _FILTERS = {"attn": "self_attn", "mlp": "mlp"}
 _IN_BLOCK = "layers."  # in every block tensor's name, in no name outside the blocks
 
 _EXPERT_KEYS = ("weight", "density", "gamma", "epsilon")
-_GLOBAL_KEYS = ("lambda", "normalize", "rescale", "t")
-_BOOL_KEYS = ("normalize", "rescale")
+_GLOBAL_KEYS = ("lambda", "normalize", "rescale", "t", "alpha", "beta", "k", "lambda_tall",
+                "filter_wise")
+_BOOL_KEYS = ("normalize", "rescale", "filter_wise")
+# Globals only some methods read (LiNeS, consensus, model_stock): None means the method's default,
+# and they are written (and hashed) only when set, so recipes that never set them keep their hash.
+_OPTIONAL_KEYS = ("alpha", "beta", "k", "lambda_tall", "filter_wise")
 
 # Facts about mergekit 0.1.x. The methods whose parameters map one to one onto a recipe's (its
 # other methods take parameters a recipe lacks, or evomerge does not implement them).
@@ -94,6 +98,11 @@ class MethodConfig:
     normalize: bool | None = None  # None: the method's default
     rescale: bool | None = None
     t: float = 0.5
+    alpha: float | None = None  # None: the method's default, for these and the two above
+    beta: float | None = None
+    k: float | None = None
+    lambda_tall: float | None = None
+    filter_wise: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
@@ -107,8 +116,7 @@ class MethodConfig:
                                 f"ExpertParams, got {_short(name)}: {_short(params)}")
         object.__setattr__(self, "experts", dict(self.experts))  # the caller's dict stays theirs
         for key in _GLOBAL_KEYS:
-            convert = _opt_bool if key in _BOOL_KEYS else _float
-            object.__setattr__(self, _attr(key), convert(self.get(key), key))
+            object.__setattr__(self, _attr(key), _converter(key)(self.get(key), key))
 
     def __hash__(self) -> int:
         return hash(_canonical_json(self.to_dict()))
@@ -118,15 +126,16 @@ class MethodConfig:
         return getattr(self, _attr(key))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **{k: self.get(k) for k in _GLOBAL_KEYS},
+        shared = {k: self.get(k) for k in _GLOBAL_KEYS
+                  if k not in _OPTIONAL_KEYS or self.get(k) is not None}
+        return {"method": self.method, **shared,
                 "experts": {name: asdict(p) for name, p in self.experts.items()}}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "config") -> MethodConfig:
         _mapping(data, where, required=("method",), optional=("experts",) + _GLOBAL_KEYS)
         experts = _mapping(data.get("experts", {}), f"{where}.experts")
-        converted = {k: (_opt_bool if k in _BOOL_KEYS else _float)(data[k], f"{where}.{k}")
-                     for k in _GLOBAL_KEYS if k in data}
+        converted = {k: _converter(k)(data[k], f"{where}.{k}") for k in _GLOBAL_KEYS if k in data}
         return cls(method=data["method"],
                    experts={name: ExpertParams.from_dict(p, f"{where}.experts.{name}")
                             for name, p in experts.items()},
@@ -646,6 +655,14 @@ def _defaults() -> tuple[dict[str, Any], dict[str, Any]]:
     return expert, shared
 
 
+def _converter(key: str) -> Callable[[Any, str], Any]:
+    """How a global parameter's value is checked: booleans may be None (the method's default),
+    as may the optional numbers; lambda and t always hold a number."""
+    if key in _BOOL_KEYS:
+        return _opt_bool
+    return _opt_float if key in _OPTIONAL_KEYS else _float
+
+
 def _attr(key: str) -> str:
     return "lambda_" if key == "lambda" else key
 
@@ -704,6 +721,10 @@ def _bool(value: Any, where: str) -> bool:
 
 def _opt_bool(value: Any, where: str) -> bool | None:
     return None if value is None else _bool(value, where)
+
+
+def _opt_float(value: Any, where: str) -> float | None:
+    return None if value is None else _float(value, where)
 
 
 def _short(value: Any) -> str:

@@ -1,0 +1,349 @@
+"""The Merger: a pool held resident on one device, writing any recipe's weights into a model in place.
+
+A search scores thousands of candidates, and each one is a recipe applied to the same base and
+task vectors. So everything that does not depend on the recipe is done once: each tensor's task
+vectors are stacked as one ``[K, n]`` matrix (optionally in a lower precision than the model, to
+fit large pools), the base is kept beside the working model, and magnitude quantiles are
+computed the first time a sparsifying method needs a tensor. A candidate then costs one pass over
+the tensors: the common linear methods are one matrix-vector product written straight into the
+parameter, the others call the pure functions of :mod:`evomerge.merge.methods` tensor by tensor.
+Nothing model-sized is allocated per candidate, and nothing of one candidate survives into the
+next: every merged tensor is recomputed from the base and the task vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from evomerge.errors import UserError
+from evomerge.merge import methods
+from evomerge.merge.methods import MagnitudeQuantiles, MergeParams
+from evomerge.pool import ModelPool, layer_index, unique_parameters
+from evomerge.recipe import MethodConfig, Recipe, component_of
+
+# Methods whose masks are magnitude thresholds, so a precomputed quantile table replaces a sort.
+_THRESHOLD_METHODS = frozenset({"ties", "breadcrumbs", "breadcrumbs_ties"})
+# Methods that are base plus a fixed combination of task vectors: one matrix-vector product.
+_LINEAR_METHODS = frozenset({"linear", "task_arithmetic"})
+# Columns per matrix-vector product: bounds the temporary a lower-precision delta stack is
+# upcast into (K x 1M elements) while staying large enough to run at memory bandwidth.
+_CHUNK = 1 << 20
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes a Merger keeps resident, known from shapes and dtypes before anything is allocated."""
+
+    base: int
+    deltas: int
+    working: int
+    experts: int
+    dtype: torch.dtype
+    delta_dtype: torch.dtype
+
+    @classmethod
+    def for_shapes(cls, shapes: Mapping[str, Sequence[int]], experts: int, dtype: torch.dtype,
+                   delta_dtype: torch.dtype) -> MemoryPlan:
+        """The plan for a model whose unique parameters have ``shapes``; the working model holds
+        the same tensors as the base, so it costs the same."""
+        numel = sum(_numel(shape) for shape in shapes.values())
+        model_bytes = numel * _itemsize(dtype)
+        return cls(model_bytes, experts * numel * _itemsize(delta_dtype), model_bytes, experts,
+                   dtype, delta_dtype)
+
+    @property
+    def total(self) -> int:
+        return self.base + self.deltas + self.working
+
+    def summary(self) -> str:
+        return (f"base {_size(self.base)} ({_name(self.dtype)}) + deltas {_size(self.deltas)} "
+                f"({self.experts} experts, {_name(self.delta_dtype)}) + working model "
+                f"{_size(self.working)} = {_size(self.total)}")
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a new allocation on ``device`` can still get: free RAM for the CPU, free device
+    memory for CUDA (what the driver reports, which includes other processes' use)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        import psutil
+
+        return psutil.virtual_memory().available
+    raise UserError(f"device {device} is not supported; use cpu or cuda")
+
+
+def check_fits(plan: MemoryPlan, device: torch.device, reused: int = 0) -> None:
+    """Refuse a plan whose new allocations (``plan.total`` less ``reused`` bytes the pool already
+    holds on ``device`` and hands over) exceed what ``device`` has free, before allocating any."""
+    needed = plan.total - reused
+    free = available_bytes(device)
+    if needed > free:
+        advice = ["use fewer experts", "a smaller working dtype", "or another device"]
+        if _itemsize(plan.delta_dtype) > 2:
+            advice.insert(0, "lower delta_dtype (e.g. bfloat16)")
+        raise UserError(f"the merger needs {_size(needed)} more on {device} but only {_size(free)} "
+                        f"is free ({plan.summary()}); {', '.join(advice)}")
+
+
+# --- recipe translation --------------------------------------------------------------------------
+
+
+def merge_params(config: MethodConfig, experts: Sequence[str]) -> tuple[MergeParams, list[int]]:
+    """The method's parameters for ``config`` and the indices (into ``experts``, the pool's order)
+    of the experts it merges; an expert the config leaves out takes no part. Optional globals the
+    config leaves unset keep the method's default."""
+    included = [i for i, name in enumerate(experts) if name in config.experts]
+    chosen = [config.experts[experts[i]] for i in included]
+    optional = {key: config.get(key) for key in ("alpha", "beta", "k", "lambda_tall", "filter_wise")
+                if config.get(key) is not None}
+    params = MergeParams(
+        weight=[p.weight for p in chosen], density=[p.density for p in chosen],
+        gamma=[p.gamma for p in chosen], epsilon=[p.epsilon for p in chosen],
+        lambda_=config.lambda_, normalize=config.normalize, rescale=config.rescale, t=config.t,
+        **optional)
+    return params, included
+
+
+def layer_fraction(name: str, layer: int | None, num_layers: int) -> float:
+    """Depth of a tensor for layer-aware methods: 0 for the embeddings, ``layer / (N - 1)`` in the
+    blocks, and 1 for the final norm and head, which sit above the last block."""
+    if layer is None:
+        return 0.0 if "embed" in name else 1.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def tensor_seed(recipe_seed: int, name: str) -> int:
+    """Seed of one tensor's random draws: stable across processes (unlike ``hash``), different
+    per tensor so masks are independent, and a function of the recipe so one recipe is one model."""
+    digest = hashlib.sha256(f"{recipe_seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class _ExpertSubset:
+    """Quantiles of all K experts seen through the experts a config merges."""
+
+    quantiles: MagnitudeQuantiles
+    indices: tuple[int, ...]
+
+    def magnitude_threshold(self, expert_index: int, keep_fraction: float) -> float:
+        return self.quantiles.magnitude_threshold(self.indices[expert_index], keep_fraction)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A validated config, translated once per candidate rather than once per tensor."""
+
+    method: str
+    params: MergeParams
+    included: tuple[int, ...]
+
+
+# --- the merger ----------------------------------------------------------------------------------
+
+
+class Merger:
+    """Base, stacked task vectors and one working model, resident on one device.
+
+    Built from a :class:`ModelPool`, whose tensors it takes over: the pool's base becomes the
+    merger's base and its task vectors become views of the merger's stacks, so the pool stays
+    usable without being held twice, and its model becomes the working model. ``dtype`` is the
+    working model's (and base's) dtype, ``delta_dtype`` the stacks' (default: ``dtype``).
+    ``quantile_resolution`` sets the magnitude quantile table per tensor: tensors of at most
+    ``resolution + 1`` elements get exact thresholds, larger ones interpolate, keeping within
+    ``numel / resolution`` elements of the exact count.
+    """
+
+    def __init__(self, pool: ModelPool, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, delta_dtype: torch.dtype | None = None,
+                 quantile_resolution: int = 1024) -> None:
+        self.device = _concrete(torch.device(device))
+        self.dtype = dtype
+        self.delta_dtype = delta_dtype or dtype
+        self.experts = pool.expert_names
+        self.quantile_resolution = quantile_resolution
+        self.plan = MemoryPlan.for_shapes({k: v.shape for k, v in pool.base.items()},
+                                          len(self.experts), dtype, self.delta_dtype)
+        check_fits(self.plan, self.device, _bytes_on(pool, self.device))
+        self.pool = pool
+        self.tokenizer = pool.tokenizer
+        self.model = pool.model.to(device=self.device, dtype=dtype)
+        self._base: dict[str, Tensor] = {}
+        self._stacks: dict[str, Tensor] = {}
+        for name in list(pool.base):
+            self._take(pool, name)
+        self._where = {name: (layer_index(name), component_of(name)) for name in self._base}
+        layers = [layer for layer, _ in self._where.values() if layer is not None]
+        self.num_layers = max(layers) + 1 if layers else 0
+        self._quantiles: dict[str, MagnitudeQuantiles] = {}
+
+    def _take(self, pool: ModelPool, name: str) -> None:
+        """Move one tensor's base and task vectors onto the device, stacked; the pool's entries
+        become views of the result, so the old copies are freed tensor by tensor."""
+        base = pool.base[name].to(device=self.device, dtype=self.dtype)
+        stack = torch.empty((len(self.experts), base.numel()), dtype=self.delta_dtype,
+                            device=self.device)
+        for i, expert in enumerate(self.experts):
+            stack[i].copy_(pool.task_vectors[expert][name].reshape(-1))
+            pool.task_vectors[expert][name] = stack[i].view(base.shape)
+        pool.base[name] = base
+        self._base[name] = base
+        self._stacks[name] = stack
+
+    def memory_plan(self) -> MemoryPlan:
+        return self.plan
+
+    # --- validation ------------------------------------------------------------------------------
+
+    def validate(self, recipe: Recipe) -> None:
+        """Raise a one-line UserError for a recipe this pool cannot merge; touches no weights."""
+        self._plans(recipe)
+
+    def _plans(self, recipe: Recipe) -> dict[MethodConfig, _Plan]:
+        unknown = [name for name in recipe.experts if name not in self.experts]
+        if unknown:
+            raise UserError(f"recipe expert {unknown[0]!r} is not in the pool; pool experts: "
+                            f"{', '.join(self.experts)}")
+        if recipe.num_layers != self.num_layers:
+            raise UserError(f"recipe has {recipe.num_layers} layers but the pool's model has "
+                            f"{self.num_layers}; the recipe was made for another model")
+        configs = [recipe.outside] + [group.config for group in recipe.groups]
+        plans = {}
+        for config in configs:
+            params, included = merge_params(config, self.experts)
+            methods.validate(config.method, params, experts=[self.experts[i] for i in included])
+            plans[config] = _Plan(config.method, params, tuple(included))
+        return plans
+
+    # --- materialization -------------------------------------------------------------------------
+
+    def materialize(self, recipe: Recipe, into: torch.nn.Module | None = None) -> torch.nn.Module:
+        """Write ``recipe``'s merged weights into ``into`` (default: the working model) in place
+        and return it. The recipe is validated first, so a bad one leaves the weights as they were.
+        Randomized methods draw from a generator seeded by the recipe and the tensor's name."""
+        model = self.model if into is None else into
+        plans = self._plans(recipe)
+        targets = self._targets(model)
+        with torch.no_grad():
+            for name, target in targets.items():
+                layer, component = self._where[name]
+                plan = plans[recipe.config_for(layer, component)]
+                self._merge_into(name, plan, recipe, target)
+        return model
+
+    def _targets(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """The model's unique parameters as flat views, checked to be writable by this merger."""
+        params = unique_parameters(model)
+        if params.keys() != self._base.keys():
+            odd = sorted(params.keys() ^ self._base.keys())[0]
+            raise ValueError(f"model parameter {odd!r} does not match the pool's tensors")
+        for name, param in params.items():
+            if param.dtype != self.dtype or param.device != self.device or not param.is_contiguous():
+                raise ValueError(f"parameter {name} is {param.dtype} on {param.device}; the merger "
+                                 f"writes contiguous {self.dtype} tensors on {self.device}")
+        return {name: param.view(-1) for name, param in params.items()}
+
+    def _merge_into(self, name: str, plan: _Plan, recipe: Recipe, target: Tensor) -> None:
+        if plan.method in _LINEAR_METHODS:
+            scale, coefficients = self._linear_coefficients(plan)
+            self._write_combination(name, scale, coefficients, target)
+            return
+        base = self._base[name]
+        stack = self._stacks[name]
+        index = torch.tensor(plan.included, device=self.device)
+        every = len(plan.included) == len(self.experts)
+        deltas = (stack if every else stack.index_select(0, index)).view(-1, *base.shape)
+        layer, _ = self._where[name]
+        params = replace(plan.params, layer_fraction=layer_fraction(name, layer, self.num_layers))
+        generator = None
+        if methods.METHODS[plan.method].randomized:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(tensor_seed(recipe.seed, name))
+        thresholds = None
+        if plan.method in _THRESHOLD_METHODS:
+            quantiles = self._quantiles_of(name)
+            thresholds = quantiles if every else _ExpertSubset(quantiles, plan.included)
+        merged = methods.merge_tensor(plan.method, base, deltas, params, generator, thresholds)
+        target.copy_(merged.view(-1))
+
+    def _linear_coefficients(self, plan: _Plan) -> tuple[float, list[float]]:
+        """``(scale, c)`` with merged = scale * base + sum_i c_i * delta_i, over all pool experts
+        (0 for those the config leaves out); mergekit's semantics, as in ``methods``."""
+        params = plan.params
+        weights = [float(w) for w in params.weight]
+        total = sum(weights)
+        coefficients = [0.0] * len(self.experts)
+        normalize = methods.METHODS[plan.method].default_normalize if params.normalize is None \
+            else params.normalize
+        if plan.method == "linear":
+            scale, factor = (1.0, 1 / total) if normalize else (total, 1.0)
+        else:
+            divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+            scale, factor = 1.0, params.lambda_ / divisor
+        for i, weight in zip(plan.included, weights):
+            coefficients[i] = weight * factor
+        return scale, coefficients
+
+    def _write_combination(self, name: str, scale: float, coefficients: list[float],
+                           target: Tensor) -> None:
+        """target = scale * base + stack^T c, one matrix-vector product per column chunk."""
+        base = self._base[name].view(-1)
+        stack = self._stacks[name]
+        vector = torch.tensor(coefficients, dtype=self.dtype, device=self.device)
+        for start in range(0, base.numel(), _CHUNK):
+            end = min(start + _CHUNK, base.numel())
+            matrix = stack[:, start:end].to(self.dtype).t()
+            torch.addmv(base[start:end], matrix, vector, beta=scale, out=target[start:end])
+
+    def _quantiles_of(self, name: str) -> MagnitudeQuantiles:
+        """Built the first time a sparsifying method merges ``name``, then reused."""
+        if name not in self._quantiles:
+            self._quantiles[name] = MagnitudeQuantiles.from_deltas(
+                self._stacks[name], resolution=self.quantile_resolution)
+        return self._quantiles[name]
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _bytes_on(pool: ModelPool, device: torch.device) -> int:
+    """Bytes of the pool's tensors already on ``device``: the merger reuses or frees them."""
+    tensors = [*pool.base.values(), *(t for tv in pool.task_vectors.values() for t in tv.values()),
+               *unique_parameters(pool.model).values()]
+    return sum(t.nbytes for t in tensors if t.device == device)
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """``cuda`` as the ``cuda:N`` that tensors report, so device comparisons mean what they say."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _size(count: int) -> str:
+    """Bytes for people: MiB below a GiB, so a test-sized plan does not read as zero."""
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.2f} MiB"

@@ -1,0 +1,104 @@
+"""Export one recipe as what a user takes away: a Hugging Face model folder, the recipe, and the
+mergekit config that redoes the merge without evomerge.
+
+The folder is written next to its destination and renamed into place at the end, so a crash or a
+full disk leaves either the previous export or none, never a half-written model that loads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from evomerge.errors import UserError
+from evomerge.merge.engine import Merger
+from evomerge.recipe import Recipe
+
+
+def export(recipe: Recipe, source: Merger | torch.nn.Module, out_dir: str | Path, *,
+           tokenizer=None, scores: Mapping[str, float] | None = None,
+           max_shard_size: str = "2GB") -> Path:
+    """Write ``out_dir/model/`` (safetensors, config, tokenizer, generation config, README model
+    card), ``out_dir/recipe.yaml`` and ``out_dir/mergekit.yaml``; returns ``out_dir``.
+
+    ``source`` is a Merger, which materializes ``recipe`` into its working model and supplies its
+    pool's tokenizer, or a model already holding the recipe's weights, with ``tokenizer`` given.
+    The weights are saved in the model's dtype. mergekit.yaml is left out, with the reason in the
+    model card, when mergekit cannot express the recipe.
+    """
+    model, tokenizer = _model_and_tokenizer(recipe, source, tokenizer)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+    try:
+        (staging / "recipe.yaml").write_text(recipe.to_yaml())
+        mergekit_note = _write_mergekit(recipe, staging / "mergekit.yaml")
+        model.save_pretrained(staging / "model", max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(staging / "model")
+        card = model_card(recipe, scores, mergekit_note, _name(model.dtype))
+        (staging / "model" / "README.md").write_text(card)
+        _replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _model_and_tokenizer(recipe: Recipe, source: Merger | torch.nn.Module, tokenizer):
+    if isinstance(source, Merger):
+        return source.materialize(recipe), tokenizer or source.tokenizer
+    if tokenizer is None:
+        raise UserError("exporting a model needs its tokenizer; pass tokenizer= or a Merger")
+    return source, tokenizer
+
+
+def _write_mergekit(recipe: Recipe, path: Path) -> str | None:
+    """Write the mergekit config; the reason instead when mergekit cannot express the recipe."""
+    try:
+        text = recipe.to_mergekit_yaml()
+    except UserError as error:
+        return str(error)
+    path.write_text(text)
+    return None
+
+
+def model_card(recipe: Recipe, scores: Mapping[str, float] | None, mergekit_note: str | None,
+               dtype: str) -> str:
+    """The README a model hub shows: what was merged how, how it scored, how to redo it."""
+    lines = ["---", "library_name: transformers", "tags: [merge, evomerge]", "---", "",
+             f"# Merge {recipe.hash}", "",
+             f"Found by evomerge: `{recipe.base}` merged with {', '.join(recipe.experts)}.", "",
+             f"**Recipe:** {recipe.summary()}", "", f"Weights are stored in {dtype}.", ""]
+    if scores:
+        lines += ["## Scores", "", "| objective | score |", "| --- | --- |"]
+        lines += [f"| {name} | {value:.4f} |" for name, value in scores.items()]
+        lines.append("")
+    lines += ["## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "", "## mergekit", ""]
+    if mergekit_note is None:
+        lines.append("`mergekit.yaml` beside this folder redoes the merge: "
+                     "`mergekit-yaml mergekit.yaml out/`.")
+    else:
+        lines.append(f"No mergekit config: {mergekit_note}.")
+    return "\n".join(lines) + "\n"
+
+
+def _replace(staging: Path, out_dir: Path) -> None:
+    """Put ``staging`` at ``out_dir``; a previous export there is moved aside first and removed
+    only once the new one is in place."""
+    previous = None
+    if out_dir.exists():
+        previous = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+        os.rename(out_dir, previous / out_dir.name)
+    os.rename(staging, out_dir)
+    if previous is not None:
+        shutil.rmtree(previous)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

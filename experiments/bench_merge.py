@@ -1,0 +1,186 @@
+"""How fast the Merger materializes a candidate, against what memory bandwidth allows and mergekit.
+
+On the real zoo's base with 3 experts when the zoo is built, else on a random Llama of
+SmolLM2-135M's shape made here (30 layers, hidden 576). For each method it times one in-place
+materialization (median of ``--repeats``) and prints it beside
+
+* a floor: the bytes any merge must move (read the base and K task vectors, write the model)
+  divided by the copy bandwidth measured in the same run, and
+* with ``--mergekit``, ``mergekit-yaml`` on the same recipe (slow: it loads and writes models).
+
+It also prints how far bf16 task vectors move a task-arithmetic merge from fp32 ones.
+
+    python experiments/bench_merge.py --quick
+    python experiments/bench_merge.py --repeats 5 --mergekit
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from evomerge.merge.engine import Merger
+from evomerge.merge.export import export
+from evomerge.pool import ModelPool, unique_parameters
+from evomerge.recipe import ExpertParams, MethodConfig, Recipe
+
+ALL_METHODS = ("task_arithmetic", "linear", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+               "della", "slerp", "model_stock", "magmax", "consensus", "lines")
+QUICK_METHODS = ("task_arithmetic", "ties", "dare_ties")
+MERGEKIT_METHODS = frozenset({"task_arithmetic", "linear", "ties", "dare_ties", "dare_linear",
+                              "breadcrumbs", "della", "slerp", "model_stock"})
+
+
+def models(workdir: Path) -> tuple[str, dict[str, str], str]:
+    """Base and three experts: the real zoo's when built, else random ones made in ``workdir``."""
+    from evomerge.config import zoo_config
+    from evomerge.zoo.build import Zoo
+
+    zoo = Zoo.at(zoo_config())
+    if zoo.is_built():
+        experts = dict(list(zoo.experts.items())[:3])
+        return str(zoo.base), {k: str(v) for k, v in experts.items()}, "real zoo"
+    return (*random_llama(workdir), "random SmolLM2-135M-shaped Llama")
+
+
+def random_llama(workdir: Path) -> tuple[str, dict[str, str]]:
+    """A SmolLM2-135M-shaped random base and three experts 1e-3 away, as fine-tunes are."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evomerge.zoo.pico import char_tokenizer
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         tie_word_embeddings=True, max_position_embeddings=2048)
+    tokenizer = char_tokenizer()  # mergeability only compares vocabularies across the models
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(workdir / "base")
+    tokenizer.save_pretrained(workdir / "base")
+    experts = {}
+    for i in range(3):
+        with torch.no_grad():
+            tuned = {k: v + 1e-3 * torch.randn_like(v) for k, v in model.named_parameters()}
+        model.save_pretrained(workdir / f"expert{i}", state_dict=tuned)
+        tokenizer.save_pretrained(workdir / f"expert{i}")
+        experts[f"expert{i}"] = str(workdir / f"expert{i}")
+    return str(workdir / "base"), experts
+
+
+def recipe_for(method: str, base: str, experts: dict[str, str], num_layers: int) -> Recipe:
+    names = list(experts)
+    if method == "slerp":
+        chosen = {names[0]: ExpertParams()}
+    else:
+        chosen = {n: ExpertParams(w, 0.5, 0.05, 0.1) for n, w in zip(names, (0.5, 0.3, 0.8))}
+    config = MethodConfig(method, chosen, lambda_=1.0 if method == "linear" else 0.9)
+    return Recipe.uniform(base, names, num_layers, config, expert_refs=experts)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 512) -> float:
+    """Bytes per second a large tensor copy moves (read plus write), best of three."""
+    source = torch.ones(megabytes * 2**20 // 4, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        target.copy_(source)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.nbytes / best
+
+
+def floor_seconds(merger: Merger, method_experts: int, bandwidth: float) -> float:
+    """Minimum traffic of a merge: read the base and the K deltas it uses, write the model."""
+    plan = merger.memory_plan()
+    delta_bytes = plan.deltas * method_experts // plan.experts
+    return (plan.base + delta_bytes + plan.working) / bandwidth
+
+
+def time_materialize(merger: Merger, recipe: Recipe, repeats: int) -> float:
+    merger.materialize(recipe)  # warm-up: builds quantile tables a sparsifying method needs once
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        merger.materialize(recipe)
+        _sync(merger.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_mergekit(recipe: Recipe, merger: Merger, workdir: Path) -> float:
+    """Wall time of ``mergekit-yaml`` on the exported config (loading and writing included)."""
+    out = export(recipe, merger, workdir / "export")
+    start = time.perf_counter()
+    subprocess.run(["mergekit-yaml", str(out / "mergekit.yaml"), str(workdir / "mergekit"),
+                    "--no-copy-tokenizer", "--quiet", "--allow-crimes"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def bf16_error(merger: Merger, pool: ModelPool, recipe: Recipe) -> tuple[float, float]:
+    """Max abs difference of a task-arithmetic merge with bf16 instead of fp32 task vectors, and
+    that difference relative to the largest change the merge makes to the base."""
+    exact = {k: v.clone() for k, v in unique_parameters(merger.materialize(recipe)).items()}
+    change = max(float((exact[k] - merger.pool.base[k]).abs().max()) for k in exact)
+    half = Merger(pool, device=merger.device, delta_dtype=torch.bfloat16)  # shares the model
+    merged = unique_parameters(half.materialize(recipe))
+    error = max(float((merged[k] - exact[k]).abs().max()) for k in exact)
+    return error, error / change
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 methods, 1 repeat: a smoke run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--mergekit", action="store_true", help="also time mergekit-yaml (slow)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = QUICK_METHODS if args.quick else ALL_METHODS
+    repeats = 1 if args.quick else args.repeats
+
+    with tempfile.TemporaryDirectory(prefix="bench_merge.") as tmp:
+        workdir = Path(tmp)
+        base, experts, source = models(workdir)
+        pool = ModelPool(base, experts)
+        merger = Merger(pool, device=args.device)
+        bandwidth = copy_bandwidth(merger.device)
+        print(f"{source}: {merger.num_layers} layers, {len(experts)} experts on {merger.device}, "
+              f"{torch.get_num_threads()} threads")
+        print(f"memory plan: {merger.memory_plan().summary()}")
+        print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
+        header = f"{'method':<16} {'merger s':>9} {'floor s':>8} {'x floor':>8}"
+        print(header + (f" {'mergekit s':>11} {'mk/merger':>10}" if args.mergekit else ""))
+        for method in methods:
+            recipe = recipe_for(method, base, experts, merger.num_layers)
+            seconds = time_materialize(merger, recipe, repeats)
+            used = 1 if method == "slerp" else len(experts)
+            floor = floor_seconds(merger, used, bandwidth)
+            row = f"{method:<16} {seconds:>9.3f} {floor:>8.3f} {seconds / floor:>8.1f}"
+            if args.mergekit and method in MERGEKIT_METHODS:
+                theirs = time_mergekit(recipe, merger, workdir / method)
+                row += f" {theirs:>11.2f} {theirs / seconds:>10.1f}"
+            print(row, flush=True)
+        error, relative = bf16_error(merger, pool, recipe_for("task_arithmetic", base, experts,
+                                                               merger.num_layers))
+        print(f"bf16 deltas vs fp32 (task_arithmetic): max abs {error:.2e}, "
+              f"relative to the largest change {relative:.2e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
