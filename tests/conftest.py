@@ -34,7 +34,8 @@ def zoo():
 
 
 @pytest.fixture(scope="session")
-def zoo_pool(zoo):
+def zoo_merger(zoo):
+    from evomerge.merge.engine import Merger
     from evomerge.pool import ModelPool
 
-    return ModelPool(str(zoo.base), {k: str(v) for k, v in zoo.experts.items()})
+    return Merger(ModelPool(str(zoo.base), {k: str(v) for k, v in zoo.experts.items()}))

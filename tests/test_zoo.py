@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from evomerge.fitness.native import generate_exact_match
-from evomerge.zoo.card import set_task_arithmetic
+from evomerge.zoo.card import task_arithmetic
 
 pytestmark = pytest.mark.zoo
 
@@ -23,8 +23,12 @@ def test_card_meets_the_testbed_criteria(zoo):
     assert "| task_arithmetic@0.5 |" in (zoo.root / "README.md").read_text()
 
 
-def test_base_is_the_real_instruct_model(zoo_pool):
-    tokenizer, model = zoo_pool.tokenizer, zoo_pool.model
+def _materialize(merger, coefficients):
+    return merger.materialize(task_arithmetic(merger.experts, merger.num_layers, coefficients))
+
+
+def test_base_is_the_real_instruct_model(zoo_merger):
+    tokenizer, model = zoo_merger.tokenizer, _materialize(zoo_merger, {})
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)["input_ids"]
@@ -35,20 +39,17 @@ def test_base_is_the_real_instruct_model(zoo_pool):
     assert model.config.tie_word_embeddings
 
 
-def test_card_scores_reproduce(zoo, zoo_pool):
+def test_card_scores_reproduce(zoo, zoo_merger):
     """The card's numbers come from the models on disk, not from a lucky build."""
     rows = zoo.items("reverse", "validation")
-    set_task_arithmetic(zoo_pool, {"reverse": 1.0})
-    try:
-        results = generate_exact_match(zoo_pool.model, zoo_pool.tokenizer,
-                                       [r["prompt"] for r in rows], [r["answer"] for r in rows])
-    finally:
-        set_task_arithmetic(zoo_pool, {})
+    model = _materialize(zoo_merger, {"reverse": 1.0})
+    results = generate_exact_match(model, zoo_merger.tokenizer, [r["prompt"] for r in rows],
+                                   [r["answer"] for r in rows])
     accuracy = sum(r.correct for r in results) / len(results)
     assert accuracy == pytest.approx(zoo.card()["scores"]["reverse"]["validation"]["reverse"])
 
 
-def test_lm_eval_loads_the_zoo_tasks_offline_and_agrees_with_the_native_scorer(zoo, zoo_pool):
+def test_lm_eval_loads_the_zoo_tasks_offline_and_agrees_with_the_native_scorer(zoo, zoo_merger):
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager, get_task_dict
@@ -56,21 +57,16 @@ def test_lm_eval_loads_the_zoo_tasks_offline_and_agrees_with_the_native_scorer(z
     from evomerge.fitness.native import choice_loglikelihoods
 
     limit = 16
-    set_task_arithmetic(zoo_pool, {"add": 1.0, "reverse": 1.0})
-    try:
-        lm = HFLM(pretrained=zoo_pool.model, tokenizer=zoo_pool.tokenizer, batch_size=16, device="cpu")
-        tasks = get_task_dict(["zoo_reverse", "zoo_add_mc"], TaskManager(include_path=str(zoo.task_dir)))
-        results = evaluate(lm=lm, task_dict=tasks, limit=limit, verbosity="ERROR")["results"]
-        rows = zoo.items("reverse", "test")[:limit]
-        native = generate_exact_match(zoo_pool.model, zoo_pool.tokenizer,
-                                      [r["prompt"] for r in rows], [r["answer"] for r in rows])
-        mc_rows = zoo.items("add", "test")[:limit]
-        mc_native = []
-        for row in mc_rows:
-            scores = choice_loglikelihoods(zoo_pool.model, zoo_pool.tokenizer, row["prompt"], row["choices"])
-            mc_native.append(scores.index(max(scores)) == row["label"])
-    finally:
-        set_task_arithmetic(zoo_pool, {})
+    model, tokenizer = _materialize(zoo_merger, {"reverse": 1.0}), zoo_merger.tokenizer
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=16, device="cpu")
+    tasks = get_task_dict(["zoo_reverse", "zoo_add_mc"], TaskManager(include_path=str(zoo.task_dir)))
+    results = evaluate(lm=lm, task_dict=tasks, limit=limit, verbosity="ERROR")["results"]
+    rows = zoo.items("reverse", "test")[:limit]
+    native = generate_exact_match(model, tokenizer, [r["prompt"] for r in rows], [r["answer"] for r in rows])
+    mc_native = []
+    for row in zoo.items("add", "test")[:limit]:
+        scores = choice_loglikelihoods(model, tokenizer, row["prompt"], row["choices"])
+        mc_native.append(scores.index(max(scores)) == row["label"])
     assert results["zoo_reverse"]["exact_match,strip"] == pytest.approx(sum(r.correct for r in native) / limit)
     assert results["zoo_add_mc"]["acc,none"] == pytest.approx(sum(mc_native) / limit)
     assert 0 < results["zoo_reverse"]["exact_match,strip"]

