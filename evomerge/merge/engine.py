@@ -26,8 +26,6 @@ from evomerge.merge.methods import MagnitudeQuantiles, MergeParams
 from evomerge.pool import ModelPool, layer_index, unique_parameters
 from evomerge.recipe import MethodConfig, Recipe, component_of
 
-# Methods whose masks are magnitude thresholds, so a precomputed quantile table replaces a sort.
-_THRESHOLD_METHODS = frozenset({"ties", "breadcrumbs", "breadcrumbs_ties"})
 # Methods that are base plus a fixed combination of task vectors: one matrix-vector product.
 _LINEAR_METHODS = frozenset({"linear", "task_arithmetic"})
 # Columns per matrix-vector product: bounds the temporary a lower-precision delta stack is
@@ -269,11 +267,11 @@ class Merger:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(tensor_seed(recipe.seed, name))
         thresholds = None
-        if plan.method in _THRESHOLD_METHODS:
+        variant = methods.METHODS[plan.method].variant
+        if variant is not None and variant.uses_magnitude_thresholds:  # a table lookup replaces a sort
             quantiles = self._quantiles_of(name)
             thresholds = quantiles if every else _ExpertSubset(quantiles, plan.included)
-        merged = methods.merge_tensor(plan.method, base, deltas, params, generator, thresholds)
-        target.copy_(merged.view(-1))
+        methods.merge_tensor(plan.method, base, deltas, params, generator, thresholds, out=target.view(base.shape))
 
     def _linear_coefficients(self, plan: _Plan) -> tuple[float, list[float]]:
         """``(scale, c)`` with merged = scale * base + sum_i c_i * delta_i, over all pool experts

@@ -10,7 +10,8 @@ Parameter names and semantics follow mergekit 0.1.5 (``weight``, ``density``, ``
 here exports to a mergekit config one to one and merges to the same weights. Where mergekit's
 behaviour differs from a paper (for instance DARE and DELLA rescale the kept elements to the
 original L1 norm instead of dividing by the keep probability), mergekit's choice is kept and the
-method's docstring says so.
+method's docstring (for the task-arithmetic family, its :class:`TaskArithmeticVariant`'s
+``reference``) says so.
 
 Magnitude sparsification (TIES, breadcrumbs) compares magnitudes with thresholds, and an element
 *at* a threshold counts as above it: TIES keeps every element at or above its cut, breadcrumbs'
@@ -26,7 +27,8 @@ import bisect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Union
+from functools import partial
+from typing import Literal, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -180,7 +182,8 @@ ignore the generator or thresholds they have no use for, so callers need no per-
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What a method takes, so recipes can be validated, mutated and exported from data."""
+    """What a method takes, so recipes can be validated, mutated and exported from data.
+    ``variant`` is set for the generalized task-arithmetic family, whose members differ only in it."""
 
     name: str
     fn: MergeFn
@@ -193,6 +196,7 @@ class MethodSpec:
     default_rescale: bool | None = None
     min_experts: int = 1
     max_experts: int | None = None
+    variant: TaskArithmeticVariant | None = None
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -224,7 +228,12 @@ def _rows(values: Sequence[float] | Tensor, like: Tensor) -> Tensor:
 
 
 def _flag(value: bool | None, method: str, which: str) -> bool:
-    return bool(getattr(METHODS[method], f"default_{which}")) if value is None else value
+    return _option(value, bool(getattr(METHODS[method], f"default_{which}")))
+
+
+def _option(value: bool | None, default: bool) -> bool:
+    """A recipe's switch, or the method's default where the recipe leaves it unset."""
+    return default if value is None else value
 
 
 def _weight_total(weight: Tensor) -> Tensor:
@@ -233,34 +242,102 @@ def _weight_total(weight: Tensor) -> Tensor:
     return torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
 
 
-def _kth_largest(magnitudes: Tensor, counts: Sequence[int], thresholds: MagnitudeThresholds | None) -> Tensor:
-    """Per expert, the ``counts[i]``-th largest magnitude: inf keeps nothing, 0 keeps everything."""
-    numel = magnitudes.shape[1]
+# --- generalized task arithmetic ---------------------------------------------------------------
+
+Sparsification = Literal["none", "magnitude", "band", "random", "rank"]
+"""How each expert's delta is thinned before combining: kept whole, its top magnitudes (TIES), a
+magnitude band below the outliers (breadcrumbs), a uniform random keep (DARE), or a random keep
+whose probability rises with magnitude rank within each row (DELLA)."""
+
+_SLAB_ELEMENTS = 1 << 18
+"""Elements of the ``[K, columns]`` slab merged at a time: 1 MiB in float32, so the dozen
+elementwise passes of one slab run on cached data instead of streaming the stack from memory."""
+
+
+@dataclass(frozen=True)
+class TaskArithmeticVariant:
+    """One member of mergekit's generalized task arithmetic family, as data: every member
+    sparsifies each expert's delta, optionally rescales it to its original L1 norm, and adds the
+    weighted deltas to the base scaled by ``lambda``, optionally keeping only the elements that
+    agree with an elected sign. :func:`generalized_task_arithmetic` merges every variant.
+    ``reference`` says why the variant exists and where mergekit's behaviour is followed."""
+
+    sparsification: Sparsification
+    elect_sign: bool
+    default_normalize: bool
+    default_rescale: bool | None  # None where nothing is dropped, so there is no norm to restore
+    reference: str
+
+    @property
+    def uses_magnitude_thresholds(self) -> bool:
+        """Whether the masks are magnitude cuts, which a :class:`MagnitudeQuantiles` table answers."""
+        return self.sparsification in ("magnitude", "band")
+
+    @property
+    def randomized(self) -> bool:
+        return self.sparsification in ("random", "rank")
+
+
+Sparsifier = Callable[[Tensor, Tensor], Tensor]
+"""Writes the kept part of one slab of deltas (``[K, columns]``, working precision) into ``out``
+(same shape) and returns it; random sparsifiers draw from their generator in slab order."""
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision a merge computes in: float32 for half-precision inputs, which lose too much."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _kth_largest(deltas: Tensor, counts: Sequence[int], thresholds: MagnitudeThresholds | None) -> list[float]:
+    """Per expert, the ``counts[i]``-th largest magnitude in working precision: inf keeps nothing,
+    0 keeps everything; from ``thresholds`` when given, else by selection."""
+    work = _work_dtype(deltas.dtype)
+    numel = deltas[0].numel()
     values = []
     for i, count in enumerate(counts):
         if count <= 0:
-            values.append(magnitudes.new_tensor(math.inf))
+            values.append(math.inf)
         elif count >= numel:
-            values.append(magnitudes.new_tensor(0.0))
+            values.append(0.0)
         elif thresholds is not None:
-            values.append(magnitudes.new_tensor(thresholds.magnitude_threshold(i, count / numel)))
+            values.append(float(torch.tensor(thresholds.magnitude_threshold(i, count / numel), dtype=work)))
         else:
-            values.append(torch.kthvalue(magnitudes[i], numel - count + 1).values)
-    return torch.stack(values)[:, None]
+            values.append(float(torch.kthvalue(deltas[i].reshape(-1).to(work).abs(), numel - count + 1).values))
+    return values
 
 
-def _top_magnitude_mask(deltas: Tensor, density: Sequence[float], thresholds: MagnitudeThresholds | None) -> Tensor:
-    magnitudes = deltas.abs().reshape(deltas.shape[0], -1)
-    numel = magnitudes.shape[1]
+def _shrink_cut(threshold: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value below ``threshold``: ``hardshrink`` keeps magnitudes strictly
+    above its cut, so this cut keeps exactly the magnitudes at or above ``threshold``."""
+    at = torch.tensor(threshold, dtype=dtype)
+    return float(torch.nextafter(at, at.new_tensor(-math.inf)))
+
+
+def _shrink_rows(x: Tensor, cuts: Sequence[float], out: Tensor) -> Tensor:
+    """Row i of ``x`` with magnitudes at or below ``cuts[i]`` zeroed: one pass, no boolean mask."""
+    for i, cut in enumerate(cuts):
+        torch.hardshrink(x[i], cut, out=out[i])
+    return out
+
+
+def _keep_all(x: Tensor, out: Tensor) -> Tensor:
+    """Plain task arithmetic's sparsifier, and the one that reads deltas already sparsified."""
+    return x
+
+
+def _top_magnitude_sparsifier(deltas: Tensor, density: Sequence[float],
+                              thresholds: MagnitudeThresholds | None) -> Sparsifier:
+    numel = deltas[0].numel()
     # mergekit keeps int(density * n) elements but at least one whenever density > 0.
     counts = [numel if d >= 1 else 0 if d <= 0 else max(1, int(d * numel)) for d in density]
-    return (magnitudes >= _kth_largest(magnitudes, counts, thresholds)).reshape(deltas.shape)
+    work = _work_dtype(deltas.dtype)
+    cuts = [_shrink_cut(t, work) for t in _kth_largest(deltas, counts, thresholds)]
+    return lambda x, out: _shrink_rows(x, cuts, out)
 
 
-def _band_magnitude_mask(deltas: Tensor, density: Sequence[float], gamma: Sequence[float],
-                         thresholds: MagnitudeThresholds | None) -> Tensor:
-    magnitudes = deltas.abs().reshape(deltas.shape[0], -1)
-    numel = magnitudes.shape[1]
+def _band_sparsifier(deltas: Tensor, density: Sequence[float], gamma: Sequence[float],
+                     thresholds: MagnitudeThresholds | None) -> Sparsifier:
+    numel = deltas[0].numel()
     dropped_top, kept_through = [], []
     for d, g in zip(density, gamma):
         if d >= 1:
@@ -272,60 +349,164 @@ def _band_magnitude_mask(deltas: Tensor, density: Sequence[float], gamma: Sequen
         skipped_bottom = max(0, numel - target - int(g * numel))
         dropped_top.append(numel - skipped_bottom - target)
         kept_through.append(numel - skipped_bottom)
-    lower = _kth_largest(magnitudes, kept_through, thresholds)
-    upper = _kth_largest(magnitudes, dropped_top, thresholds)
-    return ((magnitudes >= lower) & (magnitudes < upper)).reshape(deltas.shape)
+    work = _work_dtype(deltas.dtype)
+    lower = [_shrink_cut(t, work) for t in _kth_largest(deltas, kept_through, thresholds)]
+    upper = [_shrink_cut(t, work) for t in _kth_largest(deltas, dropped_top, thresholds)]
+
+    def band(x: Tensor, out: Tensor) -> Tensor:
+        # at or above the lower cut, minus at or above the upper one: exactly the band
+        return torch.sub(_shrink_rows(x, lower, torch.empty_like(x)), _shrink_rows(x, upper, out), out=out)
+
+    return band
 
 
-def _random_mask(deltas: Tensor, density: Sequence[float], generator: torch.Generator) -> Tensor:
-    keep = torch.tensor(density, dtype=torch.float32, device=deltas.device)
-    draws = torch.rand(deltas.shape, generator=generator, dtype=torch.float32, device=deltas.device)
-    return draws < keep.reshape(-1, *([1] * (deltas.ndim - 1)))
+def _keep_where_drawn_below(x: Tensor, probability: Tensor, generator: torch.Generator, out: Tensor) -> Tensor:
+    """``x`` where a fresh uniform draw (float32, one per element in order) is below
+    ``probability``: ``ceil(p - u)`` is 1 exactly when ``u < p``, a float mask in two passes."""
+    draws = torch.rand(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+    torch.sub(probability, draws, out=draws).ceil_()
+    return torch.mul(x, draws, out=out)
 
 
-def _rank_mask(deltas: Tensor, density: Sequence[float], epsilon: Sequence[float],
-               generator: torch.Generator) -> Tensor:
-    count = deltas.shape[0]
-    rows = deltas.reshape(count, deltas.shape[1] if deltas.ndim > 2 else 1, -1)
-    width = rows.shape[-1]
-    rank = rows.abs().argsort(dim=-1).argsort(dim=-1).to(torch.float32) / max(width - 1, 1)
+def _random_sparsifier(deltas: Tensor, density: Sequence[float], generator: torch.Generator) -> Sparsifier:
+    keep = torch.tensor(density, dtype=torch.float32, device=deltas.device)[:, None]
+    return lambda x, out: _keep_where_drawn_below(x, keep, generator, out)
+
+
+def _rank_width(deltas: Tensor) -> int:
+    """Width of the rows DELLA ranks within: the base's rows, or the whole of a 1-D tensor."""
+    return deltas[0].numel() // (deltas.shape[1] if deltas.ndim > 2 else 1)
+
+
+def _row_ranks(rows: Tensor) -> Tensor:
+    """Each element's magnitude rank within its row (0 smallest), as float32: one sort, whose
+    order is scattered back, instead of sorting the order a second time."""
+    order = rows.abs().argsort(dim=-1)
+    ranks = torch.arange(rows.shape[-1], dtype=torch.float32, device=rows.device).expand(rows.shape)
+    return torch.empty(rows.shape, dtype=torch.float32, device=rows.device).scatter_(-1, order, ranks)
+
+
+def _rank_sparsifier(deltas: Tensor, density: Sequence[float], epsilon: Sequence[float],
+                     generator: torch.Generator) -> Sparsifier:
+    count, width = deltas.shape[0], _rank_width(deltas)
     d = torch.tensor(density, dtype=torch.float32, device=deltas.device).reshape(count, 1, 1)
     e = torch.tensor(epsilon, dtype=torch.float32, device=deltas.device).reshape(count, 1, 1)
-    probability = torch.where(d >= 1, 1.0, torch.where(d <= 0, 0.0, d - e + 2 * e * rank))
-    draws = torch.rand(rows.shape, generator=generator, dtype=torch.float32, device=deltas.device)
-    return (draws < probability).reshape(deltas.shape)
+
+    def rank_keep(x: Tensor, out: Tensor) -> Tensor:
+        rank = _row_ranks(x.reshape(count, -1, width)) / max(width - 1, 1)
+        probability = torch.where(d >= 1, 1.0, torch.where(d <= 0, 0.0, d - e + 2 * e * rank))
+        return _keep_where_drawn_below(x, probability.reshape(x.shape), generator, out)
+
+    return rank_keep
 
 
-def _masked(deltas: Tensor, keep: Tensor, rescale: bool) -> Tensor:
-    """Apply ``keep``; with ``rescale``, restore each expert's L1 norm as mergekit does."""
-    kept = deltas * keep
-    if not rescale:
-        return kept
-    before = deltas.reshape(deltas.shape[0], -1).abs().sum(1)
-    after = kept.reshape(deltas.shape[0], -1).abs().sum(1)
+def _sparsifier(variant: TaskArithmeticVariant, deltas: Tensor, params: MergeParams,
+                generator: torch.Generator | None, thresholds: MagnitudeThresholds | None) -> Sparsifier:
+    count = deltas.shape[0]
+    kind = variant.sparsification
+    if kind == "none":
+        return _keep_all
+    density = _expert_floats(params, "density", count)
+    if kind == "magnitude":
+        return _top_magnitude_sparsifier(deltas, density, thresholds)
+    if kind == "band":
+        return _band_sparsifier(deltas, density, _expert_floats(params, "gamma", count), thresholds)
+    if kind == "random":
+        return _random_sparsifier(deltas, density, generator)
+    return _rank_sparsifier(deltas, density, _expert_floats(params, "epsilon", count), generator)
+
+
+def _slab_columns(variant: TaskArithmeticVariant, deltas: Tensor) -> int:
+    """Columns per slab: about :data:`_SLAB_ELEMENTS`, in whole rows where DELLA ranks rows."""
+    count = deltas.shape[0]
+    if variant.sparsification == "rank":
+        width = _rank_width(deltas)
+        return max(1, _SLAB_ELEMENTS // (count * width)) * width
+    return max(1, _SLAB_ELEMENTS // count)
+
+
+def _slabs(numel: int, columns: int) -> list[slice]:
+    return [slice(start, min(start + columns, numel)) for start in range(0, numel, columns)]
+
+
+def _sparsify_into(flat: Tensor, sparsify: Sparsifier, slabs: Sequence[slice], kept: Tensor) -> Tensor:
+    """Write every slab's kept deltas into ``kept`` and return, per expert, original L1 norm over
+    kept L1 norm (1 where either is below mergekit's 1e-7): mergekit's rescale, which the combine
+    needs before its first slab. Keeping the kept deltas lets random masks be drawn only once."""
+    before = torch.zeros(flat.shape[0], dtype=torch.float64, device=flat.device)
+    after = torch.zeros_like(before)
+    for slab in slabs:
+        x = flat[:, slab].to(kept.dtype)
+        before += x.abs().sum(1)
+        after += sparsify(x, kept[:, slab]).abs().sum(1)
     usable = (before >= _NORM_EPS) & (after >= _NORM_EPS)
-    scale = torch.where(usable, before / torch.where(usable, after, torch.ones_like(after)), 1.0)
-    return kept * _rows(scale, deltas)
+    return torch.where(usable, before / torch.where(usable, after, torch.ones_like(after)), 1.0).to(kept.dtype)
 
 
-def _combine(base: Tensor, deltas: Tensor, params: MergeParams, method: str, *, elect_sign: bool) -> Tensor:
-    """mergekit's generalized task arithmetic after sparsification: weight, optionally keep only the
-    elected sign (TIES), sum, optionally divide by the weight that contributed, scale by lambda."""
-    weight = _rows(_expert_floats(params, "weight", deltas.shape[0]), deltas)
-    weighted = deltas * weight
-    if elect_sign:
-        # TIES elects the sign of the summed (weighted) deltas, i.e. the one with more total mass.
-        elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-        agrees = weighted.sign() == elected
-        mixed = (weighted * agrees).sum(0)
-        contributed = (weight * agrees).sum(0)
-        divisor = torch.where(contributed == 0, torch.ones_like(contributed), contributed)
-    else:
-        mixed = weighted.sum(0)
-        divisor = _weight_total(weight)
-    if _flag(params.normalize, method, "normalize"):
-        mixed = mixed / divisor
-    return base + params.lambda_ * mixed
+def _one_where_zero(x: Tensor) -> Tensor:
+    """``x`` with its zeros replaced by 1, mergekit's guard on a divisor, in float passes only."""
+    return x + torch.sign(x).abs_().neg_().add_(1)
+
+
+def _elect_and_mix(weighted: Tensor, weight: Tensor, normalize: bool) -> Tensor:
+    """TIES' disjoint merge of one slab (consumes ``weighted``): elect the sign of the summed
+    weighted deltas (the one with more total mass), sum the deltas that agree with it, and with
+    ``normalize`` divide by the weight of the experts that contributed (1 where none did)."""
+    # copysign(1, total) is TIES' "+1 where total >= 0" in one pass: it differs only at a total
+    # of -0.0, which a sum only gives when every weighted delta is zero, and then nothing agrees.
+    total = weighted.sum(0)
+    elected = torch.copysign(total.new_ones(()), total)
+    aligned = weighted.mul_(elected)  # agreeing elements are now the positive ones
+    agrees = torch.sign(aligned).clamp_(min=0) if normalize else None
+    mixed = aligned.clamp_(min=0).sum(0).mul_(elected)
+    if agrees is None:
+        return mixed
+    return mixed.div_(_one_where_zero(weight @ agrees))
+
+
+def generalized_task_arithmetic(variant: TaskArithmeticVariant, base: Tensor, deltas: Tensor, params: MergeParams,
+                                generator: torch.Generator | None = None,
+                                thresholds: MagnitudeThresholds | None = None, *, out: Tensor | None = None) -> Tensor:
+    """mergekit's generalized task arithmetic for any :class:`TaskArithmeticVariant`: sparsify each
+    expert's delta, optionally rescale it to its original L1 norm, weight, combine (with or
+    without sign election), optionally divide by the weight that contributed, scale by lambda.
+
+    The tensor is merged slab by slab of columns so every elementwise pass runs on cached data,
+    and ``deltas`` are upcast a slab at a time. Rescaling multiplies each expert's weight by its
+    norm ratio, which needs a first pass that sparsifies the whole tensor into a buffer the
+    combine then reads. Random variants draw ``K x columns`` float32 uniforms per slab, slabs in
+    column order, so a tensor within one slab draws one uniform per element of ``deltas``, in order.
+    Each merged slab is written in the base's dtype into ``out`` (the base's shape) when given, so
+    a caller that owns the destination saves allocating and copying a tensor.
+    """
+    count = deltas.shape[0]
+    work = _work_dtype(deltas.dtype)
+    flat = deltas.reshape(count, -1)
+    base_flat = base.reshape(-1)
+    if variant.randomized:
+        generator = _need(generator, f"{variant.sparsification} sparsification")
+    sparsify = _sparsifier(variant, deltas, params, generator, thresholds)
+    slabs = _slabs(base_flat.numel(), _slab_columns(variant, deltas))
+    weight = torch.tensor(_expert_floats(params, "weight", count), dtype=work, device=base.device)
+    coefficient = weight
+    if variant.default_rescale is not None and _option(params.rescale, variant.default_rescale):
+        kept = torch.empty(flat.shape, dtype=work, device=flat.device)
+        coefficient = weight * _sparsify_into(flat, sparsify, slabs, kept)
+        flat, sparsify = kept, _keep_all
+    normalize = _option(params.normalize, variant.default_normalize)
+    if normalize and not variant.elect_sign:
+        coefficient = coefficient / _weight_total(weight)
+    merged = torch.empty(base.shape, dtype=base.dtype, device=base.device) if out is None else out
+    merged_flat = merged.view(-1)
+    for slab in slabs:
+        x = flat[:, slab].to(work)
+        kept = sparsify(x, torch.empty_like(x))
+        if variant.elect_sign:
+            mixed = _elect_and_mix(torch.mul(kept, coefficient[:, None]), weight, normalize)
+        else:
+            mixed = coefficient @ kept
+        torch.add(base_flat[slab].to(work), mixed, alpha=params.lambda_, out=merged_flat[slab])
+    return merged
 
 
 # --- methods -----------------------------------------------------------------------------------
@@ -342,89 +523,6 @@ def linear(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.G
     if _flag(params.normalize, "linear", "normalize"):
         return base + mixed / total
     return total * base + mixed
-
-
-def task_arithmetic(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-                    thresholds: MagnitudeThresholds | None = None) -> Tensor:
-    """Task arithmetic (Ilharco et al. 2023, arXiv:2212.04089): fine-tuning directions add up,
-    so the base plus a scaled sum of task vectors gains several skills at once."""
-    return _combine(base, deltas, params, "task_arithmetic", elect_sign=False)
-
-
-def ties(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-         thresholds: MagnitudeThresholds | None = None) -> Tensor:
-    """TIES (Yadav et al. 2023, arXiv:2306.01708): most of a task vector is noise that interferes
-    with other experts, so keep each expert's largest ``density`` fraction, elect a sign per
-    element, and average only the values that agree with it."""
-    keep = _top_magnitude_mask(deltas, _expert_floats(params, "density", deltas.shape[0]), thresholds)
-    kept = _masked(deltas, keep, _flag(params.rescale, "ties", "rescale"))
-    return _combine(base, kept, params, "ties", elect_sign=True)
-
-
-def dare_linear(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-                thresholds: MagnitudeThresholds | None = None) -> Tensor:
-    """DARE (Yu et al. 2024, arXiv:2311.03099): task vectors are so redundant that dropping most
-    elements at random and rescaling the rest barely changes an expert, while it makes experts
-    interfere less. Keep probability is ``density``; as in mergekit, ``rescale`` restores the
-    expert's L1 norm (the paper divides by ``density``, which agrees in expectation)."""
-    keep = _random_mask(deltas, _expert_floats(params, "density", deltas.shape[0]), _need(generator, "dare_linear"))
-    kept = _masked(deltas, keep, _flag(params.rescale, "dare_linear", "rescale"))
-    return _combine(base, kept, params, "dare_linear", elect_sign=False)
-
-
-def dare_ties(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-              thresholds: MagnitudeThresholds | None = None) -> Tensor:
-    """DARE's random drop followed by TIES' sign election (Yu et al. 2024, arXiv:2311.03099),
-    for experts whose surviving elements still disagree in sign."""
-    keep = _random_mask(deltas, _expert_floats(params, "density", deltas.shape[0]), _need(generator, "dare_ties"))
-    kept = _masked(deltas, keep, _flag(params.rescale, "dare_ties", "rescale"))
-    return _combine(base, kept, params, "dare_ties", elect_sign=True)
-
-
-def breadcrumbs(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-                thresholds: MagnitudeThresholds | None = None) -> Tensor:
-    """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795): the very largest changes are
-    outliers that hurt other tasks as much as the smallest are noise, so drop the top ``gamma``
-    fraction by magnitude and keep the next ``density`` fraction (mergekit's band)."""
-    count = deltas.shape[0]
-    keep = _band_magnitude_mask(deltas, _expert_floats(params, "density", count),
-                                _expert_floats(params, "gamma", count), thresholds)
-    kept = _masked(deltas, keep, _flag(params.rescale, "breadcrumbs", "rescale"))
-    return _combine(base, kept, params, "breadcrumbs", elect_sign=False)
-
-
-def breadcrumbs_ties(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-                     thresholds: MagnitudeThresholds | None = None) -> Tensor:
-    """Breadcrumbs' magnitude band followed by TIES' sign election (mergekit's combination)."""
-    count = deltas.shape[0]
-    keep = _band_magnitude_mask(deltas, _expert_floats(params, "density", count),
-                                _expert_floats(params, "gamma", count), thresholds)
-    kept = _masked(deltas, keep, _flag(params.rescale, "breadcrumbs_ties", "rescale"))
-    return _combine(base, kept, params, "breadcrumbs_ties", elect_sign=True)
-
-
-def della(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-          thresholds: MagnitudeThresholds | None = None) -> Tensor:
-    """DELLA (Deep et al. 2024, arXiv:2406.11617): a random drop that spares large elements works
-    better than DARE's uniform one. Within each row, an element's keep probability rises linearly
-    with its magnitude rank from ``density - epsilon`` to ``density + epsilon``; then TIES' sign
-    election. As in mergekit, ``rescale`` restores each expert's L1 norm (the paper divides each
-    element by its own keep probability)."""
-    count = deltas.shape[0]
-    keep = _rank_mask(deltas, _expert_floats(params, "density", count),
-                      _expert_floats(params, "epsilon", count), _need(generator, "della"))
-    kept = _masked(deltas, keep, _flag(params.rescale, "della", "rescale"))
-    return _combine(base, kept, params, "della", elect_sign=True)
-
-
-def della_linear(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-                 thresholds: MagnitudeThresholds | None = None) -> Tensor:
-    """DELLA's rank-based drop without sign election (mergekit's ``della_linear``)."""
-    count = deltas.shape[0]
-    keep = _rank_mask(deltas, _expert_floats(params, "density", count),
-                      _expert_floats(params, "epsilon", count), _need(generator, "della_linear"))
-    kept = _masked(deltas, keep, _flag(params.rescale, "della_linear", "rescale"))
-    return _combine(base, kept, params, "della_linear", elect_sign=False)
 
 
 def slerp(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
@@ -529,32 +627,77 @@ def _need(generator: torch.Generator | None, method: str) -> torch.Generator:
     return generator
 
 
+TASK_ARITHMETIC_VARIANTS: dict[str, TaskArithmeticVariant] = {
+    "task_arithmetic": TaskArithmeticVariant(
+        "none", elect_sign=False, default_normalize=False, default_rescale=None,
+        reference="Task arithmetic (Ilharco et al. 2023, arXiv:2212.04089): fine-tuning directions add "
+                  "up, so the base plus a scaled sum of task vectors gains several skills at once."),
+    "ties": TaskArithmeticVariant(
+        "magnitude", elect_sign=True, default_normalize=True, default_rescale=False,
+        reference="TIES (Yadav et al. 2023, arXiv:2306.01708): most of a task vector is noise that "
+                  "interferes with other experts, so keep each expert's largest density fraction, elect "
+                  "a sign per element, and average only the values that agree with it."),
+    "dare_linear": TaskArithmeticVariant(
+        "random", elect_sign=False, default_normalize=False, default_rescale=True,
+        reference="DARE (Yu et al. 2024, arXiv:2311.03099): task vectors are so redundant that dropping "
+                  "most elements at random and rescaling the rest barely changes an expert, while it "
+                  "makes experts interfere less. Keep probability is density; as in mergekit, rescale "
+                  "restores the expert's L1 norm (the paper divides by density, which agrees in "
+                  "expectation)."),
+    "dare_ties": TaskArithmeticVariant(
+        "random", elect_sign=True, default_normalize=False, default_rescale=True,
+        reference="DARE's random drop followed by TIES' sign election (Yu et al. 2024, "
+                  "arXiv:2311.03099), for experts whose surviving elements still disagree in sign."),
+    "breadcrumbs": TaskArithmeticVariant(
+        "band", elect_sign=False, default_normalize=False, default_rescale=False,
+        reference="Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795): the very largest "
+                  "changes are outliers that hurt other tasks as much as the smallest are noise, so drop "
+                  "the top gamma fraction by magnitude and keep the next density fraction (mergekit's "
+                  "band)."),
+    "breadcrumbs_ties": TaskArithmeticVariant(
+        "band", elect_sign=True, default_normalize=False, default_rescale=False,
+        reference="Breadcrumbs' magnitude band followed by TIES' sign election (mergekit's combination)."),
+    "della": TaskArithmeticVariant(
+        "rank", elect_sign=True, default_normalize=True, default_rescale=True,
+        reference="DELLA (Deep et al. 2024, arXiv:2406.11617): a random drop that spares large elements "
+                  "works better than DARE's uniform one. Within each row, an element's keep probability "
+                  "rises linearly with its magnitude rank from density - epsilon to density + epsilon; "
+                  "then TIES' sign election. As in mergekit, rescale restores each expert's L1 norm (the "
+                  "paper divides each element by its own keep probability)."),
+    "della_linear": TaskArithmeticVariant(
+        "rank", elect_sign=False, default_normalize=False, default_rescale=True,
+        reference="DELLA's rank-based drop without sign election (mergekit's della_linear)."),
+}
+"""The generalized task-arithmetic family by recipe name: one function, eight variants as data."""
+
 _SPARSE_GLOBALS = ("lambda", "normalize", "rescale")
+_VARIANT_EXPERT_PARAMS: dict[Sparsification, tuple[str, ...]] = {
+    "none": ("weight",), "magnitude": ("weight", "density"), "band": ("weight", "density", "gamma"),
+    "random": ("weight", "density"), "rank": ("weight", "density", "epsilon")}
+
+
+def _variant_spec(name: str, description: str) -> MethodSpec:
+    """The registry entry of a task-arithmetic variant, its parameters and defaults read off the variant."""
+    variant = TASK_ARITHMETIC_VARIANTS[name]
+    sparse = variant.default_rescale is not None
+    return MethodSpec(name, partial(generalized_task_arithmetic, variant),
+                      _VARIANT_EXPERT_PARAMS[variant.sparsification],
+                      _SPARSE_GLOBALS if sparse else ("lambda", "normalize"), variant.randomized, True,
+                      description, default_normalize=variant.default_normalize,
+                      default_rescale=variant.default_rescale, variant=variant)
+
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("linear", linear, ("weight",), ("normalize",), False, False,
                "weighted average of the experts", default_normalize=True),
-    MethodSpec("task_arithmetic", task_arithmetic, ("weight",), ("lambda", "normalize"), False, True,
-               "base plus lambda times the weighted sum of task vectors", default_normalize=False),
-    MethodSpec("ties", ties, ("weight", "density"), _SPARSE_GLOBALS, False, True,
-               "top-density magnitudes, sign election, disjoint mean",
-               default_normalize=True, default_rescale=False),
-    MethodSpec("dare_linear", dare_linear, ("weight", "density"), _SPARSE_GLOBALS, True, True,
-               "random drop (keep probability density), rescale, weighted sum",
-               default_normalize=False, default_rescale=True),
-    MethodSpec("dare_ties", dare_ties, ("weight", "density"), _SPARSE_GLOBALS, True, True,
-               "random drop, rescale, sign election", default_normalize=False, default_rescale=True),
-    MethodSpec("breadcrumbs", breadcrumbs, ("weight", "density", "gamma"), _SPARSE_GLOBALS, False, True,
-               "drop the top gamma and keep the next density by magnitude, weighted sum",
-               default_normalize=False, default_rescale=False),
-    MethodSpec("breadcrumbs_ties", breadcrumbs_ties, ("weight", "density", "gamma"), _SPARSE_GLOBALS, False, True,
-               "breadcrumbs band, sign election", default_normalize=False, default_rescale=False),
-    MethodSpec("della", della, ("weight", "density", "epsilon"), _SPARSE_GLOBALS, True, True,
-               "magnitude-rank keep probabilities density +/- epsilon, rescale, sign election",
-               default_normalize=True, default_rescale=True),
-    MethodSpec("della_linear", della_linear, ("weight", "density", "epsilon"), _SPARSE_GLOBALS, True, True,
-               "magnitude-rank keep probabilities, rescale, weighted sum",
-               default_normalize=False, default_rescale=True),
+    _variant_spec("task_arithmetic", "base plus lambda times the weighted sum of task vectors"),
+    _variant_spec("ties", "top-density magnitudes, sign election, disjoint mean"),
+    _variant_spec("dare_linear", "random drop (keep probability density), rescale, weighted sum"),
+    _variant_spec("dare_ties", "random drop, rescale, sign election"),
+    _variant_spec("breadcrumbs", "drop the top gamma and keep the next density by magnitude, weighted sum"),
+    _variant_spec("breadcrumbs_ties", "breadcrumbs band, sign election"),
+    _variant_spec("della", "magnitude-rank keep probabilities density +/- epsilon, rescale, sign election"),
+    _variant_spec("della_linear", "magnitude-rank keep probabilities, rescale, weighted sum"),
     MethodSpec("slerp", slerp, (), ("t",), False, True,
                "spherical interpolation from the base (t=0) to one expert (t=1)", min_experts=1, max_experts=1),
     MethodSpec("model_stock", model_stock, (), ("filter_wise",), False, True,
@@ -636,12 +779,17 @@ def validate(method: str, params: MergeParams, experts: Sequence[str] | int | No
 
 
 def merge_tensor(method: str, base: Tensor, deltas: Tensor, params: MergeParams,
-                 generator: torch.Generator | None = None, thresholds: MagnitudeThresholds | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, thresholds: MagnitudeThresholds | None = None,
+                 out: Tensor | None = None) -> Tensor:
     """Merge one tensor by ``method``: validate, compute in float32 for half-precision inputs, and
-    return the merged tensor in the base's dtype. ``thresholds`` (for TIES and breadcrumbs) must
-    describe these ``deltas``, e.g. :meth:`MagnitudeQuantiles.from_deltas` of them."""
+    return the merged tensor in the base's dtype, written into ``out`` (contiguous, the base's
+    shape and dtype) when given. ``thresholds`` (for TIES and breadcrumbs) must describe these
+    ``deltas``, e.g. :meth:`MagnitudeQuantiles.from_deltas` of them."""
     if deltas.ndim != base.ndim + 1 or deltas.shape[1:] != base.shape:
         raise ValueError(f"deltas have shape {list(deltas.shape)}; expected [K, {', '.join(map(str, base.shape))}]")
+    if out is not None and (out.shape != base.shape or out.dtype != base.dtype or not out.is_contiguous()):
+        raise ValueError(f"out is a {'' if out.is_contiguous() else 'non-contiguous '}{out.dtype} tensor of shape "
+                         f"{list(out.shape)}; expected a contiguous {base.dtype} one of shape {list(base.shape)}")
     if not (base.is_floating_point() and deltas.is_floating_point()):
         raise TypeError(f"merging needs floating-point tensors, got {base.dtype} and {deltas.dtype}")
     validate(method, params, experts=deltas.shape[0])
@@ -649,6 +797,9 @@ def merge_tensor(method: str, base: Tensor, deltas: Tensor, params: MergeParams,
     if spec.randomized:
         _need(generator, method)
     if base.numel() == 0:
-        return base.clone()
-    work = torch.float32 if deltas.dtype in _HALF else deltas.dtype
-    return spec.fn(base.to(work), deltas.to(work), params, generator, thresholds).to(base.dtype)
+        return base.clone() if out is None else out
+    if spec.variant is not None:  # upcasts a cached slab at a time and writes each merged slab out
+        return generalized_task_arithmetic(spec.variant, base, deltas, params, generator, thresholds, out=out)
+    work = _work_dtype(deltas.dtype)
+    merged = spec.fn(base.to(work), deltas.to(work), params, generator, thresholds).to(base.dtype)
+    return merged if out is None else out.copy_(merged)
