@@ -130,9 +130,14 @@ class Zoo:
         return read_jsonl(self.task_dir / skill / f"{split}.jsonl")
 
     def card(self) -> dict:
+        """The card, with its assessment recomputed from the scores so criteria never go stale."""
+        from evomerge.zoo.card import assess
+
         if not self.is_built():
             raise UserError(f"the {self.config.kind} zoo is not built at {self.root}; run 'evomerge zoo build'")
-        return json.loads(self.card_path.read_text())
+        card = json.loads(self.card_path.read_text())
+        card["assessment"] = assess(self, card["scores"])
+        return card
 
 
 def build_zoo(config: ZooConfig, cache: Path | None = None,
