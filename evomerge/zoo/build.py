@@ -156,7 +156,7 @@ def build_zoo(config: ZooConfig, cache: Path | None = None,
         training[skill] = _build_expert(zoo, skill, index, log)
     from evomerge.zoo.card import write_card
 
-    write_card(zoo, training, build_seconds=time.perf_counter() - started, log=log)
+    write_card(zoo, training, started=started, log=log)
     return zoo
 
 

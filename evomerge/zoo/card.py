@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Callable
 
 from evomerge.fitness.native import generate_exact_match
@@ -91,10 +92,11 @@ def card_markdown(card: dict) -> str:
     for label, row in card["scores"].items():
         cells = [f"{row['validation'][t]:.2f} / {row['test'][t]:.2f}" for t in tasks]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| expert | ‖τ‖/‖θ‖ | train loss start → end | fine-tune seconds |", "|---|---|---|---|"]
+    lines += ["", "| expert | ‖τ‖/‖θ‖ | steps | train loss start → end | fine-tune seconds |", "|---|---|---|---|---|"]
     for skill, norm in card["relative_norms"].items():
         t = card["training"][skill]
-        lines.append(f"| {skill} | {norm:.4f} | {t['loss_start']:.3f} → {t['loss_end']:.3f} | {t['seconds']:.0f} |")
+        lines.append(f"| {skill} | {norm:.4f} | {t['steps']} | {t['loss_start']:.3f} → {t['loss_end']:.3f} "
+                     f"| {t['seconds']:.0f} |")
     a = card["assessment"]
     lines += ["", "Testbed criteria (test split):", ""]
     for key in ("experts_master_own_skill", "base_far_below", "uniform_merges_keep_part", "uniform_merges_fall_short"):
@@ -110,7 +112,7 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(zoo, training: dict, build_seconds: float, log: Callable[[str], None] = print) -> dict:
+def write_card(zoo, training: dict, started: float, log: Callable[[str], None] = print) -> dict:
     from evomerge.zoo.base import GGUF_NAME, WHEEL
     import dataclasses
 
@@ -127,7 +129,7 @@ def write_card(zoo, training: dict, build_seconds: float, log: Callable[[str], N
         "scores": scores,
     }
     card["assessment"] = assess(zoo, scores)
-    card["build_seconds"] = build_seconds
+    card["build_seconds"] = time.perf_counter() - started  # scoring included: it is part of a build
     card["cpus"] = os.cpu_count()
     (zoo.root / "README.md").write_text(card_markdown(card))
     tmp = zoo.card_path.with_suffix(".tmp")
