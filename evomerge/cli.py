@@ -14,7 +14,7 @@ import traceback
 from evomerge.errors import UserError
 
 EXAMPLES = """examples:
-  evomerge zoo build                 build the SmolLM2 zoo (cached; ~25 min on 2 cores the first time)
+  evomerge zoo build                 build the SmolLM2 zoo (cached; 20-30 min on 2 cores the first time)
   evomerge zoo build zoo=pico        the tiny random zoo used by plumbing tests (seconds)
   evomerge zoo info                  print the zoo card: every model's score on every skill
   evomerge zoo info --json           the card as JSON, for scripts

@@ -1,5 +1,5 @@
 """Shared fixtures: the pico zoo (built per test run into a temp cache, seconds) and the real
-SmolLM2 zoo (built once into the user's cache and reused; the first build takes ~25 minutes)."""
+SmolLM2 zoo (built once into the user's cache and reused; the first build takes 20-30 minutes)."""
 
 from __future__ import annotations
 
