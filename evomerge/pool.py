@@ -205,9 +205,6 @@ class ModelPool:
     def expert_names(self) -> list[str]:
         return list(self.task_vectors)
 
-    def layer_of(self, tensor_name: str) -> int | None:
-        return layer_index(tensor_name)
-
     def relative_norms(self) -> dict[str, float]:
         """‖τ‖/‖θ_base‖ per expert: how far each fine-tune moved, the regime merging depends on."""
         base_norm = _norm(self.base.values())

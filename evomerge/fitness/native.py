@@ -20,6 +20,11 @@ class ItemResult:
     output: str
 
 
+def pad_id(tokenizer) -> int:
+    """Padding id: many causal LMs define none, and EOS is then the safe filler (masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @lru_cache(maxsize=8)
 def _stop_ids(tokenizer) -> frozenset[int]:
     """EOS plus every token whose text holds a newline: answers are one line."""
@@ -45,12 +50,12 @@ def generate_exact_match(
     """
     device = next(model.parameters()).device
     stop = torch.tensor(sorted(_stop_ids(tokenizer)), device=device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     results: list[ItemResult] = []
     for start in range(0, len(prompts), batch_size):
         batch = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[start : start + batch_size]]
         width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, seq in enumerate(batch):
             ids[row, width - len(seq) :] = torch.tensor(seq)
@@ -64,7 +69,7 @@ def generate_exact_match(
         next_pos = position_ids[:, -1:] + 1
         for _ in range(max_new_tokens):
             token = out.logits[:, -1].argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad_id), token)
+            token = torch.where(done, torch.full_like(token, pad), token)
             generated.append(token)
             done |= torch.isin(token, stop)
             if bool(done.all()):
@@ -92,8 +97,7 @@ def choice_loglikelihoods(
     context = tokenizer(prompt, add_special_tokens=False).input_ids
     rows = [context + tokenizer(" " + c, add_special_tokens=False).input_ids for c in choices]
     width = max(map(len, rows))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
     for r, seq in enumerate(rows):
         ids[r, : len(seq)] = torch.tensor(seq)
     logprobs = model(input_ids=ids.to(device)).logits.float().log_softmax(-1)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from evomerge.fitness.native import pad_id
 from evomerge.zoo.skills import Item
 
 
@@ -48,9 +49,9 @@ def encode_items(tokenizer, items: Sequence[Item]) -> list[tuple[list[int], int]
     return encoded
 
 
-def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(rows: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
     for r, (seq, answer_start) in enumerate(rows):
@@ -77,7 +78,6 @@ def finetune(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     rows = encode_items(tokenizer, items)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
@@ -99,7 +99,7 @@ def finetune(
             order.extend(fresh)
         batch = [rows[i] for i in order[: config.batch_size]]
         del order[: config.batch_size]
-        ids, mask, labels = _batch(batch, pad_id)
+        ids, mask, labels = _batch(batch, pad_id(tokenizer))
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         # Position t predicts token t+1: keep only positions whose next token is an answer token.
         targets = labels[:, 1:]
