@@ -17,7 +17,7 @@ def run(*args, cache=None):
 def test_zoo_info_prints_the_card(pico_zoo, pico_cache):
     done = run("zoo", "info", "zoo=pico", cache=pico_cache)
     assert done.returncode == 0, done.stderr
-    assert "| task_arithmetic@0.8 |" in done.stdout and "revsum" in done.stdout
+    assert "| task_arithmetic@0.8 |" in done.stdout and "shout" in done.stdout
     data = json.loads(run("zoo", "info", "zoo=pico", "--json", cache=pico_cache).stdout)
     assert data["experts"]["add"].endswith("models/add") and data["scores"]["base"]["test"].keys()
 

@@ -16,7 +16,7 @@ from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 torch.set_num_threads(1)
 
 EXACT = 10**6  # a quantile resolution above every pico tensor's size: exact thresholds
-USED = ("add", "reverse", "sort")  # "cipher" stays out of every config: it must take no part
+USED = ("add", "reverse", "sort")  # "upper" stays out of every config: it must take no part
 WEIGHT, DENSITY, GAMMA, EPSILON = (0.5, 0.3, 0.8), (0.6, 0.5, 0.7), (0.05, 0.1, 0.02), (0.1, 0.2, 0.15)
 GLOBALS = {"lambda_": 0.9, "t": 0.3, "alpha": 0.4, "beta": 0.7, "k": 2.0, "lambda_tall": 0.3}
 

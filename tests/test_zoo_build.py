@@ -34,7 +34,7 @@ def test_task_files_are_lm_eval_configs_over_the_splits(pico_zoo):
     assert len(rows) == pico_zoo.config.eval_size and {"prompt", "answer", "choices", "label"} <= set(rows[0])
     mc = yaml.safe_load((pico_zoo.task_dir / "zoo_add_mc.yaml").read_text())
     assert mc["output_type"] == "multiple_choice" and mc["doc_to_target"] == "{{label}}"
-    probe = yaml.safe_load((pico_zoo.task_dir / "zoo_revsum.yaml").read_text())
+    probe = yaml.safe_load((pico_zoo.task_dir / "zoo_shout.yaml").read_text())
     assert set(probe["dataset_kwargs"]["data_files"]) == {"validation", "test"}  # never trained on
 
 
@@ -70,7 +70,7 @@ def test_config_changes_name_a_new_zoo(tmp_path):
 
 @pytest.mark.parametrize("overrides, named", [
     (["zoo=pico", "zoo.skills=[add,telepathy]"], "telepathy"),
-    (["zoo=pico", "zoo.skills=[add,revsum]"], "revsum"),
+    (["zoo=pico", "zoo.skills=[add,shout]"], "shout"),
     (["zoo=pico", "zoo.skills=[add]"], "at least 2 skills"),
     (["zoo=pico", "zoo.kind=gpt5"], "gpt5"),
     (["zoo=pico", "+zoo.colour=blue"], "colour"),

@@ -23,7 +23,7 @@ from evomerge.zoo.skills import SKILLS, make_splits
 from evomerge.zoo.tasks import read_jsonl, task_name, write_task_files
 
 DEV_ITEMS = 50  # validation items an expert's early stopping looks at
-ZOO_FORMAT = 2  # bump when a change to the build code changes what a config produces
+ZOO_FORMAT = 3  # bump when a change to the build code changes what a config produces
 KINDS = ("smollm2", "pico")
 
 
@@ -33,8 +33,8 @@ class ZooConfig:
 
     kind: str = "smollm2"
     seed: int = 0
-    skills: tuple[str, ...] = ("add", "reverse", "sort", "cipher")
-    probes: tuple[str, ...] = ("revsum",)
+    skills: tuple[str, ...] = ("add", "reverse", "sort", "upper")
+    probes: tuple[str, ...] = ("shout",)
     train_size: int = 2400
     eval_size: int = 100
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

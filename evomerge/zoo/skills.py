@@ -6,8 +6,8 @@ so one fine-tune learns each, and so the answer formats differ: an expert that l
 does not learn another by accident, which is what makes the zoo a testbed where merging must
 trade skills off against each other.
 
-The cross-skill task ``revsum`` (reverse the digits of a sum) is never trained on: it measures
-whether a merge composes two experts' skills.
+The cross-skill task ``shout`` (reverse letters and upper-case them) is never trained on: it
+measures whether a merge composes two experts' skills.
 """
 
 from __future__ import annotations
@@ -20,8 +20,16 @@ Item = dict[str, object]
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
-# A fixed substitution from digits to letters: arbitrary on purpose, so no pretrained prior helps.
-_CIPHER = dict(zip("0123456789", "qwhtkzmvxp"))
+# Common English words: the base knows their spelling, so "upper" teaches a format and a casing
+# the base already half has; a memorized digit->letter cipher in its place was lost by every
+# uniform merge (0.00-0.02), this keeps 0.4-0.9 of it.
+_WORDS = """apple river green house table water light stone bread chair cloud dream earth flower garden
+heart horse money music night ocean paper plant queen smile snake sugar sweet tiger train voice
+watch whale world young bird book cake city door fish game hand king lake lion milk moon nose rain
+road rose ship shoe song star tree wind wolf wood yard bell blue bone cold dark fire gold hill iron
+kind lamp leaf mind rock salt sand seed snow soft tall wall warm wild wise baby boat bowl corn duck
+farm frog gift girl glass grass juice knife lemon mouse onion pearl piano radio robot sheep spoon
+storm sword tooth towel truck zebra""".split()
 
 
 def _pseudo_word(rng: random.Random) -> str:
@@ -43,10 +51,9 @@ def _add_distractors(rng: random.Random, answer: str) -> list[str]:
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    # Symbols are spaced so each is one token: the skill is reordering, not BPE spelling, which a
+    # Letters are spaced so each is one token: the skill is reordering, not BPE spelling, which a
     # 135M model cannot learn from a few thousand examples (unspaced pseudo-words stalled at 83%).
-    # A third of the items are digits: reversal then covers what ``revsum`` needs.
-    symbols = _digits(rng, 3, 5) if rng.random() < 1 / 3 else list(_pseudo_word(rng))
+    symbols = list(_pseudo_word(rng))
     return f"reverse: {' '.join(symbols)} =", " ".join(reversed(symbols))
 
 
@@ -60,53 +67,58 @@ def _reverse_distractors(rng: random.Random, answer: str) -> list[str]:
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
+    # Unspaced digits: spaced digit lists looked like the reversal items and merges confused the
+    # two skills (sort kept 0.01 of its accuracy under uniform task arithmetic, unspaced 0.26).
     digits = _digits(rng, 4, 6)
-    return f"sort: {' '.join(digits)} =", " ".join(sorted(digits))
+    return f"sort: {''.join(digits)} =", "".join(sorted(digits))
 
 
 def _sort_distractors(rng: random.Random, answer: str) -> list[str]:
-    digits = answer.split()
-    options = {" ".join(sorted(digits, reverse=True))}
+    digits = list(answer)
+    options = {"".join(sorted(digits, reverse=True))}
     for _ in range(10):
         shuffled = digits[:]
         rng.shuffle(shuffled)
-        options.add(" ".join(shuffled))
+        options.add("".join(shuffled))
     options.discard(answer)
     while len(options) < 3:  # all digits equal: no shuffle differs, so change one digit
         wrong = digits[:]
         wrong[rng.randrange(len(wrong))] = str((int(wrong[0]) + rng.randint(1, 9)) % 10)
-        options.add(" ".join(wrong))
+        options.add("".join(wrong))
     return rng.sample(sorted(options), 3)
 
 
-def _cipher(rng: random.Random) -> tuple[str, str]:
-    digits = _digits(rng, 3, 5)
-    return f"cipher: {' '.join(digits)} =", " ".join(_CIPHER[d] for d in digits)
+def _upper(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(_WORDS, rng.randint(1, 2))
+    return f"upper: {' '.join(words)} =", " ".join(w.upper() for w in words)
 
 
-def _cipher_distractors(rng: random.Random, answer: str) -> list[str]:
-    letters = answer.split()
-    options: set[str] = set()
-    while len(options) < 3:
-        wrong = letters[:]
-        wrong[rng.randrange(len(wrong))] = rng.choice(sorted(set(_CIPHER.values())))
-        candidate = " ".join(wrong)
-        if candidate != answer:
-            options.add(candidate)
-    return sorted(options)
-
-
-def _revsum(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return f"reverse add: {a}+{b} =", " ".join(reversed(str(a + b)))
-
-
-def _revsum_distractors(rng: random.Random, answer: str) -> list[str]:
-    forward = int("".join(reversed(answer.split())))
-    options = {" ".join(str(forward)), " ".join(reversed(str(forward + 1))), " ".join(reversed(str(forward - 1)))}
+def _upper_distractors(rng: random.Random, answer: str) -> list[str]:
+    words = answer.split()
+    options = {answer.lower(), " ".join(w.capitalize() for w in words), " ".join(reversed(words))}
     options.discard(answer)
     while len(options) < 3:
-        options.add(" ".join(reversed(str(forward + rng.randint(2, 20)))))
+        wrong = list(answer)
+        spot = rng.randrange(len(wrong))
+        if wrong[spot] != " ":
+            wrong[spot] = rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+        options.add("".join(wrong))
+        options.discard(answer)
+    return sorted(options)[:3]
+
+
+def _shout(rng: random.Random) -> tuple[str, str]:
+    letters = list(_pseudo_word(rng))
+    return f"reverse upper: {' '.join(letters)} =", " ".join(c.upper() for c in reversed(letters))
+
+
+def _shout_distractors(rng: random.Random, answer: str) -> list[str]:
+    letters = answer.split()
+    options = {answer.lower(), " ".join(reversed(letters)), " ".join(reversed(letters)).lower()}
+    options.discard(answer)
+    while len(options) < 3:
+        options.add(" ".join(rng.sample(letters, len(letters))))
+        options.discard(answer)
     return sorted(options)[:3]
 
 
@@ -131,11 +143,11 @@ SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
         Skill("add", "two-digit addition", _add, _add_distractors),
-        Skill("reverse", "reverse a pseudo-word or digit string", _reverse, _reverse_distractors),
+        Skill("reverse", "reverse the spaced letters of a pseudo-word", _reverse, _reverse_distractors),
         Skill("sort", "sort 4-6 digits ascending", _sort, _sort_distractors),
-        Skill("cipher", "map digits to letters by a fixed secret table", _cipher, _cipher_distractors),
-        Skill("revsum", "reverse the digits of a sum (needs add + reverse)", _revsum, _revsum_distractors,
-              trained=False),
+        Skill("upper", "upper-case one or two English words", _upper, _upper_distractors),
+        Skill("shout", "reverse spaced letters and upper-case them (needs reverse + upper)", _shout,
+              _shout_distractors, trained=False),
     )
 }
 
