@@ -1,14 +1,16 @@
 """Batched scoring of a resident model on prompt/answer items, without lm-eval's per-call overhead.
 
-Two kinds cover the zoo's tasks and most of what merge searches score: greedy generation judged by
-exact match, and multiple choice judged by the summed log-likelihood of each choice. Per-item
-results are returned (not only the mean) because estimators later need them.
+Two request kinds cover the zoo's tasks and most of what merge searches score: greedy generation
+until a stop string, and the log-likelihood of a continuation (multiple choice is one such request
+per choice). Both follow lm-eval's HF wrapper exactly (tokenization, stop strings, trailing-space
+handling), so a task scored here gives the same per-item results as through lm-eval, and per-item
+results are returned (not only the mean) because estimators need them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -20,20 +22,104 @@ class ItemResult:
     output: str
 
 
+@dataclass(frozen=True)
+class Generation:
+    """A greedy continuation.
+
+    ``text`` is cut at the first stop string; ``tokens`` counts the tokens generated before the
+    one that ended the answer; ``logprob`` sums the greedy tokens' log-probabilities through that
+    ending token, so ``exp(logprob)`` is the model's probability of giving exactly this answer
+    and stopping: the confidence calibration is measured on.
+    """
+
+    text: str
+    tokens: int
+    logprob: float
+
+
 def pad_id(tokenizer) -> int:
     """Padding id: many causal LMs define none, and EOS is then the safe filler (masked anyway)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-@lru_cache(maxsize=8)
-def _stop_ids(tokenizer) -> frozenset[int]:
-    """EOS plus every token whose text holds a newline: answers are one line."""
-    stops = {tokenizer.eos_token_id}
-    stops.update(tid for tok, tid in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([tok]))
-    return frozenset(s for s in stops if s is not None)
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    """The ids ``model.generate`` stops on: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return frozenset(i for i in ids if i is not None)
+
+
+def _left_padded(tokenizer, prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, seq in enumerate(rows):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    until: Sequence[str] = ("\n",),
+    max_new_tokens: int = 12,
+    batch_size: int = 64,
+) -> list[Generation]:
+    """Greedy-decode each prompt until a stop string (or EOS) appears, as lm-eval's HF wrapper does.
+
+    Left padding lets a whole batch decode in lockstep with the KV cache; a batch stops early once
+    every row has stopped, which on short answers halves the cost. A row stops when its decoded
+    continuation contains a stop string, so multi-token stops work and a stop inside a merged
+    token (``"5\\n"``) cuts the text where lm-eval cuts it.
+    """
+    device = next(model.parameters()).device
+    eos = _eos_ids(model, tokenizer)
+    stops = [s for s in (*until, tokenizer.decode([tokenizer.eos_token_id])) if s]
+    pad = pad_id(tokenizer)
+    results: list[Generation] = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = _left_padded(tokenizer, prompts[start:start + batch_size], device)
+        rows = len(ids)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+        next_pos = position_ids[:, -1:] + 1
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        logprob = [0.0] * rows
+        ended: list[int | None] = [None] * rows  # index of the token that ended each row's answer
+        for step in range(max_new_tokens):
+            logp = out.logits[:, -1].float().log_softmax(-1)
+            best = logp.max(-1)
+            for row in range(rows):
+                if ended[row] is not None:
+                    continue
+                token = int(best.indices[row])
+                tokens[row].append(token)
+                logprob[row] += float(best.values[row])
+                if token in eos or any(s in tokenizer.decode(tokens[row]) for s in stops):
+                    ended[row] = step
+            if all(e is not None for e in ended) or step == max_new_tokens - 1:
+                break
+            feed = torch.tensor([tokens[r][-1] if ended[r] is None else pad for r in range(rows)],
+                                device=device)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos,
+                        past_key_values=out.past_key_values, use_cache=True)
+            next_pos = next_pos + 1
+        for row in range(rows):
+            text = tokenizer.decode(tokens[row], skip_special_tokens=True)
+            for stop in stops:
+                text = text.split(stop)[0]
+            count = len(tokens[row]) if ended[row] is None else ended[row]
+            results.append(Generation(text, count, logprob[row]))
+    return results
+
+
 def generate_exact_match(
     model,
     tokenizer,
@@ -43,67 +129,78 @@ def generate_exact_match(
     max_new_tokens: int = 12,
     batch_size: int = 64,
 ) -> list[ItemResult]:
-    """Greedy-decode each prompt until a newline or EOS and compare the stripped text to the answer.
+    """Greedy answers up to the end of the line, judged by exact match of the stripped text."""
+    generations = generate(model, tokenizer, prompts, until=("\n",), max_new_tokens=max_new_tokens,
+                           batch_size=batch_size)
+    return [ItemResult(correct=g.text.strip() == answer, output=g.text.strip())
+            for g, answer in zip(generations, answers)]
 
-    Left padding lets a whole batch decode in lockstep with the KV cache; a batch stops early once
-    every row has hit a stop token, which on short answers halves the cost.
-    """
-    device = next(model.parameters()).device
-    stop = torch.tensor(sorted(_stop_ids(tokenizer)), device=device)
-    pad = pad_id(tokenizer)
-    results: list[ItemResult] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[start : start + batch_size]]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, seq in enumerate(batch):
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-        past = out.past_key_values
-        done = torch.zeros(len(batch), dtype=torch.bool, device=device)
-        generated: list[torch.Tensor] = []
-        next_pos = position_ids[:, -1:] + 1
-        for _ in range(max_new_tokens):
-            token = out.logits[:, -1].argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad), token)
-            generated.append(token)
-            done |= torch.isin(token, stop)
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
-                        past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            next_pos = next_pos + 1
-        tokens = torch.stack(generated, dim=1).tolist()
-        stop_set = set(stop.tolist())
-        for row, seq in enumerate(tokens):
-            cut = next((i for i, t in enumerate(seq) if t in stop_set), len(seq))
-            text = tokenizer.decode(seq[:cut], skip_special_tokens=True).strip()
-            results.append(ItemResult(correct=text == answers[start + row], output=text))
-    return results
+
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split: trailing spaces move to the continuation, the pair is encoded whole and
+    the context's tokens cut off, so a BPE merge across the boundary scores as lm-eval scores it.
+    An empty context is replaced by the BOS (or EOS) token, as lm-eval does."""
+    if not context:
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], tokenizer(continuation, add_special_tokens=False).input_ids
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    head = tokenizer(context, add_special_tokens=False).input_ids
+    return whole[:len(head)], whole[len(head):]
 
 
 @torch.no_grad()
-def choice_loglikelihoods(
-    model, tokenizer, prompt: str, choices: Sequence[str]
-) -> list[float]:
-    """Summed log-probability of each ``" " + choice`` continuation, the way lm-eval scores MC."""
+def loglikelihoods(
+    model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int = 32
+) -> list[tuple[float, bool]]:
+    """For each ``(context, continuation)``: the continuation's summed log-probability and whether
+    greedy decoding would have produced it, lm-eval's ``loglikelihood`` request."""
     device = next(model.parameters()).device
-    context = tokenizer(prompt, add_special_tokens=False).input_ids
-    rows = [context + tokenizer(" " + c, add_special_tokens=False).input_ids for c in choices]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
-    for r, seq in enumerate(rows):
-        ids[r, : len(seq)] = torch.tensor(seq)
-    logprobs = model(input_ids=ids.to(device)).logits.float().log_softmax(-1)
-    scores = []
-    for r, seq in enumerate(rows):
-        targets = torch.tensor(seq[len(context) :], device=device)
-        positions = torch.arange(len(context) - 1, len(seq) - 1, device=device)
-        scores.append(float(logprobs[r, positions, targets].sum()))
-    return scores
+    pairs = [_encode_pair(tokenizer, c, x) for c, x in requests]
+    results: list[tuple[float, bool]] = []
+    for start in range(0, len(pairs), batch_size):
+        batch = [c + x for c, x in pairs[start:start + batch_size]]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), pad_id(tokenizer), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for row, (context, continuation) in enumerate(pairs[start:start + batch_size]):
+            positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=device)
+            logp = logits[row, positions].float().log_softmax(-1)
+            target = torch.tensor(continuation, device=device)
+            results.append((float(logp.gather(-1, target[:, None]).sum()),
+                            bool((logp.argmax(-1) == target).all())))
+    return results
+
+
+def choice_loglikelihoods(model, tokenizer, prompt: str, choices: Sequence[str]) -> list[float]:
+    """Summed log-probability of each ``" " + choice`` continuation, the way lm-eval scores MC."""
+    return [ll for ll, _ in loglikelihoods(model, tokenizer, [(prompt, " " + c) for c in choices])]
+
+
+@torch.no_grad()
+def perplexity(model, windows: Sequence[Sequence[int]], *, pad: int, batch_size: int = 8) -> float:
+    """Token perplexity over independent windows of token ids (each window's first token is not
+    predicted): a fixed, batchable cost, comparable across candidates, which is all an objective needs."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start:start + batch_size]
+        width = max(map(len, batch))
+        inputs = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(batch):
+            inputs[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        inputs, mask = inputs.to(device), mask.to(device)
+        logp = model(input_ids=inputs, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        picked = logp.gather(-1, inputs[:, 1:, None])[..., 0]
+        keep = mask[:, 1:].bool()
+        total -= float(picked[keep].sum())
+        count += int(keep.sum())
+    return math.exp(total / count)
