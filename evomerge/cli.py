@@ -14,10 +14,16 @@ import traceback
 from evomerge.errors import UserError
 
 EXAMPLES = """examples:
+  evomerge search                    evolve merges of the zoo's experts (NSGA-II, 4 objectives)
+  evomerge search algorithm=ga fitness=irt space.granularity=2 runtime.workers=2
+  evomerge resume runs/RUN           continue a stopped run
+  evomerge inspect runs/RUN          Pareto front, progress, plots
+  evomerge export runs/RUN --pick knee
   evomerge zoo build                 build the SmolLM2 zoo (cached; 20-30 min on 2 cores the first time)
   evomerge zoo build zoo=pico        the tiny random zoo used by plumbing tests (seconds)
   evomerge zoo info                  print the zoo card: every model's score on every skill
   evomerge zoo info --json           the card as JSON, for scripts
+  evomerge pool zoo=pico             task-vector norms and kinship of the models to merge
 """
 
 
@@ -53,6 +59,55 @@ def _zoo_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from evomerge.report import render, summary, write_plots
+    from evomerge.run import RunDir
+
+    run = RunDir.open(args.run_dir)
+    data = summary(run)
+    plots = [str(p) for p in write_plots(run)]
+    if args.json:
+        print(json.dumps({**data, "plots": plots}, indent=2))
+    else:
+        print(render(data))
+        print("plots: " + ", ".join(plots))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from evomerge.report import export_pick
+    from evomerge.run import RunDir
+
+    entry, out = export_pick(RunDir.open(args.run_dir), args.pick, args.out, device=args.device)
+    print(f"exported archive id {entry.id} (recipe {entry.recipe_hash}) to {out}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from evomerge.config import compose
+    from evomerge.search.loop import start
+
+    run = start(compose(args.overrides), log=_log)
+    print(f"done: {run.root}\n  evomerge inspect {run.root}\n  evomerge export {run.root} --pick knee")
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from evomerge.search.loop import resume
+
+    run = resume(args.run_dir, log=_log)
+    print(f"done: {run.root}\n  evomerge inspect {run.root}")
+    return 0
+
+
+def _pool(args: argparse.Namespace) -> int:
+    from evomerge.kinship import kinship, pool_for, render
+
+    result = kinship(pool_for(args.models))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else render(result))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="evomerge",
@@ -61,6 +116,31 @@ def parser() -> argparse.ArgumentParser:
     )
     root.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    search = commands.add_parser(
+        "search", help="evolve merge recipes (default: NSGA-II on the SmolLM2 zoo's four skills)",
+        description="Compose conf/ with hydra overrides, create runs/<name>/ (config.yaml, "
+                    "archive.jsonl, checkpoints/, pareto.json) and search. Groups: models, space, "
+                    "algorithm, fitness, runtime, zoo; top-level keys: name, runs_dir, seed, tasks, "
+                    "include_path.",
+        epilog="examples:\n  evomerge search name=first\n"
+               "  evomerge search algorithm=ga fitness=irt space.granularity=2 runtime.workers=2\n"
+               "  evomerge search space=methods algorithm.generations=20\n"
+               "  evomerge search models.base=HuggingFaceTB/SmolLM2-135M-Instruct "
+               "models.experts=[./expert-a,./expert-b] tasks=[arc_easy,hellaswag]",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    search.add_argument("overrides", nargs="*", help="hydra overrides, e.g. algorithm=ga seed=1")
+    search.set_defaults(run=_search)
+
+    resume = commands.add_parser(
+        "resume", help="continue a stopped run from its folder",
+        description="Replay the run's archive (no candidate is evaluated twice), load its newest "
+                    "intact checkpoint and finish the search. Refuses a config.yaml edited in a way "
+                    "that changes the search; runtime.* and algorithm.generations may change.",
+        epilog="example:\n  evomerge resume runs/first",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    resume.add_argument("run_dir", metavar="RUN", help="the run folder, e.g. runs/first")
+    resume.set_defaults(run=_resume)
 
     zoo = commands.add_parser("zoo", help="build or describe the model zoo (SmolLM2 base + skill experts)",
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,6 +160,48 @@ def parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", help="hydra overrides selecting the zoo, e.g. zoo=pico")
     info.add_argument("--json", action="store_true", help="print the card and the zoo's paths as JSON")
     info.set_defaults(run=_zoo_info)
+
+    inspect = commands.add_parser(
+        "inspect", help="show a run's Pareto front and progress, and plot them",
+        description="Print the Pareto front (validation and held-out test scores, recipe summary, "
+                    "archive id; * marks the knee) and the run's progress, and write "
+                    "plots/pareto.png and plots/hypervolume.png. Works while the run is going.",
+        epilog="example:\n  evomerge inspect runs/my-run --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    inspect.add_argument("run_dir", metavar="RUN", help="the run folder, e.g. runs/my-run")
+    inspect.add_argument("--json", action="store_true", help="print the front and progress as JSON")
+    inspect.set_defaults(run=_inspect)
+
+    export = commands.add_parser(
+        "export", help="export one recipe of a run as a model folder, recipe.yaml and mergekit.yaml",
+        description="Merge the picked recipe from its base and experts and write recipe.yaml, "
+                    "mergekit.yaml and model/ (safetensors, config, tokenizer, model card).",
+        epilog="examples:\n  evomerge export runs/my-run --pick knee\n"
+               "  evomerge export runs/my-run --pick best:zoo_add --out my-merge\n"
+               "  evomerge export runs/my-run --pick 42",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("run_dir", metavar="RUN", help="the run folder, e.g. runs/my-run")
+    export.add_argument("--pick", default="knee",
+                        help="knee (default: the front's balanced compromise), best:<objective>, "
+                             "or an archive id")
+    export.add_argument("--out", help="output folder (default: RUN/exports/<pick>)")
+    export.add_argument("--device", default="cpu", help="where to merge, e.g. cpu or cuda")
+    export.set_defaults(run=_export)
+
+    pool = commands.add_parser(
+        "pool", help="task-vector norms per layer and the kinship matrix of the models to merge",
+        description="Per expert, the task-vector L2 norm per layer and relative to the base, and "
+                    "the pairwise cosine similarity of the experts' task vectors (model kinship).",
+        epilog="examples:\n  evomerge pool path/to/base path/to/expert-a path/to/expert-b\n"
+               "  evomerge pool zoo=pico --json      the zoo's base and experts\n"
+               "  evomerge pool models.base=BASE models.experts=[A,B]   as a search config names them",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pool.add_argument("models", nargs="*",
+                      help="BASE EXPERT [EXPERT...] (folders, .gguf files or hub ids), or hydra "
+                           "overrides naming models.base/models.experts or a built zoo "
+                           "(default: the SmolLM2 zoo)")
+    pool.add_argument("--json", action="store_true", help="print the norms and matrix as JSON")
+    pool.set_defaults(run=_pool)
     return root
 
 

@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--mergekit", action="store_true", help="also time mergekit-yaml (slow)")
+    parser.add_argument("--random-model", action="store_true",
+                        help="a random SmolLM2-shaped Llama even when the zoo is built (machines without it)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_merge.") as tmp:
         workdir = Path(tmp)
-        base, experts, source = models(workdir)
+        base, experts, source = ((*random_llama(workdir), "random SmolLM2-135M-shaped Llama")
+                                 if args.random_model else models(workdir))
         pool = ModelPool(base, experts)
         merger = Merger(pool, device=args.device)
         bandwidth = copy_bandwidth(merger.device)

@@ -167,6 +167,7 @@ def test_bf16_deltas_stay_within_their_rounding(pico_zoo, reference):
     assert 0 < worst < 1e-3
 
 
+@pytest.mark.reliability("bad input", "a recipe naming an expert the pool lacks, or out-of-range parameters: refused before any weight changes")
 @pytest.mark.parametrize("recipe_change, message", [
     (lambda r: Recipe(r.base, r.experts + ("nope",), 4, r.groups, r.outside), "'nope' is not in the pool"),
     (lambda r: Recipe.uniform(r.base, r.experts, 3, r.outside), "3 layers but the pool's model has 4"),

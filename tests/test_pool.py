@@ -54,6 +54,7 @@ def test_layer_index():
     assert layer_index("model.norm.weight") is None
 
 
+@pytest.mark.reliability("bad input", "an expert of another architecture than the base")
 def test_architecture_mismatch_is_named(pico_zoo, variant):
     folder = variant()
     config = json.loads((folder / "config.json").read_text())
@@ -62,12 +63,14 @@ def test_architecture_mismatch_is_named(pico_zoo, variant):
     assert "MistralForCausalLM" in _pool_error(pico_zoo, folder)
 
 
+@pytest.mark.reliability("bad input", "an expert missing a tensor the base has")
 def test_missing_tensor_is_named(pico_zoo, variant):
     folder = variant()
     _rewrite_weights(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     assert "model.layers.1.mlp.up_proj.weight" in _pool_error(pico_zoo, folder)
 
 
+@pytest.mark.reliability("bad input", "an expert with a tensor of another shape")
 def test_shape_mismatch_is_named(pico_zoo, variant):
     folder = variant()
     def widen(tensors):
@@ -77,6 +80,7 @@ def test_shape_mismatch_is_named(pico_zoo, variant):
     assert "model.layers.2.mlp.down_proj.weight" in message and "[64, 256]" in message and "[64, 128]" in message
 
 
+@pytest.mark.reliability("bad input", "an expert with another tokenizer vocabulary")
 def test_vocabulary_mismatch_is_named(pico_zoo, variant):
     from transformers import AutoTokenizer
 
@@ -88,16 +92,19 @@ def test_vocabulary_mismatch_is_named(pico_zoo, variant):
     assert "vocabulary" in message and "<extra>" in message
 
 
+@pytest.mark.reliability("bad input", "a model path that does not exist")
 def test_missing_path_is_named(pico_zoo, tmp_path):
     message = _pool_error(pico_zoo, tmp_path / "no-such-model")
     assert "no-such-model" in message and "not found" in message
 
 
+@pytest.mark.reliability("bad input", "a hub id while the hub is unreachable")
 def test_unreachable_hub_id_is_named(pico_zoo):
     message = _pool_error(pico_zoo, "evomerge-test/does-not-exist")
     assert "evomerge-test/does-not-exist" in message and "local model folder" in message
 
 
+@pytest.mark.reliability("safety", "pickle (pytorch_model.bin) weights refused unless allow_pickle is set")
 def test_pickle_weights_refused_unless_opted_in(pico_zoo, tmp_path):
     model, tokenizer = load_model(str(pico_zoo.expert("add")))
     folder = tmp_path / "pickled"

@@ -56,6 +56,7 @@ def test_layerwise_yaml_keeps_the_attn_mlp_split():
     assert back.config_for(3, "attn").lambda_ == 1.5
 
 
+@pytest.mark.reliability("bad input", "unknown keys in a recipe YAML")
 def test_unknown_yaml_keys_are_named_with_the_valid_ones():
     data = uniform().to_dict()
     data["groups"][0]["config"]["experts"]["add"]["wieght"] = 0.5
@@ -65,6 +66,7 @@ def test_unknown_yaml_keys_are_named_with_the_valid_ones():
     assert "expert_refs" in raises_one_line("'seed'", Recipe.from_dict, data)
 
 
+@pytest.mark.reliability("bad input", "malformed recipe YAML (the line is named)")
 def test_malformed_yaml_names_the_line():
     text = uniform().to_yaml().replace("dtype: float32", "dtype: float32: x")
     line = text.splitlines().index("dtype: float32: x") + 1
@@ -439,3 +441,10 @@ def test_mergekit_resolves_an_export_to_the_recipe_for_every_tensor():
     check(config.slices[0], "model.embed_tokens.weight", recipe.outside)
     for tensor in ("model.norm.weight", "lm_head.weight"):
         check(config.slices[-1], tensor, recipe.outside)
+
+
+@pytest.mark.reliability("safety", "a recipe YAML carrying a Python object tag: refused by safe loading, nothing constructed")
+def test_yaml_with_python_tags_is_refused():
+    text = "!!python/object/apply:os.system ['echo owned']\n"
+    with pytest.raises(UserError, match="malformed recipe YAML"):
+        Recipe.from_yaml(text)

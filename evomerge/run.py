@@ -1,0 +1,206 @@
+"""The run folder: everything a user needs to resume, inspect and export a search.
+
+```
+runs/<name>/
+  config.yaml        the composed config, as run
+  archive.jsonl      one line per evaluated candidate (appended and flushed before the
+                     algorithm is told, so a crash never loses a finished evaluation)
+  history.jsonl      one line per finished generation: evaluations, best per objective, hypervolume
+  probes.json        the probe population's per-item results (fits the estimators; reused on resume)
+  checkpoints/       algorithm state after each generation (tmp + rename, never half-written)
+  pareto.json        the current non-dominated set, with test scores once measured
+  plots/             pareto.png, hypervolume.png
+  exports/<pick>/    recipe.yaml, mergekit.yaml, model/
+```
+
+Resume reads only files evomerge wrote here; YAML is loaded safely and checkpoints are read
+only from this folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from evomerge.errors import UserError
+
+CONFIG = "config.yaml"
+ARCHIVE = "archive.jsonl"
+HISTORY = "history.jsonl"
+PROBES = "probes.json"
+PARETO = "pareto.json"
+
+
+@dataclass
+class ArchiveEntry:
+    """One evaluated candidate, as a line of archive.jsonl.
+
+    ``objectives`` are in their natural direction (see ``Objective``); ``scores`` are per-task
+    validation metrics as the estimator measured them; ``error`` is set (and objectives hold the
+    worst values) when the candidate's merge or evaluation failed.
+    """
+
+    id: int
+    generation: int
+    genome: list[float]
+    recipe_hash: str
+    recipe: dict[str, Any]
+    objectives: dict[str, float]
+    scores: dict[str, float] = field(default_factory=dict)
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    worker: str = ""
+    error: str | None = None
+    cached_from: int | None = None  # id of the earlier entry whose result this duplicate reuses
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ArchiveEntry":
+        return cls(**data)
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write via a temporary file and rename: readers see the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as out:
+        out.write(data.encode() if isinstance(data, str) else data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # --- paths ------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def archive_path(self) -> Path:
+        return self.root / ARCHIVE
+
+    @property
+    def history_path(self) -> Path:
+        return self.root / HISTORY
+
+    @property
+    def probes_path(self) -> Path:
+        return self.root / PROBES
+
+    @property
+    def pareto_path(self) -> Path:
+        return self.root / PARETO
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def export_dir(self, pick: str) -> Path:
+        return self.root / "exports" / pick
+
+    # --- life cycle ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | Path, config: dict[str, Any]) -> "RunDir":
+        run = cls(root)
+        if run.config_path.exists():
+            raise UserError(f"run folder {run.root} already holds a run; resume it with "
+                            f"`evomerge resume {run.root}` or choose another name=")
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.checkpoints.mkdir(exist_ok=True)
+        atomic_write(run.config_path, yaml.safe_dump(config, sort_keys=False))
+        return run
+
+    @classmethod
+    def open(cls, root: str | Path) -> "RunDir":
+        run = cls(root)
+        if not run.config_path.is_file():
+            raise UserError(f"{run.root} is not an evomerge run folder (no {CONFIG}); "
+                            f"pass the folder `evomerge search` created under runs/")
+        return run
+
+    def config(self) -> dict[str, Any]:
+        try:
+            data = yaml.safe_load(self.config_path.read_text())
+        except yaml.YAMLError as error:
+            raise UserError(f"{self.config_path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{self.config_path} does not hold a config mapping")
+        return data
+
+    # --- archive ------------------------------------------------------------------------------
+    def append(self, entry: ArchiveEntry) -> None:
+        """Append one line and fsync it: once this returns, the evaluation survives a crash."""
+        with open(self.archive_path, "a") as out:
+            out.write(entry.to_json() + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+    def archive(self) -> list[ArchiveEntry]:
+        """Every intact entry; a torn last line (a crash mid-write) is skipped."""
+        return [ArchiveEntry.from_dict(d) for d in self._json_lines(self.archive_path)]
+
+    def dropped_archive_lines(self) -> int:
+        """How many non-empty lines ``archive()`` skips as unreadable (a torn write)."""
+        if not self.archive_path.exists():
+            return 0
+        lines = [ln for ln in self.archive_path.read_text().splitlines() if ln.strip()]
+        return len(lines) - len(list(self._json_lines(self.archive_path)))
+
+    def repair_archive(self) -> int:
+        """Drop lines a crash left unreadable (a torn last write) so appends start on a clean
+        line; returns how many were dropped. The intact lines are rewritten atomically."""
+        if not self.archive_path.exists():
+            return 0
+        text = self.archive_path.read_text()
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        intact = [json.dumps(d, sort_keys=True) for d in self._json_lines(self.archive_path)]
+        if len(intact) != len(lines) or (text and not text.endswith("\n")):
+            atomic_write(self.archive_path, "".join(line + "\n" for line in intact))
+        return len(lines) - len(intact)
+
+    def append_history(self, record: dict[str, Any]) -> None:
+        with open(self.history_path, "a") as out:
+            out.write(json.dumps(record, sort_keys=True) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+    def history(self) -> list[dict[str, Any]]:
+        return list(self._json_lines(self.history_path))
+
+    @staticmethod
+    def _json_lines(path: Path) -> Iterator[dict[str, Any]]:
+        if not path.exists():
+            return
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+    # --- small JSON documents -------------------------------------------------------------------
+    def write_json(self, path: Path, data: Any) -> None:
+        atomic_write(path, json.dumps(data, indent=2, sort_keys=True))
+
+    def read_json(self, path: Path) -> Any | None:
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None

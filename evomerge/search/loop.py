@@ -1,0 +1,362 @@
+"""The ask/tell loop: pymoo proposes genomes, workers evaluate them, the archive remembers.
+
+Order of events per generation, chosen so that a crash at any point loses nothing:
+ask -> decode -> (archive hit? reuse : evaluate on a worker -> append to archive) -> tell ->
+history line -> pareto.json -> checkpoint. Candidate ids are fixed by (generation, position), so
+a resumed run re-asks the interrupted generation from the last checkpoint (the algorithm's random
+state is inside it), finds the candidates already in the archive by id, and evaluates only the
+rest: the archive ends identical to an uninterrupted run's, whatever the worker count or timing.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from evomerge.errors import UserError
+from evomerge.fitness.objectives import Objective, hypervolume, minimized_matrix
+from evomerge.recipe import ExpertParams, MethodConfig, Recipe
+from evomerge.run import ArchiveEntry, RunDir, atomic_write
+from evomerge.search import checkpoint
+from evomerge.search.algorithms import make_algorithm, make_problem
+from evomerge.search.settings import Settings, changed_keys, read_settings, search_fingerprint
+from evomerge.search.workers import WorkerPool, worst_objectives
+from evomerge.space import SearchSpace
+
+Log = Callable[[str], None]
+RUN_STATE = "run.json"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def start(config: dict[str, Any], log: Log = _stderr) -> RunDir:
+    """Check ``config``, create its run folder and search; returns the folder."""
+    search = Search(read_settings(config, log=log), log)  # every check passes before a file is written
+    name = config.get("name") or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = RunDir.create(Path(config.get("runs_dir") or "runs") / str(name), config)
+    run.write_json(run.root / RUN_STATE, {"fingerprint": search_fingerprint(config), "config": config})
+    log(f"run folder: {run.root}")
+    search.run(run)
+    return run
+
+
+def resume(folder: str | Path, log: Log = _stderr) -> RunDir:
+    """Continue the run in ``folder`` from its archive and newest checkpoint."""
+    run = RunDir.open(folder)
+    config = run.config()
+    state = run.read_json(run.root / RUN_STATE)
+    if state is None:
+        raise UserError(f"{run.root} has no readable {RUN_STATE}; it was not written by evomerge search")
+    if search_fingerprint(config) != state["fingerprint"]:
+        keys = changed_keys(state["config"], config)
+        raise UserError(f"{run.config_path} was edited in a way that changes the search "
+                        f"({', '.join(keys) or 'structure'}); only {', '.join(('runtime.*', 'algorithm.generations'))} "
+                        f"may change on resume. Start a new run instead")
+    Search(read_settings(config, log=log), log).run(run)
+    return run
+
+
+class Search:
+    def __init__(self, settings: Settings, log: Log = _stderr) -> None:
+        from evomerge.fitness import Evaluator, FitnessConfig
+
+        self.settings = settings
+        self.log = log
+        self.fault = settings.worker_spec().fault  # test hooks: where the fault tests crash the driver
+        self.space = SearchSpace(settings.space, settings.base, tuple(settings.experts), settings.num_layers,
+                                 expert_refs=dict(settings.experts))
+        # A driver-side evaluator validates the tasks and names the objectives before workers start.
+        self.evaluator = Evaluator(FitnessConfig.from_dict(settings.fitness), settings.tasks, _tokenizer(settings.base),
+                                   include_path=settings.include_path)
+        self.objectives: list[Objective] = list(self.evaluator.objectives)
+        settings.algorithm.check_objectives(len(self.objectives))
+        self.initial = [self.space.encode(r) for r in self.space.initial_recipes()]
+        make_algorithm(settings.algorithm, self.space, len(self.objectives), self.initial)  # fail fast
+        self.pool: WorkerPool | None = None
+
+    # --- the run ---------------------------------------------------------------------------------
+    def run(self, run_dir: RunDir) -> None:
+        self.run_dir = run_dir
+        started = time.perf_counter()
+        dropped = self.run_dir.repair_archive()
+        if dropped:
+            self.log(f"archive: dropped {dropped} unreadable line(s) left by an interrupted write; "
+                     f"those candidates are evaluated again")
+        archive = self.run_dir.archive()
+        self.by_id = {e.id: e for e in archive}
+        self.by_hash: dict[str, ArchiveEntry] = {}
+        for entry in sorted(archive, key=lambda e: e.id):
+            self.by_hash.setdefault(entry.recipe_hash, entry)
+        if archive:
+            self.log(f"archive: {len(archive)} evaluations replayed, not re-evaluated")
+        if not self.run_dir.pareto_path.exists():  # inspect learns the objectives from the start
+            self._write_pareto([], -1)
+        try:
+            self.pool = WorkerPool(self.settings.worker_spec(), log=self.log)
+            self._probe_population()
+            algorithm, generation, next_id = self._algorithm()
+            while algorithm.has_next():
+                generation_started = time.perf_counter()
+                asked = algorithm.ask()
+                population = _as_population(asked)
+                entries = self._evaluate_generation(population, generation, next_id)
+                next_id += len(entries)
+                F = minimized_matrix(self.objectives, [e.objectives for e in entries])
+                from pymoo.core.evaluator import Evaluator as PymooEvaluator
+                from pymoo.problems.static import StaticProblem
+
+                PymooEvaluator().eval(StaticProblem(algorithm.problem, F=F), population)
+                algorithm.tell(infills=asked)  # MOEA/D wants back the very individual it asked
+                self._after_generation(generation, next_id, started, generation_started, len(entries))
+                self._checkpoint(algorithm, generation + 1, next_id)
+                generation += 1
+            self._test_front()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+
+    def _algorithm(self):
+        """The newest intact checkpoint, or a fresh algorithm."""
+        for path in sorted(self.run_dir.checkpoints.glob("generation-*.pkl"), reverse=True):
+            try:
+                state = checkpoint.loads(path.read_bytes())
+            except Exception as error:
+                self.log(f"checkpoint {path.name} is unreadable ({type(error).__name__}); trying an older one")
+                continue
+            algorithm = state["algorithm"]
+            from pymoo.termination import get_termination
+
+            algorithm.termination = get_termination("n_gen", self.settings.algorithm.generations)
+            self.log(f"resuming after generation {state['generation']} ({state['next_id']} candidates)")
+            return algorithm, state["generation"], state["next_id"]
+        algorithm = make_algorithm(self.settings.algorithm, self.space, len(self.objectives), self.initial)
+        problem = make_problem(self.space, len(self.objectives))
+        algorithm.setup(problem, termination=("n_gen", self.settings.algorithm.generations),
+                        seed=self.settings.seed, verbose=False)
+        return algorithm, 0, 0
+
+    def _checkpoint(self, algorithm, generation: int, next_id: int) -> None:
+        path = self.run_dir.checkpoints / f"generation-{generation:04d}.pkl"
+        data = checkpoint.dumps(algorithm, generation=generation, next_id=next_id)
+        if data is None:
+            if generation == 1:
+                self.log(f"algorithm {self.settings.algorithm.name} cannot be checkpointed; a resume "
+                         f"replays the archive from the first generation instead (nothing is re-evaluated)")
+            return
+        if self.fault.get("driver_exit") == "checkpoint" and self.fault.get("at") == generation:
+            path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
+            os._exit(9)  # a crash halfway through writing the checkpoint
+        atomic_write(path, data)
+        for old in sorted(self.run_dir.checkpoints.glob("generation-*.pkl"))[:-2]:
+            old.unlink()  # two kept: the newest may be the one a crash corrupts
+
+    # --- evaluation ------------------------------------------------------------------------------
+    def _evaluate_generation(self, population, generation: int, first_id: int) -> list[ArchiveEntry]:
+        genomes = [self.space.as_genome(x) for x in population.get("X")]
+        recipes = [self.space.decode(g) for g in genomes]
+        entries: dict[int, ArchiveEntry] = {}
+        jobs, twins, claimed = [], [], set()
+        for position, recipe in enumerate(recipes):
+            entry_id = first_id + position
+            if entry_id in self.by_id:  # evaluated before an interruption: replayed
+                entries[entry_id] = self.by_id[entry_id]
+            elif recipe.hash in self.by_hash or recipe.hash in claimed:
+                twins.append(position)  # served from the archive once its original is there
+            else:
+                claimed.add(recipe.hash)
+                jobs.append(((entry_id, genomes[position], recipe), (recipe.to_dict(),), {}))
+        progress = _Progress(len(genomes), len(entries) + len(twins), generation)
+
+        def on_result(key, result: dict[str, Any]) -> None:
+            entry_id, genome, recipe = key
+            entries[entry_id] = self._record(self._entry(entry_id, generation, genome, recipe, result))
+            progress.step()
+
+        self.pool.run(jobs, on_result)
+        progress.close()
+        for position in twins:
+            recipe, entry_id = recipes[position], first_id + position
+            earlier = self.by_hash[recipe.hash]
+            entries[entry_id] = self._record(ArchiveEntry(
+                entry_id, generation, self.space.vector(genomes[position]), recipe.hash, recipe.to_dict(),
+                dict(earlier.objectives), dict(earlier.scores), error=earlier.error, cached_from=earlier.id))
+        return [entries[first_id + i] for i in range(len(genomes))]
+
+    def _entry(self, entry_id: int, generation: int, genome, recipe: Recipe, result: dict[str, Any]) -> ArchiveEntry:
+        error = result.get("error")
+        if error is None:
+            evaluation = result["evaluation"]
+            objectives, scores = evaluation["objectives"], evaluation["scores"]
+        else:
+            objectives, scores = worst_objectives(self.objectives), {}
+        return ArchiveEntry(entry_id, generation, self.space.vector(genome), recipe.hash, recipe.to_dict(),
+                            dict(objectives), dict(scores), result.get("merge_seconds", 0.0),
+                            result.get("eval_seconds", 0.0), result.get("worker", ""), error)
+
+    def _record(self, entry: ArchiveEntry) -> ArchiveEntry:
+        """Append to the archive first: only then does anything else learn of the result."""
+        if self.fault.get("driver_exit") == "archive" and self.fault.get("at") == entry.id:
+            with open(self.run_dir.archive_path, "a") as out:
+                out.write(entry.to_json()[:50])
+            os._exit(9)  # a crash halfway through writing an archive line
+        self.run_dir.append(entry)
+        self.by_id[entry.id] = entry
+        if entry.cached_from is None:
+            self.by_hash.setdefault(entry.recipe_hash, entry)
+        return entry
+
+    # --- probes: the population the estimators are fitted on -------------------------------------
+    def _probe_population(self) -> None:
+        saved = self.run_dir.read_json(self.run_dir.probes_path)
+        if saved is not None:
+            self.log(f"probe population: reusing {len(saved['probes'])} evaluations from {self.run_dir.probes_path.name}")
+            self.pool.load_state(saved["estimator"])
+            return
+        recipes = self._probe_recipes()
+        self.log(f"probe population: {len(recipes)} models on the full validation split "
+                 f"(fits the {self.settings.fitness.get('estimator', 'anchors')} estimator)")
+        results: dict[str, dict[str, Any]] = {}
+        self.pool.run([(name, (r.to_dict(),), {"full": True}) for name, r in recipes.items()],
+                      lambda name, result: results.__setitem__(name, result))
+        failed = {n: r["error"] for n, r in results.items() if r.get("error")}
+        if failed:
+            name = sorted(failed)[0]
+            raise UserError(f"probe model {name} could not be evaluated: {failed[name]}")
+        from evomerge.fitness import Evaluation
+
+        evaluations = [Evaluation.from_dict(results[n]["evaluation"]) for n in recipes]
+        state = self.evaluator.fit(evaluations)
+        self.run_dir.write_json(self.run_dir.probes_path, {
+            "estimator": state,
+            "probes": [{"name": n, "recipe": recipes[n].to_dict(), "evaluation": results[n]["evaluation"],
+                        "seconds": results[n]["merge_seconds"] + results[n]["eval_seconds"]} for n in recipes]})
+        self.pool.load_state(state)
+
+    def _probe_recipes(self) -> dict[str, Recipe]:
+        experts = self.space.experts
+        layers = self.space.num_layers
+
+        def weights(values: dict[str, float]) -> Recipe:
+            config = MethodConfig("task_arithmetic", {e: ExpertParams(weight=values.get(e, 0.0)) for e in experts})
+            return Recipe.uniform(self.space.base, experts, layers, config, expert_refs=self.space.expert_refs)
+
+        recipes = {"base": weights({})}
+        recipes.update({f"expert:{e}": weights({e: 1.0}) for e in experts})
+        rng = random.Random(self.settings.seed)
+        from evomerge.fitness import FitnessConfig
+
+        for i in range(FitnessConfig.from_dict(self.settings.fitness).probe_merges):
+            recipes[f"random:{i}"] = self.space.decode(self.space.random(rng))
+        return recipes
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+    def _front(self) -> list[ArchiveEntry]:
+        from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+        unique = [e for e in self.by_hash.values() if e.error is None]
+        if not unique:
+            return []
+        F = minimized_matrix(self.objectives, [e.objectives for e in unique])
+        return [unique[i] for i in NonDominatedSorting().do(F, only_non_dominated_front=True)]
+
+    def _after_generation(self, generation: int, next_id: int, started: float, generation_started: float,
+                          count: int) -> None:
+        front = self._front()
+        elapsed = time.perf_counter() - started
+        rate = count / max(1e-9, (time.perf_counter() - generation_started) / 60)
+        best = {o.name: (max if o.direction == "max" else min)(e.objectives[o.name] for e in front)
+                for o in self.objectives} if front else {}
+        hv = hypervolume(self.objectives, [e.objectives for e in front])
+        errors = sum(1 for e in self.by_id.values() if e.error)
+        left = self.settings.algorithm.generations - generation - 1
+        record = {"generation": generation, "evaluations": next_id, "errors": errors, "best": best,
+                  "hypervolume": hv, "seconds": elapsed, "candidates_per_min": rate}
+        if generation not in {h["generation"] for h in self.run_dir.history()}:  # not when replayed
+            self.run_dir.append_history(record)
+        self._write_pareto(front, generation)
+        eta = f", ~{left * count / max(rate, 1e-9):.1f} min left" if left > 0 else ""
+        self.log(f"generation {generation}: {next_id} evaluations ({errors} failed), best "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in best.items())
+                 + f", hypervolume {hv:.4f}, {rate:.1f} candidates/min{eta}")
+
+    def _write_pareto(self, front: list[ArchiveEntry], generation: int, tests: dict[int, dict] | None = None) -> None:
+        old = self.run_dir.read_json(self.run_dir.pareto_path) or {}
+        known = {m["id"]: m.get("test_scores") for m in old.get("members", [])}
+        tests = tests or {}
+        self.run_dir.write_json(self.run_dir.pareto_path, {
+            "generation": generation,
+            "objectives": [o.to_dict() for o in self.objectives],
+            "members": [{"id": e.id, "recipe_hash": e.recipe_hash, "objectives": e.objectives,
+                         "scores": e.scores, "test_scores": tests.get(e.id, known.get(e.id))}
+                        for e in sorted(front, key=lambda e: e.id)]})
+
+    def _test_front(self) -> None:
+        """Held-out test scores (full test split) for the front members a user would pick: the
+        knee and the best on each objective. Scoring every member of a 4-objective front would
+        cost more than the search itself; ``inspect`` marks the others' test scores as unknown."""
+        from evomerge.report import knee
+
+        front = self._front()
+        if not front:
+            return
+        chosen = {knee(front, self.objectives).id}
+        for objective in self.objectives:
+            pick = (max if objective.direction == "max" else min)(
+                front, key=lambda e: (e.objectives[objective.name], -e.id))
+            chosen.add(pick.id)
+        old = self.run_dir.read_json(self.run_dir.pareto_path) or {}
+        known = {m["id"]: m.get("test_scores") for m in old.get("members", []) if m.get("test_scores")}
+        todo = [e for e in front if e.id in chosen and e.id not in known]
+        if todo:
+            self.log(f"test split: scoring {len(todo)} front member(s) (the knee and the best per objective)")
+        results: dict[int, dict[str, Any]] = {}
+        self.pool.run([(e.id, (e.recipe,), {"split": "test", "full": True}) for e in todo],
+                      lambda key, result: results.__setitem__(key, result))
+        tests = dict(known)
+        tests.update({k: r["evaluation"]["scores"] for k, r in results.items() if not r.get("error")})
+        history = self.run_dir.history()
+        self._write_pareto(front, history[-1]["generation"] if history else 0, tests)
+
+
+class _Progress:
+    """A progress bar per generation on stderr (tqdm), quiet when stderr is not a terminal."""
+
+    def __init__(self, total: int, done: int, generation: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=done, desc=f"generation {generation}", unit="cand",
+                        disable=not sys.stderr.isatty(), leave=False)
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _as_population(asked):
+    """MOEA/D asks for one individual at a time; everything downstream expects a population."""
+    from pymoo.core.individual import Individual
+    from pymoo.core.population import Population
+
+    if isinstance(asked, Individual):
+        return Population.create(asked)
+    return asked
+
+
+def _tokenizer(base: str):
+    from transformers import AutoTokenizer
+
+    from evomerge.pool import resolve
+
+    folder, gguf_file = resolve(base)
+    return AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))

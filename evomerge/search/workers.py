@@ -1,0 +1,280 @@
+"""Ray workers that keep a merge pool resident and evaluate many candidates each.
+
+A ``MergeWorker`` actor loads base and task vectors once (a ``Merger``) and builds its
+``Evaluator`` once; a candidate then costs one in-place materialization plus its evaluation.
+The ``WorkerPool`` hands candidates to idle actors, reports each result the moment it arrives
+(so the archive is written before anything else happens), and when an actor dies it starts a
+replacement and gives the candidate to another actor: nothing is lost, nothing runs twice to
+completion.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, Sequence
+
+from evomerge.errors import UserError
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Mirrors ``conf/runtime/*.yaml``."""
+
+    workers: int = 1
+    threads_per_worker: int = 1
+    address: str | None = None  # join an existing Ray cluster ("auto" or "host:port"); None: local Ray
+    device: str = "auto"  # auto: cuda when available (one GPU per worker), else cpu
+    dtype: str = "float32"
+    delta_dtype: str | None = None  # e.g. bfloat16 to halve the task vectors' memory
+    max_retries: int = 2  # per candidate, when its worker dies
+    memory_limit_gb: float | None = None  # refuse to start a worker whose memory plan exceeds this
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise UserError(f"runtime.workers={self.workers!r} must be an integer >= 1")
+        if not isinstance(self.threads_per_worker, int) or self.threads_per_worker < 1:
+            raise UserError(f"runtime.threads_per_worker={self.threads_per_worker!r} must be an integer >= 1")
+        if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
+            raise UserError(f"runtime.device={self.device!r} is not auto, cpu or cuda[:N]")
+        for key in ("dtype", "delta_dtype"):
+            value = getattr(self, key)
+            if value is not None and value not in _DTYPES:
+                raise UserError(f"runtime.{key}={value!r} is not one of {', '.join(_DTYPES)}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RuntimeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown runtime setting {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class WorkerSpec:
+    """All a worker needs to build itself; plain data, so Ray ships it to any node."""
+
+    base: str
+    experts: dict[str, str]
+    tasks: list[str]
+    include_path: str | None
+    fitness: dict[str, Any]
+    runtime: RuntimeConfig
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    estimator_state: dict[str, Any] | None = None
+    fault: dict[str, Any] = field(default_factory=dict)  # test hook: {"kill_on_call": N}
+
+
+class MergeWorker:
+    """One resident merge pool and evaluator; ``evaluate`` never raises for a bad candidate."""
+
+    def __init__(self, spec: WorkerSpec, name: str) -> None:
+        import torch
+
+        from evomerge.fitness import Evaluator, FitnessConfig
+        from evomerge.merge.engine import Merger
+        from evomerge.pool import ModelPool
+
+        torch.set_num_threads(spec.runtime.threads_per_worker)
+        self.name = name
+        self.spec = spec
+        device = spec.runtime.resolved_device()
+        dtype = getattr(torch, spec.runtime.dtype)
+        delta = getattr(torch, spec.runtime.delta_dtype) if spec.runtime.delta_dtype else None
+        pool = ModelPool(spec.base, spec.experts, allow_pickle=spec.allow_pickle,
+                         trust_remote_code=spec.trust_remote_code)
+        self.merger = Merger(pool, device=device, dtype=dtype, delta_dtype=delta)
+        if spec.runtime.memory_limit_gb is not None and \
+                self.merger.memory_plan().total > spec.runtime.memory_limit_gb * 2**30:
+            raise UserError(f"a worker needs {self.merger.memory_plan().summary()}, more than "
+                            f"runtime.memory_limit_gb={spec.runtime.memory_limit_gb}; lower "
+                            f"runtime.workers, set runtime.delta_dtype=bfloat16, or raise the limit")
+        self.evaluator = Evaluator(FitnessConfig.from_dict(spec.fitness), spec.tasks, pool.tokenizer,
+                                   include_path=spec.include_path, device=device)
+        if spec.estimator_state is not None:
+            self.evaluator.load_state(spec.estimator_state)
+        self.calls = 0
+        # Time inside the model's forward passes, so benchmarks can tell evaluation from overhead.
+        self.forward_seconds = 0.0
+        self.merger.model.register_forward_pre_hook(self._forward_starts)
+        self.merger.model.register_forward_hook(self._forward_ends)
+
+    def _forward_starts(self, module, args) -> None:
+        self._forward_started = time.perf_counter()
+
+    def _forward_ends(self, module, args, output) -> None:
+        self.forward_seconds += time.perf_counter() - self._forward_started
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.evaluator.load_state(state)
+
+    def evaluate(self, recipe: dict[str, Any], split: str = "validation", full: bool = False) -> dict[str, Any]:
+        """Merge ``recipe`` in place and score it; failures come back as ``error``, not raised."""
+        import torch
+
+        from evomerge.recipe import Recipe
+
+        candidate = split == "validation" and not full  # faults spare probes and test scoring
+        self.calls += candidate
+        if candidate and self.spec.fault.get("kill_on_call") == self.calls:
+            os._exit(1)  # a test simulates a worker lost mid-candidate
+        result: dict[str, Any] = {"worker": self.name, "merge_seconds": 0.0, "eval_seconds": 0.0}
+        started = time.perf_counter()
+        forward_before = self.forward_seconds
+        try:
+            model = self.merger.materialize(Recipe.from_dict(recipe))
+            if candidate and self.spec.fault.get("nan_weights"):
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
+            bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+            result["merge_seconds"] = time.perf_counter() - started
+            if bad is not None:
+                result["error"] = f"merged weights are not finite (first: {bad})"
+                return result
+            scored = time.perf_counter()
+            if candidate and self.spec.fault.get("eval_raises"):
+                raise RuntimeError("injected evaluation failure")
+            evaluation = self.evaluator.score(model, split=split, full=full)
+            result["eval_seconds"] = time.perf_counter() - scored
+            result["forward_seconds"] = self.forward_seconds - forward_before
+            result["evaluation"] = evaluation.to_dict()
+        except Exception as error:  # one candidate's failure costs that candidate, not the run
+            result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return result
+
+
+Job = tuple[Any, tuple, dict]  # (key, args, kwargs) for MergeWorker.evaluate
+
+
+class WorkerPool:
+    """A fixed number of ``MergeWorker`` actors on local Ray or a cluster joined by address."""
+
+    def __init__(self, spec: WorkerSpec, log: Callable[[str], None] = print) -> None:
+        import ray
+
+        self.spec = spec
+        self.log = log
+        runtime = spec.runtime
+        if not ray.is_initialized():
+            if runtime.address:
+                _check_reachable(runtime.address)
+                try:
+                    ray.init(address=runtime.address, log_to_driver=False)
+                except (ConnectionError, RuntimeError) as error:
+                    raise UserError(f"cannot join the Ray cluster at runtime.address={runtime.address}: "
+                                    f"{str(error).strip().splitlines()[-1]}; is `ray start --head` running "
+                                    f"there (with the same RAY_AUTH_MODE / token)?") from None
+            else:  # "local": a fresh instance, never a stray cluster this machine happens to run
+                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, runtime.workers * runtime.threads_per_worker),
+                         include_dashboard=False, log_to_driver=False)
+        gpu = runtime.resolved_device().startswith("cuda")
+        self._actor_class = ray.remote(num_cpus=runtime.threads_per_worker, num_gpus=1 if gpu else 0)(MergeWorker)
+        self._serial = 0
+        self.actors = [self._start() for _ in range(runtime.workers)]
+        try:
+            ray.get([actor.__ray_ready__.remote() for actor, _ in self.actors])
+        except ray.exceptions.RayActorError as error:
+            self.shutdown()
+            raise UserError(_first_user_error(error) or f"a merge worker failed to start: "
+                            f"{str(error).strip().splitlines()[-1]}") from None
+
+    def _start(self):
+        name = f"w{self._serial}"
+        self._serial += 1
+        spec = self.spec
+        if spec.fault and spec.fault.get("first_worker_only") and name != "w0":
+            spec = WorkerSpec(**{**spec.__dict__, "fault": {}})
+        return self._actor_class.remote(spec, name), name
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        import ray
+
+        self.spec.estimator_state = state
+        ray.get([actor.load_state.remote(state) for actor, _ in self.actors])
+
+    def run(self, jobs: Sequence[Job], on_result: Callable[[Any, dict[str, Any]], None]) -> None:
+        """Evaluate every job; ``on_result(key, result)`` runs in the driver as each one finishes.
+
+        A job whose actor dies goes back to the queue (up to ``max_retries`` times, then it is
+        reported as an error) and the actor is replaced, so the pool keeps its size."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        queue = deque((key, args, kwargs, 0) for key, args, kwargs in jobs)
+        idle = deque(range(len(self.actors)))
+        running: dict[Any, tuple[int, tuple]] = {}
+        while queue or running:
+            while queue and idle:
+                slot = idle.popleft()
+                key, args, kwargs, attempts = job = queue.popleft()
+                actor, _ = self.actors[slot]
+                running[actor.evaluate.remote(*args, **kwargs)] = (slot, job)
+            done, _ = ray.wait(list(running), num_returns=1)
+            ref = done[0]
+            slot, (key, args, kwargs, attempts) = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError as error:
+                lost = self.actors[slot][1]
+                self.actors[slot] = self._start()
+                self.log(f"worker {lost} died ({type(error).__name__}); started "
+                         f"{self.actors[slot][1]} and retrying its candidate")
+                if attempts + 1 > self.spec.runtime.max_retries:
+                    on_result(key, {"worker": lost, "merge_seconds": 0.0, "eval_seconds": 0.0,
+                                    "error": f"worker died {attempts + 1} times on this candidate"})
+                else:
+                    queue.appendleft((key, args, kwargs, attempts + 1))
+                idle.append(slot)
+                continue
+            idle.append(slot)
+            on_result(key, result)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor, _ in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a wrong address: Ray itself retries an unreachable GCS for minutes."""
+    import socket
+
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot join the Ray cluster at runtime.address={address}: {error}; start one "
+                        f"there with `ray start --head --port=PORT` or fix the address") from None
+
+
+def _first_user_error(error: Exception) -> str | None:
+    """The UserError message a worker's constructor raised, if that is why it died."""
+    for line in str(error).splitlines():
+        if "UserError: " in line:
+            return line.split("UserError: ", 1)[1].strip()
+    return None
+
+
+def worst_objectives(objectives: Sequence[Any]) -> dict[str, float]:
+    """What a failed candidate scores: every objective at its reference (its worst) value."""
+    return {o.name: float(o.reference) if math.isfinite(o.reference) else
+            (-math.inf if o.direction == "max" else math.inf) for o in objectives}

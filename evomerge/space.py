@@ -1,0 +1,261 @@
+"""The search space: which numbers a genome holds and how they become a ``Recipe``.
+
+A genome holds, per layer group and expert, a weight (and a density when some allowed method
+sparsifies), and per group a categorical gene choosing the merge method when more than one is
+allowed: mergekit-evolve fixes one method per run, evomerge lets evolution pick per group.
+Genes are declared as pymoo variables (``Real``, ``Choice``) so algorithms handle the mixed
+space their own way (pymoo's mixed-variable sampling, mating and duplicate elimination) instead
+of rounding scattered through our code. A genome is a ``dict`` gene name -> value, the form
+pymoo's mixed-variable algorithms ask and tell; real-only algorithms (CMA-ES, DE) see the same
+genes as a vector in ``names`` order.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from evomerge.errors import UserError
+from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
+
+Genome = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """Mirrors ``conf/space/*.yaml``."""
+
+    granularity: int = 1  # layers per group; 0 = one group for all layers
+    split_components: bool = False  # separate genes for attention and MLP tensors
+    methods: tuple[str, ...] = ("task_arithmetic",)  # more than one adds a method gene per group
+    weight: tuple[float, float] = (0.0, 1.0)
+    density: tuple[float, float] = (0.1, 1.0)
+    initial: tuple[Any, ...] = ()  # known recipes for the first population (see ``initial_recipes``)
+
+    def __post_init__(self) -> None:
+        from evomerge.merge.methods import METHODS
+
+        if not isinstance(self.granularity, int) or self.granularity < 0:
+            raise UserError(f"space.granularity={self.granularity!r} must be an integer >= 0 "
+                            f"(layers per group; 0 = one global group)")
+        if not self.methods:
+            raise UserError("space.methods is empty; name at least one merge method")
+        usable = sorted(n for n, s in METHODS.items() if "weight" in s.per_expert_params)
+        for name in self.methods:
+            if name not in usable:
+                raise UserError(f"space.methods names {name!r}, which is not a merge method the "
+                                f"search can weight; valid: {', '.join(usable)}")
+        for key, (low, high), limit in (("weight", self.weight, None), ("density", self.density, (0.0, 1.0))):
+            if not low < high:
+                raise UserError(f"space.{key} bounds [{low}, {high}] are inverted or empty; need low < high")
+            if limit and not (limit[0] <= low and high <= limit[1]):
+                raise UserError(f"space.{key} bounds [{low}, {high}] leave the valid range "
+                                f"[{limit[0]}, {limit[1]}]")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SpaceConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown space setting {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+        values = dict(data)
+        for key in ("methods", "initial"):
+            if key in values:
+                values[key] = tuple(values[key])
+        for key in ("weight", "density"):
+            if key in values:
+                bounds = values[key]
+                if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+                    raise UserError(f"space.{key}={bounds!r} must be [low, high]")
+                values[key] = (float(bounds[0]), float(bounds[1]))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class _Group:
+    key: str  # gene prefix
+    start: int
+    end: int
+    component: str  # recipe component: 'all', 'attn', or 'outside'
+
+
+@dataclass
+class SearchSpace:
+    config: SpaceConfig
+    base: str
+    experts: tuple[str, ...]
+    num_layers: int
+    expert_refs: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from evomerge.merge.methods import METHODS
+
+        self.experts = tuple(self.experts)
+        self._sparse = any("density" in METHODS[m].per_expert_params for m in self.config.methods)
+        size = self.config.granularity or self.num_layers
+        spans = [(s, min(s + size, self.num_layers)) for s in range(0, self.num_layers, size)]
+        groups = [_Group("out", 0, 0, "outside")]
+        for start, end in spans:
+            key = f"L{start}-{end - 1}"
+            if self.config.split_components:
+                # Norms follow the MLP genes; attention tensors get their own.
+                groups += [_Group(f"{key}.mlp", start, end, "all"), _Group(f"{key}.attn", start, end, "attn")]
+            else:
+                groups.append(_Group(key, start, end, "all"))
+        self._groups = groups
+
+    # --- genes -------------------------------------------------------------------------------
+    @property
+    def mixed(self) -> bool:
+        return len(self.config.methods) > 1
+
+    @property
+    def names(self) -> list[str]:
+        names: list[str] = []
+        for group in self._groups:
+            if self.mixed:
+                names.append(f"{group.key}.method")
+            for expert in self.experts:
+                names.append(f"{group.key}.{expert}.weight")
+                if self._sparse:
+                    names.append(f"{group.key}.{expert}.density")
+        return names
+
+    def _bounds(self, name: str) -> tuple[float, float]:
+        return self.config.density if name.endswith(".density") else self.config.weight
+
+    def pymoo_vars(self) -> dict[str, Any]:
+        """The genes as pymoo variables, for mixed-variable problems."""
+        from pymoo.core.variable import Choice, Real
+
+        return {name: Choice(options=list(self.config.methods)) if name.endswith(".method")
+                else Real(bounds=self._bounds(name)) for name in self.names}
+
+    def bounds(self) -> tuple[list[float], list[float]]:
+        """Lower and upper bounds of a real-only space, in ``names`` order."""
+        if self.mixed:
+            raise UserError(f"this algorithm needs real-valued genes, but space.methods="
+                            f"{list(self.config.methods)} adds a categorical method gene; "
+                            f"use one method or a mixed-variable algorithm (ga, nsga2, ...)")
+        pairs = [self._bounds(n) for n in self.names]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def as_genome(self, x: Mapping[str, Any] | Sequence[float]) -> Genome:
+        """A genome as a dict, from a dict (pymoo mixed variables) or a vector in ``names`` order."""
+        if isinstance(x, Mapping):
+            genome = {name: x[name] for name in self.names}
+        else:
+            values = list(x)
+            if len(values) != len(self.names):
+                raise ValueError(f"genome has {len(values)} values, the space {len(self.names)} genes")
+            genome = dict(zip(self.names, values))
+        return {k: v if k.endswith(".method") else float(v) for k, v in genome.items()}
+
+    def vector(self, genome: Mapping[str, Any]) -> list[float]:
+        return [float(v) for k, v in self.as_genome(genome).items() if not k.endswith(".method")]
+
+    def random(self, rng: random.Random) -> Genome:
+        return {name: rng.choice(self.config.methods) if name.endswith(".method")
+                else rng.uniform(*self._bounds(name)) for name in self.names}
+
+    # --- decode / encode --------------------------------------------------------------------
+    def _config(self, genome: Genome, group: _Group) -> MethodConfig:
+        from evomerge.merge.methods import METHODS
+
+        method = genome[f"{group.key}.method"] if self.mixed else self.config.methods[0]
+        uses_density = "density" in METHODS[method].per_expert_params
+        # A gene the method ignores is pinned, so genomes that merge alike hash alike.
+        experts = {e: ExpertParams(weight=genome[f"{group.key}.{e}.weight"],
+                                   density=genome[f"{group.key}.{e}.density"] if uses_density else 1.0)
+                   for e in self.experts}
+        return MethodConfig(method, experts)
+
+    def decode(self, x: Mapping[str, Any] | Sequence[float]) -> Recipe:
+        genome = self.as_genome(x)
+        outside = self._config(genome, self._groups[0])
+        groups = tuple(LayerGroup(g.start, g.end, g.component, self._config(genome, g)) for g in self._groups[1:])
+        return Recipe(self.base, self.experts, self.num_layers, groups, outside, expert_refs=self.expert_refs)
+
+    def encode(self, recipe: Recipe) -> Genome:
+        """The genome closest to ``recipe``: each group takes the recipe's config at its first
+        layer; values are clipped to the bounds (a recipe may lie outside the space)."""
+        if tuple(recipe.experts) != self.experts:
+            raise UserError(f"recipe merges experts {list(recipe.experts)}, the search space "
+                            f"{list(self.experts)}")
+        genome: Genome = {}
+        for group in self._groups:
+            config = (recipe.outside if group.component == "outside"
+                      else recipe.config_for(group.start, "mlp" if group.component == "all" else "attn"))
+            if self.mixed:
+                genome[f"{group.key}.method"] = config.method
+            elif config.method != self.config.methods[0]:
+                raise UserError(f"recipe uses method {config.method!r}; the search space allows "
+                                f"{list(self.config.methods)}")
+            if config.method not in self.config.methods:
+                raise UserError(f"recipe uses method {config.method!r}; the search space allows "
+                                f"{list(self.config.methods)}")
+            for e in self.experts:
+                params = config.experts.get(e, ExpertParams(weight=0.0))
+                genome[f"{group.key}.{e}.weight"] = _clip(params.weight, self.config.weight)
+                if self._sparse:
+                    genome[f"{group.key}.{e}.density"] = _clip(params.density, self.config.density)
+        return genome
+
+    def initial_recipes(self) -> list[Recipe]:
+        """Known recipes for the first population, from ``space.initial`` entries: a mapping
+        ``{method: ties, weight: 0.5, density: 0.5}`` (uniform over experts and layers) or the
+        path of a mergekit YAML or an evomerge recipe YAML."""
+        recipes = []
+        for entry in self.config.initial:
+            if isinstance(entry, Mapping):
+                recipes.append(self._uniform(entry))
+            elif isinstance(entry, str):
+                recipes.append(self._read(entry))
+            else:
+                raise UserError(f"space.initial entry {entry!r} is neither a mapping like "
+                                f"{{method: ties, weight: 0.5, density: 0.5}} nor a recipe file path")
+        return recipes
+
+    def _uniform(self, entry: Mapping[str, Any]) -> Recipe:
+        allowed = {"method", "weight", "density"}
+        unknown = sorted(set(entry) - allowed)
+        if unknown:
+            raise UserError(f"space.initial entry key {unknown[0]!r} is unknown; valid: {', '.join(sorted(allowed))}")
+        method = entry.get("method", self.config.methods[0])
+        if method not in self.config.methods:
+            raise UserError(f"space.initial method {method!r} is not in space.methods {list(self.config.methods)}")
+        params = ExpertParams(weight=float(entry.get("weight", 1.0)), density=float(entry.get("density", 1.0)))
+        config = MethodConfig(method, {e: params for e in self.experts})
+        return Recipe.uniform(self.base, self.experts, self.num_layers, config, expert_refs=self.expert_refs)
+
+    def _read(self, path: str) -> Recipe:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"space.initial recipe file {path} does not exist")
+        text = file.read_text()
+        import yaml
+
+        data = yaml.safe_load(text)
+        if isinstance(data, Mapping) and "merge_method" in data:
+            refs = {name: ref for name, ref in (self.expert_refs or {e: e for e in self.experts}).items()}
+            recipe = Recipe.from_mergekit(data, num_layers=self.num_layers)
+            # mergekit names experts by path: map them onto the space's expert names.
+            by_ref = {ref: name for name, ref in {e: refs.get(e, e) for e in self.experts}.items()}
+            rename = {old: by_ref.get(recipe.expert_refs.get(old, old), old) for old in recipe.experts}
+            return Recipe.from_dict(_renamed(recipe.to_dict(), rename))
+        return Recipe.from_yaml(text)
+
+
+def _clip(value: float, bounds: tuple[float, float]) -> float:
+    return min(max(float(value), bounds[0]), bounds[1])
+
+
+def _renamed(data: dict[str, Any], rename: Mapping[str, str]) -> dict[str, Any]:
+    def config(c: dict[str, Any]) -> dict[str, Any]:
+        return {**c, "experts": {rename.get(k, k): v for k, v in c["experts"].items()}}
+
+    return {**data, "experts": [rename.get(e, e) for e in data["experts"]], "expert_refs": {},
+            "outside": config(data["outside"]),
+            "groups": [{**g, "config": config(g["config"])} for g in data["groups"]]}

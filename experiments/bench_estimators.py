@@ -1,0 +1,196 @@
+"""Do cheap fitness estimates rank merge candidates the way a full evaluation does?
+
+On a built zoo, random layer-wise task-arithmetic recipes are each scored once on the whole
+validation split of every skill's generate-until task (the cross-skill probe task is left out:
+no model in the zoo solves it, so it ranks nothing). Then, for each estimator and item budget,
+the estimator picks its items, estimates every recipe's per-task score from the cached per-item
+results, and the estimates are compared with the full scores: Spearman rank correlation (per
+task over recipes, then averaged over tasks; and of the mean over tasks), mean absolute error in
+points, and the cost ratio (items run / items in the split). Anchors and IRT are fitted on a
+probe population built the way a search builds it (base, experts, a few random merges from a
+different seed), never on the recipes they are judged on. Random subsets and anchor choices
+depend on the seed, so every number is a mean over ``--repeats`` seeds.
+
+Per-item results are cached in ``$EVOMERGE_CACHE/bench_estimators/<zoo>.jsonl`` keyed by recipe
+hash, so a rerun (or a larger ``--recipes``) only scores what is missing.
+
+    python experiments/bench_estimators.py --quick        # 8 recipes, 2 probe merges
+    python experiments/bench_estimators.py                # 100 recipes (about 75 min on 2 loaded cores)
+    python experiments/bench_estimators.py --zoo ~/.cache/evomerge/zoo/smollm2-c69aec97bfdd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from evomerge.fitness import Evaluation, Evaluator, FitnessConfig
+from evomerge.fitness.estimators import make_estimator
+from evomerge.merge.engine import Merger
+from evomerge.pool import ModelPool
+from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
+from evomerge.zoo.build import cache_dir
+from evomerge.zoo.card import task_arithmetic
+
+ESTIMATORS = ("random", "anchors", "irt")
+GROUP_LAYERS = 5  # layers per recipe group: 6 groups on SmolLM2's 30 layers
+
+
+def random_recipe(rng: random.Random, experts: list[str], num_layers: int) -> Recipe:
+    """Task arithmetic with a weight per expert per group of ``GROUP_LAYERS`` layers.
+
+    Each expert gets a level c ~ U(0, 1)^3 and each group a weight c * U(0.6, 1.4) (clipped to
+    [0, 1]): usually one or two experts dominate. Uniform weights in [0, 1] would not do: on the
+    zoo, total weight above ~1.5 wrecks every skill and almost all such recipes score 0, which
+    ranks nothing."""
+    level = {e: rng.random() ** 3 for e in experts}
+
+    def config() -> MethodConfig:
+        return MethodConfig("task_arithmetic", {e: ExpertParams(weight=min(1.0, level[e] * rng.uniform(0.6, 1.4)))
+                                                for e in experts})
+
+    groups = tuple(LayerGroup(s, min(num_layers, s + GROUP_LAYERS), "all", config())
+                   for s in range(0, num_layers, GROUP_LAYERS))
+    return Recipe("base", tuple(experts), num_layers, groups, config())
+
+
+def zoo_layout(root: Path) -> tuple[list[str], Path]:
+    """Skills and task folder of a built zoo, read from its folder (any zoo format)."""
+    config = json.loads((root / "config.json").read_text())
+    if not (root / "card.json").exists():
+        sys.exit(f"{root} is not a finished zoo (no card.json); build it with 'evomerge zoo build'")
+    return list(config["skills"]), root / "tasks"
+
+
+def load_cache(path: Path) -> dict[str, Evaluation]:
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["hash"]: Evaluation.from_dict(row["evaluation"]) for row in rows}
+
+
+def score_all(recipes: dict[str, Recipe], merger: Merger, evaluator: Evaluator, cache_path: Path) -> dict[str, Evaluation]:
+    cached = load_cache(cache_path)
+    missing = [label for label, r in recipes.items() if r.hash not in cached]
+    started = time.perf_counter()
+    with open(cache_path, "a") as out:
+        for done, label in enumerate(missing, 1):
+            evaluation = evaluator.score(merger.materialize(recipes[label]), full=True)
+            cached[recipes[label].hash] = evaluation
+            out.write(json.dumps({"hash": recipes[label].hash, "label": label,
+                                  "evaluation": evaluation.to_dict()}) + "\n")
+            out.flush()
+            eta = (time.perf_counter() - started) / done * (len(missing) - done)
+            print(f"  scored {label}: " + " ".join(f"{v:.2f}" for v in evaluation.scores.values())
+                  + f"  ({evaluation.seconds:.0f} s, {done}/{len(missing)}, ~{eta / 60:.0f} min left)",
+                  file=sys.stderr, flush=True)
+    return {label: cached[r.hash] for label, r in recipes.items()}
+
+
+def matrix(evaluations: list[Evaluation], task: str) -> np.ndarray:
+    rows = []
+    for e in evaluations:
+        row = np.empty(len(e.items[task]["ids"]))
+        row[e.items[task]["ids"]] = e.items[task]["correct"]
+        rows.append(row)
+    return np.array(rows)
+
+
+def assess(name: str, budget: int, seed: int, probes: dict[str, np.ndarray],
+           recipes: dict[str, np.ndarray]) -> dict[str, float]:
+    """One estimator at one budget and seed against the full scores of the recipes."""
+    estimator = make_estimator(name, budget, seed)
+    estimator.fit(probes)
+    tasks = list(recipes)
+    estimate = {t: [] for t in tasks}
+    cost = 0
+    for task in tasks:
+        y = recipes[task]
+        ids = estimator.select(task, y.shape[1])
+        cost += len(ids)
+        estimate[task] = np.array([estimator.estimate(task, ids, row[ids]) for row in y])
+    truth = {t: recipes[t].mean(1) for t in tasks}
+    rhos = [spearmanr(estimate[t], truth[t])[0] for t in tasks if np.ptp(truth[t]) > 0]
+    mean_est = np.mean([estimate[t] for t in tasks], axis=0)
+    mean_true = np.mean([truth[t] for t in tasks], axis=0)
+    return {
+        "cost": cost / sum(recipes[t].shape[1] for t in tasks),
+        "rho_task": float(np.nanmean(rhos)) if rhos else float("nan"),
+        "rho_mean": float(spearmanr(mean_est, mean_true)[0]),
+        "mae_task": 100 * float(np.mean([np.abs(estimate[t] - truth[t]).mean() for t in tasks])),
+        "mae_mean": 100 * float(np.abs(mean_est - mean_true).mean()),
+    }
+
+
+def table(rows: list[tuple[str, int, dict[str, float]]]) -> str:
+    lines = ["| estimator | items/task | cost | ρ per task | ρ of mean | MAE per task (pts) | MAE of mean (pts) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, budget, r in rows:
+        lines.append(f"| {name} | {budget} | {r['cost']:.2f} | {r['rho_task']:.3f} | {r['rho_mean']:.3f} "
+                     f"| {r['mae_task']:.2f} | {r['mae_mean']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", type=Path, help="a built zoo folder (default: the configured zoo)")
+    parser.add_argument("--recipes", type=int, default=100, help="random recipes to judge on (default 100)")
+    parser.add_argument("--probe-merges", type=int, default=4, help="random merges in the probe population")
+    parser.add_argument("--budgets", default="10,25,50", help="items per task, comma-separated")
+    parser.add_argument("--repeats", type=int, default=5, help="estimator seeds averaged per number")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="8 recipes and 2 probe merges: shows it works")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.recipes, args.probe_merges = 8, 2
+    if args.zoo is None:
+        from evomerge.config import zoo_config
+        from evomerge.zoo.build import Zoo
+
+        args.zoo = Zoo.at(zoo_config()).root
+    root = args.zoo.expanduser()
+    skills, task_dir = zoo_layout(root)
+    tasks = [f"zoo_{s}" for s in skills]
+    pool = ModelPool(str(root / "models" / "base"), {s: str(root / "models" / s) for s in skills})
+    merger = Merger(pool)
+    evaluator = Evaluator(FitnessConfig(estimator="full", batch_size=args.batch_size), tasks, merger.tokenizer,
+                          include_path=str(task_dir))
+    probe_recipes = {"base": task_arithmetic(merger.experts, merger.num_layers, {})}
+    probe_recipes |= {f"expert {s}": task_arithmetic(merger.experts, merger.num_layers, {s: 1.0}) for s in skills}
+    rng = random.Random(10_000)  # probes' merges come from their own stream, never the judged recipes'
+    probe_recipes |= {f"probe merge {i}": random_recipe(rng, merger.experts, merger.num_layers)
+                      for i in range(args.probe_merges)}
+    rng = random.Random(0)
+    judged = {f"recipe {i}": random_recipe(rng, merger.experts, merger.num_layers) for i in range(args.recipes)}
+    cache_path = cache_dir() / "bench_estimators" / f"{root.name}.jsonl"
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"zoo {root.name}: tasks {', '.join(tasks)}; {len(probe_recipes)} probes, {len(judged)} recipes; "
+          f"cache {cache_path}", file=sys.stderr, flush=True)
+    scored = score_all(probe_recipes | judged, merger, evaluator, cache_path)
+    probes = {t: matrix([scored[k] for k in probe_recipes], t) for t in tasks}
+    recipes = {t: matrix([scored[k] for k in judged], t) for t in tasks}
+    full_items = sum(recipes[t].shape[1] for t in tasks)
+    seconds = np.mean([scored[k].seconds for k in judged])
+    print(f"\nzoo `{root.name}`, {len(judged)} random recipes, probes: base + {len(skills)} experts + "
+          f"{args.probe_merges} random merges; full validation = {full_items} items, {seconds:.0f} s per recipe "
+          f"on this machine. Mean of {args.repeats} estimator seeds.")
+    spread = ", ".join(f"{t} {recipes[t].mean(1).min():.2f}–{recipes[t].mean(1).max():.2f}" for t in tasks)
+    print(f"Full-score range over the recipes: {spread}.\n")
+    rows = []
+    for name in ESTIMATORS:
+        for budget in (int(b) for b in args.budgets.split(",")):
+            runs = [assess(name, budget, seed, probes, recipes) for seed in range(args.repeats)]
+            rows.append((name, budget, {k: float(np.nanmean([r[k] for r in runs])) for k in runs[0]}))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,556 @@
+"""Does evolutionary search beat hand-tuned merges? Every searcher on the zoo, held-out numbers.
+
+One command reproduces ``results.md`` (tables generated, never typed) and the plots beside it:
+
+    python experiments/zoo_pareto/run.py                  # 3 seeds, 72 candidates per search
+    python experiments/zoo_pareto/run.py --quick          # 1 seed, 8 candidates: does it all run?
+    python experiments/zoo_pareto/run.py --quick --zoo pico --workers 1 --out /tmp/zp   # plumbing
+    python experiments/zoo_pareto/table.py                # re-render results.md from results.json
+
+The default size (3 seeds x 4 searches x 72 candidates, anchor estimates on 10 items per task,
+2 re-scored and 3 + 1 test-scored per run) is meant to fit about 2 hours on 2 idle CPU cores: an
+estimate from full-split evaluations of the zoo measured elsewhere (about 25-35 s per validation
+pass unloaded), not a measurement of this script; results.md states the time a run really took.
+``--budget 150`` (the issue's lower range) would take about 3 hours.
+
+Searchers, all on the same zoo and tasks (the zoo config's skill tasks; its probe tasks are only
+scored, never optimized):
+
+1. ``base`` and each expert alone;
+2. ``grid:task_arithmetic`` (one weight for every expert, 0.1 .. 1.0) and ``grid:ties`` (weight x
+   density, ``normalize: false``: with mergekit's default ``normalize: true`` a uniform weight
+   cancels out and a weight grid would change nothing), every point scored on the full
+   validation split: what a practitioner tunes by hand;
+3-6. four evomerge searches with the same candidate budget, each through the search API
+   (``evomerge.search.loop.start`` / ``resume``) into ``runs/<zoo>/<settings>/<searcher>-s<seed>/``:
+   ``random`` (random search, ``algorithm=random``, over the same layer-wise genome with method
+   gene that NSGA-II searches, so the hypervolume comparison isolates the algorithm),
+   ``cmaes`` (one global weight per expert, mean accuracy: the mergekit-evolve setting; it starts
+   its mean at uniform task arithmetic 0.3, the known recipe the others' first population holds),
+   ``ga`` (layer-wise task-arithmetic genes, mean accuracy) and ``nsga2`` (layer-wise genes with the
+   method gene, one objective per task).
+
+How a searcher's numbers are measured (the same rule for all):
+
+* The search ranks candidates with the anchor-point estimator (``--items`` items per task, a
+  tenth of the zoo's validation split by default). Estimates are noisy, so the ``--rescore`` best
+  candidates by estimated mean accuracy are re-scored on the FULL validation split and the pick is
+  the best of those: the best-on-validation pick. Grid baselines are scored on the full validation
+  split throughout and their pick is simply the best.
+* The pick is scored on the full TEST split, on the skill tasks and the cross-skill probe (the
+  probe is scored on test only: it never informs a choice).
+* Test-set front: the searcher's validation front (non-dominated on per-task validation scores,
+  estimated for searches, full for grids), capped at the ``--front-cap`` members with the best
+  mean, plus the pick, scored on test; its hypervolume is over the skill tasks' test accuracy
+  with reference 0 (evomerge's ``hypervolume``). Single-objective searches get the same treatment:
+  their archive holds every candidate's per-task scores.
+* All searches share one probe population (base, experts and 4 random layer-wise merges, scored
+  once on the full validation split), so every searcher's estimator is fitted on the same data
+  and the runs do not re-measure it. The searches' own held-out scoring of knee and best members
+  is skipped: the experiment scores its own, larger set on test.
+
+Everything is resumable and cached: a finished search is skipped, an interrupted one resumed,
+and full-split scores are kept by recipe hash in ``runs/<zoo>/scores.json``. Wall times are
+measured and summed over the invocations that built the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+from unittest import mock
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import table  # noqa: E402  (experiments/zoo_pareto/table.py renders results.json)
+
+# name -> (what it is, its overrides of evomerge's search config, candidates in its first
+# generation: None = a population like every later one)
+SEARCHERS: dict[str, tuple[str, list[str], int | None]] = {
+    "random": ("random search, layer-wise genes + method gene, per-task objectives",
+               ["space=methods", "algorithm=random"], None),
+    # CMA-ES starts its mean at the first known recipe and asks only that one in generation 0
+    # (without one, pymoo would spend 20 samples choosing a start).
+    "cmaes": ("CMA-ES from uniform task arithmetic 0.3, one global weight per expert, mean accuracy",
+              ["space=global", "algorithm=cmaes", "fitness.objectives=[mean]",
+               "space.initial=[{method:task_arithmetic,weight:0.3}]"], 1),
+    "ga": ("evomerge GA, layer-wise task-arithmetic genes, mean accuracy",
+           ["space=layerwise", "algorithm=ga", "fitness.objectives=[mean]"], None),
+    "nsga2": ("evomerge NSGA-II, layer-wise genes + method gene, per-task objectives",
+              ["space=methods", "algorithm=nsga2"], None),
+}
+EVOMERGE = ("ga", "nsga2")  # the searchers the targets speak of
+PROBE_MERGES = 4
+GRIDS = {  # full: what the table uses; quick: enough to see it run
+    "full": {"task_arithmetic": [round(0.1 * i, 1) for i in range(1, 11)],
+             "ties_weight": [0.3, 0.6, 1.0], "ties_density": [0.2, 0.5, 0.8]},
+    "quick": {"task_arithmetic": [0.3, 0.6], "ties_weight": [0.5], "ties_density": [0.5]},
+}
+
+Log = Callable[[str], None]
+
+
+def log(message: str) -> None:
+    print(f"[zoo_pareto {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- small helpers ----------------------------------------------------------------------------------
+
+
+def write_json(path: Path, data: Any) -> None:
+    from evomerge.run import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def mean_of(scores: Mapping[str, float], tasks: Sequence[str]) -> float:
+    return sum(float(scores[t]) for t in tasks) / len(tasks)
+
+
+def hv(tasks: Sequence[str], rows: Iterable[Mapping[str, float]]) -> float:
+    from evomerge.fitness.objectives import Objective, hypervolume
+
+    return hypervolume([Objective(t, "max", 0.0) for t in tasks], [{t: r[t] for t in tasks} for r in rows])
+
+
+def non_dominated(rows: Sequence[Mapping[str, float]], tasks: Sequence[str]) -> list[int]:
+    """Indices of rows no other row dominates (every task at least as good, one better)."""
+    keep = []
+    for i, a in enumerate(rows):
+        if not any(all(b[t] >= a[t] for t in tasks) and any(b[t] > a[t] for t in tasks)
+                   for j, b in enumerate(rows) if j != i):
+            keep.append(i)
+    return keep
+
+
+# --- full-split scoring, cached by recipe hash --------------------------------------------------------
+
+
+class Scorer:
+    """Scores recipes on a whole split with evomerge's Ray workers: validation on the optimized
+    tasks, test on those and the probe tasks (a probe never informs a choice). Every result is kept
+    in ``scores.json`` by recipe hash, so nothing is scored twice, across runs and invocations."""
+
+    def __init__(self, settings, tasks: Mapping[str, Sequence[str]], cache: Path, log: Log) -> None:
+        self.settings, self.tasks, self.path, self.log = settings, dict(tasks), cache, log
+        self.cache: dict[str, dict[str, Any]] = read_json(cache, {})
+        self.pool, self.pool_split = None, None
+        self.used: set[tuple[str, str]] = set()  # (hash, split) the table relies on
+
+    def _pool(self, split: str):
+        if self.pool_split != split:  # one pool at a time: the workers take every core
+            self.close()
+            from evomerge.fitness import FitnessConfig
+            from evomerge.search.workers import WorkerPool, WorkerSpec
+
+            s = self.settings
+            fitness = FitnessConfig.from_dict({**s.fitness, "estimator": "full", "objectives": ["tasks"]})
+            spec = WorkerSpec(s.base, dict(s.experts), list(self.tasks[split]), s.include_path, fitness.to_dict(),
+                              s.runtime, s.allow_pickle, s.trust_remote_code)
+            self.pool, self.pool_split = WorkerPool(spec, log=self.log), split
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        self.pool, self.pool_split = None, None
+
+    def get(self, recipe_hash: str, split: str) -> dict[str, float] | None:
+        return (self.cache.get(recipe_hash) or {}).get(split)
+
+    def worker_seconds(self) -> dict[str, float]:
+        """Worker seconds (merge + evaluation) behind the scores used, per split, whichever
+        invocation measured them."""
+        out = {"validation": 0.0, "test": 0.0}
+        for h, split in self.used:
+            out[split] += (self.cache.get(h) or {}).get(f"{split}_seconds", 0.0)
+        return out
+
+    def score(self, recipes: Mapping[str, dict], split: str, *, items: bool = False) -> dict[str, Any]:
+        """``{hash: scores}`` for ``recipes`` (hash -> recipe dict) on ``split``; a recipe whose merge
+        or evaluation fails gets None. With ``items`` the full evaluations come back (not cached)."""
+        self.used.update((h, split) for h in recipes)
+        todo = {h: r for h, r in recipes.items() if items or split not in self.cache.get(h, {})}
+        out: dict[str, Any] = {}
+        if todo:
+            self.log(f"scoring {len(todo)} recipe(s) on the full {split} split")
+
+            def done(key: str, result: dict[str, Any]) -> None:
+                entry = self.cache.setdefault(key, {})
+                if result.get("error"):
+                    self.log(f"recipe {key} failed on {split}: {result['error']}")
+                    entry[split], entry[f"{split}_error"] = None, result["error"]
+                else:
+                    entry[split] = result["evaluation"]["scores"]
+                    if items:
+                        out[key] = result["evaluation"]
+                entry[f"{split}_seconds"] = result.get("merge_seconds", 0.0) + result.get("eval_seconds", 0.0)
+                write_json(self.path, self.cache)  # a crash loses at most the evaluations running
+
+            self._pool(split).run([(h, (r,), {"split": split, "full": True}) for h, r in todo.items()], done)
+        if items:
+            return out
+        return {h: self.get(h, split) for h in recipes}
+
+
+# --- baselines: parents, grids and the shared probe population ------------------------------------
+
+
+def uniform(settings, method: str, weights: Mapping[str, float], density: float = 1.0, **extra):
+    from evomerge.recipe import ExpertParams, MethodConfig, Recipe
+
+    experts = tuple(settings.experts)
+    config = MethodConfig(method, {e: ExpertParams(weight=weights[e], density=density) for e in experts}, **extra)
+    return Recipe.uniform(settings.base, experts, settings.num_layers, config, expert_refs=dict(settings.experts))
+
+
+def parents(settings) -> dict[str, Any]:
+    """The base and each expert alone, as recipes (task arithmetic with weights 0 / 1)."""
+    experts = tuple(settings.experts)
+    only = lambda chosen: uniform(settings, "task_arithmetic", {e: float(e == chosen) for e in experts})  # noqa: E731
+    return {"base": only(None), **{f"expert:{e}": only(e) for e in experts}}
+
+
+def grids(settings, which: str) -> dict[str, dict[str, Any]]:
+    grid = GRIDS[which]
+    every = lambda w: {e: w for e in settings.experts}  # noqa: E731
+    return {
+        "grid:task_arithmetic": {f"weight {w:g}": uniform(settings, "task_arithmetic", every(w))
+                                 for w in grid["task_arithmetic"]},
+        "grid:ties": {f"weight {w:g} density {d:g}": uniform(settings, "ties", every(w), d, normalize=False)
+                      for w in grid["ties_weight"] for d in grid["ties_density"]},
+    }
+
+
+def probe_population(settings, scorer: Scorer, path: Path, log: Log) -> None:
+    """The probes every search's estimator is fitted on, measured once and written in the format
+    evomerge search writes to a run folder's probes.json (a search that finds one reuses it):
+    base, experts and ``PROBE_MERGES`` random layer-wise merges, as a seed-0 search draws them."""
+    if path.exists():
+        return
+    from transformers import AutoTokenizer
+
+    from evomerge.fitness import Evaluation, Evaluator, FitnessConfig
+    from evomerge.pool import resolve
+    from evomerge.space import SearchSpace
+
+    space = SearchSpace(settings.space, settings.base, tuple(settings.experts), settings.num_layers,
+                        expert_refs=dict(settings.experts))
+    recipes = parents(settings)
+    rng = random.Random(0)
+    recipes.update({f"random:{i}": space.decode(space.random(rng)) for i in range(PROBE_MERGES)})
+    evaluations = scorer.score({r.hash: r.to_dict() for r in recipes.values()}, "validation", items=True)
+    failed = [n for n, r in recipes.items() if r.hash not in evaluations]
+    if failed:
+        raise SystemExit(f"probe model {failed[0]} could not be evaluated; see the log above")
+    folder, gguf_file = resolve(settings.base)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+    evaluator = Evaluator(FitnessConfig.from_dict(settings.fitness), settings.tasks, tokenizer,
+                          include_path=settings.include_path)
+    state = evaluator.fit([Evaluation.from_dict(evaluations[r.hash]) for r in recipes.values()])
+    write_json(path, {"estimator": state, "probes": [
+        {"name": n, "recipe": r.to_dict(), "evaluation": evaluations[r.hash],
+         "seconds": evaluations[r.hash].get("seconds", 0.0)} for n, r in recipes.items()]})
+    log(f"probe population: {len(recipes)} models, shared by every search ({path})")
+
+
+class Baselines:
+    """The parents and the grids: one row each, with its pick (best full-validation mean) and
+    test front; scored in two steps, like the searches, so one pool serves every validation
+    score and another every test score."""
+
+    def __init__(self, settings, which: str, skills: list[str], front_cap: int) -> None:
+        self.models, self.families = parents(settings), grids(settings, which)
+        self.skills, self.front_cap = skills, front_cap
+        everything = [*self.models.values(), *(r for points in self.families.values() for r in points.values())]
+        self.recipes = {r.hash: r for r in everything}
+
+    def to_validate(self) -> dict[str, dict]:
+        return {h: r.to_dict() for h, r in self.recipes.items()}
+
+    def choose(self, scorer: Scorer) -> dict[str, dict]:
+        """Each grid's pick and capped front from the validation scores; returns what to score on test."""
+        self.chosen = {}
+        for name, points in self.families.items():
+            scored = [{"label": label, "recipe_hash": r.hash, "summary": r.summary(),
+                       "val": scorer.get(r.hash, "validation")} for label, r in points.items()]
+            scored = [s for s in scored if s["val"] is not None]
+            front = [scored[i] for i in non_dominated([s["val"] for s in scored], self.skills)]
+            front = sorted(front, key=lambda s: -mean_of(s["val"], self.skills))[:self.front_cap]
+            pick = max(scored, key=lambda s: mean_of(s["val"], self.skills))  # the best mean is on the front
+            self.chosen[name] = (pick, front, scored)
+        wanted = {r.hash for r in self.models.values()}
+        wanted |= {s["recipe_hash"] for _, front, _ in self.chosen.values() for s in front}
+        return {h: self.recipes[h].to_dict() for h in wanted}
+
+    def rows(self, scorer: Scorer) -> list[dict]:
+        rows = []
+        for name, recipe in self.models.items():
+            pick = {"label": name, "recipe_hash": recipe.hash, "summary": recipe.summary(),
+                    "val": scorer.get(recipe.hash, "validation"), "test": scorer.get(recipe.hash, "test")}
+            rows.append({"searcher": name, "kind": "parent", "seed": None, "pick": pick, "front": [pick],
+                         "hv_test": hv(self.skills, [pick["test"]]), "evaluations": 0,
+                         "full_evals": {"validation": 1, "test": 1}, "search_seconds": 0.0})
+        for name, (pick, front, scored) in self.chosen.items():
+            for s in scored:
+                s["test"] = scorer.get(s["recipe_hash"], "test")
+            front = [s for s in front if s["test"] is not None]
+            rows.append({"searcher": name, "kind": "grid", "seed": None, "pick": pick, "front": front,
+                         "hv_test": hv(self.skills, [s["test"] for s in front]), "evaluations": len(scored),
+                         "full_evals": {"validation": len(self.families[name]), "test": len(front)},
+                         "search_seconds": 0.0, "grid": scored})
+        return rows
+
+
+# --- the searches -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def own_test_scoring():
+    """A search ends by scoring its knee and best-per-objective members on test; the experiment
+    scores its own larger set (with the probe task) instead, so that step is skipped here."""
+    from evomerge.search import loop
+
+    with mock.patch.object(loop.Search, "_test_front", lambda self: None):
+        yield
+
+
+def run_search(config: dict, folder: Path, probes: Path, log: Log) -> float:
+    """Start, resume or skip the search in ``folder``; returns the wall seconds spent now."""
+    from evomerge.search import loop
+    from evomerge.search.settings import search_fingerprint
+
+    state = read_json(folder / loop.RUN_STATE)
+    if state is not None and state["fingerprint"] != search_fingerprint(config):
+        raise SystemExit(f"{folder} holds a search with other settings than this command asks for; "
+                         f"delete it or choose another --out")
+    done = folder / "zoo_pareto_done"  # written once the search returns: nothing left to run
+    if state is not None and done.exists():
+        return 0.0
+    started = time.perf_counter()
+    prefix = lambda message: log(f"{folder.name}: {message}")  # noqa: E731
+    with own_test_scoring():
+        if state is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "probes.json").write_bytes(probes.read_bytes())
+            loop.start(config, prefix)
+        else:
+            loop.resume(folder, prefix)
+    done.write_text("finished\n")
+    return time.perf_counter() - started
+
+
+class RunResult:
+    """What one finished search contributes to the table, measured in two steps so that every
+    run's validation scoring shares one pool and every run's test scoring another."""
+
+    def __init__(self, name: str, seed: int, folder: Path, skills: list[str], rescore: int, front_cap: int) -> None:
+        from evomerge.run import RunDir
+
+        self.name, self.seed, self.folder, self.skills, self.front_cap = name, seed, folder, skills, front_cap
+        self.run = RunDir(folder)
+        self.archive = self.run.archive()
+        seen, self.unique = set(), []
+        for entry in self.archive:
+            if entry.error is None and entry.recipe_hash not in seen and all(t in entry.scores for t in skills):
+                seen.add(entry.recipe_hash)
+                self.unique.append(entry)
+        if not self.unique:
+            raise SystemExit(f"{folder}: no successful candidate to pick from")
+        ranked = sorted(self.unique, key=lambda e: (-self.estimated(e), e.id))
+        self.shortlist = ranked[:rescore]  # re-scored on the full validation split
+        keep = non_dominated([e.scores for e in self.unique], skills)
+        self.front = sorted((self.unique[i] for i in keep), key=lambda e: (-self.estimated(e), e.id))
+
+    def estimated(self, entry) -> float:
+        return mean_of(entry.scores, self.skills)
+
+    def to_validate(self) -> dict[str, dict]:
+        return {e.recipe_hash: e.recipe for e in self.shortlist}
+
+    def choose(self, scorer: Scorer) -> dict[str, dict]:
+        """The pick from the shortlist's full validation scores; returns what to score on test."""
+        scored = [e for e in self.shortlist if scorer.get(e.recipe_hash, "validation") is not None]
+        if not scored:
+            raise SystemExit(f"{self.folder}: every re-scored candidate failed on the full validation split")
+        self.pick = max(scored, key=lambda e: (mean_of(scorer.get(e.recipe_hash, "validation"), self.skills), -e.id))
+        self.members = self.front[:self.front_cap]
+        if self.pick.recipe_hash not in {e.recipe_hash for e in self.members}:
+            self.members.append(self.pick)
+        return {e.recipe_hash: e.recipe for e in self.members}
+
+    def row(self, scorer: Scorer, seconds: float) -> dict:
+        from evomerge.recipe import Recipe
+
+        def member(e) -> dict:
+            return {"id": e.id, "recipe_hash": e.recipe_hash, "summary": Recipe.from_dict(e.recipe).summary(),
+                    "estimated_val": {t: e.scores[t] for t in self.skills},
+                    "val": scorer.get(e.recipe_hash, "validation"), "test": scorer.get(e.recipe_hash, "test")}
+
+        front = [m for m in map(member, self.members) if m["test"] is not None]
+        archive = self.archive
+        return {"searcher": self.name, "kind": "search", "seed": self.seed, "folder": str(self.folder),
+                "pick": member(self.pick), "front": front, "front_size": len(self.front),
+                "rescored": [{"id": e.id, "recipe_hash": e.recipe_hash, "estimated_mean": self.estimated(e),
+                              "val_mean": (None if scorer.get(e.recipe_hash, "validation") is None
+                                           else mean_of(scorer.get(e.recipe_hash, "validation"), self.skills))}
+                             for e in self.shortlist],
+                "hv_test": hv(self.skills, [m["test"] for m in front]),
+                "evaluations": len(archive), "unique": len({e.recipe_hash for e in archive}),
+                "errors": sum(e.error is not None for e in archive), "generations": len(self.run.history()),
+                "candidate_seconds": _mean([e.merge_seconds + e.eval_seconds for e in archive
+                                            if e.cached_from is None and e.error is None]),
+                "full_evals": {"validation": len(self.shortlist), "test": len(self.members)},
+                "search_seconds": seconds}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# --- main ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", default="smollm2", help="the zoo config (conf/zoo): smollm2 or pico")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per search (default 3; --quick 1)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="candidate evaluations per search (default 72; --quick 8), "
+                             "rounded up to whole generations")
+    parser.add_argument("--pop", type=int, default=None, help="population per generation (default 12; --quick 4)")
+    parser.add_argument("--items", type=int, default=10, help="anchor items per task the searches' estimator runs")
+    parser.add_argument("--rescore", type=int, default=None,
+                        help="best candidates by estimate re-scored on full validation (default 2)")
+    parser.add_argument("--front-cap", type=int, default=None,
+                        help="validation-front members (best mean first) scored on test, besides the pick "
+                             "(default 3)")
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers (one torch thread each)")
+    parser.add_argument("--searchers", default=",".join(SEARCHERS),
+                        help="comma-separated subset of " + ",".join(SEARCHERS))
+    parser.add_argument("--quick", action="store_true", help="1 seed, tiny budget and grids: a check that it all runs")
+    parser.add_argument("--out", type=Path, default=HERE, help="where runs/, results.json, results.md and plots go")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
+    pop = args.pop if args.pop is not None else (4 if quick else 12)
+    budget = args.budget if args.budget is not None else (8 if quick else 72)
+    rescore = args.rescore if args.rescore is not None else 2
+    front_cap = args.front_cap if args.front_cap is not None else 3
+
+    def generations(name: str) -> int:
+        """Generations that spend ``budget`` candidates (whole generations, so rounded up)."""
+        first = SEARCHERS[name][2]
+        return max(1, math.ceil(budget / pop)) if first is None else 1 + max(0, math.ceil((budget - first) / pop))
+
+    chosen = [s.strip() for s in args.searchers.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SEARCHERS]
+    if unknown:
+        parser.error(f"unknown searcher {unknown[0]!r}; valid: {', '.join(SEARCHERS)}")
+
+    from evomerge.config import compose
+    from evomerge.search.settings import read_settings
+    from evomerge.zoo.build import Zoo, ZooConfig
+    from evomerge.zoo.tasks import task_name
+
+    started = time.perf_counter()
+    common = [f"zoo={args.zoo}", "fitness=anchors", f"fitness.items_per_task={args.items}",
+              f"fitness.probe_merges={PROBE_MERGES}", f"runtime.workers={args.workers}", "runtime.threads_per_worker=1",
+              f"algorithm.pop_size={pop}"]
+    settings = read_settings(compose(common + ["space=layerwise"]), log=log)  # builds the zoo if needed
+    zoo_config = ZooConfig.from_dict(compose(common)["zoo"])
+    zoo = Zoo.at(zoo_config)
+    skills = list(settings.tasks)
+    probes = [task_name(p) for p in zoo_config.probes]
+    tag = f"b{budget}-p{pop}-i{args.items}"
+    root = args.out / "runs" / zoo.root.name
+    runs = root / tag
+    scorer = Scorer(settings, {"validation": skills, "test": skills + probes}, root / "scores.json", log)
+
+    log(f"zoo {zoo.root.name}: experts {', '.join(settings.experts)}; tasks {', '.join(skills)}; "
+        f"probe tasks {', '.join(probes) or 'none'}")
+    log(f"{len(chosen)} searcher(s) x {seeds} seed(s), {budget} candidates each ({pop} per generation); "
+        f"runs under {runs}")
+    # Wall seconds, summed over every invocation that built these results: {"stages": ..., "runs": ...}
+    timings_path = runs / "seconds.json"
+    timings: dict[str, dict[str, float]] = read_json(timings_path, {"stages": {}, "runs": {}})
+
+    def spent(kind: str, key: str, seconds: float) -> None:
+        timings[kind][key] = timings[kind].get(key, 0.0) + seconds
+        write_json(timings_path, timings)
+
+    t = time.perf_counter()
+    try:
+        probe_population(settings, scorer, runs / "probes.json", log)
+    finally:
+        scorer.close()
+    spent("stages", "probes", time.perf_counter() - t)
+
+    t = time.perf_counter()
+    folders = {}
+    for name in chosen:
+        for seed in range(seeds):
+            label = f"{name}-s{seed}"
+            config = compose(common + SEARCHERS[name][1] + [f"algorithm.generations={generations(name)}",
+                                                             f"runs_dir={runs}", f"name={label}", f"seed={seed}"])
+            folders[(name, seed)] = runs / label
+            spent("runs", label, run_search(config, runs / label, runs / "probes.json", log))
+    spent("stages", "searches", time.perf_counter() - t)
+
+    # Full-split scoring of everything the table shows: every validation score first (the grids,
+    # each search's shortlist), then every test score (parents, grid and search fronts, picks).
+    t = time.perf_counter()
+    try:
+        baselines = Baselines(settings, "quick" if quick else "full", skills, front_cap)
+        finished = [RunResult(name, seed, folder, skills, rescore, front_cap)
+                    for (name, seed), folder in folders.items()]
+        todo = baselines.to_validate()
+        for f in finished:
+            todo.update(f.to_validate())
+        scorer.score(todo, "validation")
+        todo = baselines.choose(scorer)
+        for f in finished:
+            todo.update(f.choose(scorer))
+        scorer.score(todo, "test")
+        rows = baselines.rows(scorer) + [f.row(scorer, timings["runs"].get(f.folder.name, 0.0)) for f in finished]
+    finally:
+        scorer.close()
+    spent("stages", "scoring", time.perf_counter() - t)
+
+    results = {
+        "zoo": zoo.root.name, "zoo_kind": zoo_config.kind, "experts": list(settings.experts),
+        "tasks": skills, "probe_tasks": probes, "searchers": {n: SEARCHERS[n][0] for n in chosen},
+        "evomerge_searchers": [s for s in EVOMERGE if s in chosen],
+        "settings": {"seeds": seeds, "pop_size": pop, "generations": {n: generations(n) for n in chosen},
+                     "budget": budget,
+                     "estimator": "anchors", "items_per_task": args.items, "rescore": rescore,
+                     "front_cap": front_cap, "workers": args.workers, "probe_merges": PROBE_MERGES,
+                     "grid": GRIDS["quick" if quick else "full"], "quick": quick,
+                     "overrides": {n: SEARCHERS[n][1] for n in chosen}, "common_overrides": common},
+        "command": "python experiments/zoo_pareto/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "rows": rows,
+        "seconds": {"stages": dict(timings["stages"]), "this_invocation": time.perf_counter() - started,
+                    "scoring_worker_seconds": scorer.worker_seconds()},
+        "finished": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    write_json(args.out / "results.json", results)
+    written = table.render(results, args.out)
+    log(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""A user's session on the real zoo, through the command line: search, inspect, export, and the
+exported folder reloaded with transformers scoring what the archive says."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.zoo
+
+
+def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True,
+                          env={**os.environ}, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def zoo_run(zoo, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    done = cli("search", f"runs_dir={runs}", "name=tiny", "algorithm=ga", "fitness=random",
+               "fitness.objectives=[mean]", "fitness.items_per_task=10", "fitness.probe_merges=0",
+               "space.granularity=0", "algorithm.pop_size=4", "algorithm.generations=2", "runtime.workers=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return runs / "tiny"
+
+
+def test_inspect_shows_the_front_and_draws_real_plots(zoo_run):
+    done = cli("inspect", str(zoo_run), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["progress"]["evaluations"] == 8 and len(summary["front"]) == 1
+    assert summary["front"][0]["test_scores"] is not None
+    from PIL import Image
+
+    for name in ("pareto.png", "hypervolume.png"):
+        image = Image.open(zoo_run / "plots" / name).convert("RGB")
+        assert image.size[0] > 300 and len(set(image.getdata())) > 20, name
+
+
+def test_exported_model_scores_what_the_archive_says(zoo_run, zoo, tmp_path):
+    done = cli("export", str(zoo_run), "--pick", "best:mean", "--out", str(tmp_path / "merge"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name for p in (tmp_path / "merge").iterdir()} >= {"recipe.yaml", "mergekit.yaml", "model"}
+    summary = json.loads(cli("inspect", str(zoo_run), "--json").stdout)
+    best = summary["front"][0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.fitness import Evaluator, FitnessConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merge" / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merge" / "model")
+    evaluator = Evaluator(FitnessConfig(estimator="random", objectives=("mean",), items_per_task=10),
+                          [f"zoo_{s}" for s in zoo.config.skills], tokenizer, include_path=str(zoo.task_dir))
+    evaluation = evaluator.score(model)
+    assert evaluation.objectives["mean"] == pytest.approx(best["objectives"]["mean"], abs=1e-9)
+    assert evaluation.scores == pytest.approx(best["scores"], abs=1e-9)

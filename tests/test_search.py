@@ -1,0 +1,251 @@
+"""The search end to end on the pico zoo, with real Ray workers: the run folder, the archive's
+guarantees (each candidate once, duplicates served from it), resume after a killed driver, a
+killed worker, a failing candidate, and joining a Ray cluster by address."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+POP, GENS = 4, 3
+
+
+def search_args(runs: Path, name: str, *extra: str) -> list[str]:
+    return ["search", "zoo=pico", f"runs_dir={runs}", f"name={name}", "fitness=random",
+            "fitness.items_per_task=8", "fitness.probe_merges=1", "space.granularity=2",
+            f"algorithm.pop_size={POP}", f"algorithm.generations={GENS}", "runtime.workers=1", *extra]
+
+
+def cli(*args: str, cache: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "EVOMERGE_CACHE": str(cache), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def comparable(run: Path) -> list[dict]:
+    """Archive lines without what legitimately differs between runs (timings, worker names)."""
+    rows = [json.loads(line) for line in (run / "archive.jsonl").read_text().splitlines() if line.strip()]
+    drop = ("merge_seconds", "eval_seconds", "worker")
+    return sorted(({k: v for k, v in r.items() if k not in drop} for r in rows), key=lambda r: r["id"])
+
+
+@pytest.fixture(scope="module")
+def reference_run(pico_zoo, pico_cache, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    done = cli(*search_args(runs, "ref"), cache=pico_cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return runs / "ref", done
+
+
+def test_a_search_fills_its_run_folder(reference_run):
+    run, done = reference_run
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "archive.jsonl", "history.jsonl", "probes.json",
+                                                "pareto.json", "checkpoints", "run.json"}
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["algorithm"]["pop_size"] == POP and config["fitness"]["estimator"] == "random"
+    rows = comparable(run)
+    assert [r["id"] for r in rows] == list(range(POP * GENS))
+    assert [r["generation"] for r in rows] == [g for g in range(GENS) for _ in range(POP)]
+    evaluated = [r for r in rows if r["cached_from"] is None]
+    assert len({r["recipe_hash"] for r in evaluated}) == len(evaluated)  # never evaluated twice
+    assert all(set(r["objectives"]) == {"zoo_add", "zoo_reverse", "zoo_sort", "zoo_upper"} for r in rows)
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["generation"] for h in history] == list(range(GENS))
+    assert [h["evaluations"] for h in history] == [POP * (g + 1) for g in range(GENS)]
+    assert all(h["hypervolume"] >= 0 for h in history)
+    pareto = json.loads((run / "pareto.json").read_text())
+    assert pareto["members"] and any(m["test_scores"] is not None for m in pareto["members"])
+    assert "generation 2:" in done.stderr and "candidates/min" in done.stderr
+
+
+def test_probe_population_is_measured_once_on_the_full_split(reference_run):
+    run, _ = reference_run
+    probes = json.loads((run / "probes.json").read_text())
+    names = [p["name"] for p in probes["probes"]]
+    assert names == ["base", "expert:add", "expert:reverse", "expert:sort", "expert:upper", "random:0"]
+    items = probes["probes"][0]["evaluation"]["items"]["zoo_add"]["ids"]
+    assert len(items) == 16  # the pico zoo's whole validation split, not the 8-item subset
+
+
+@pytest.mark.reliability("fault", "the driver dying halfway through an archive line, then `evomerge resume`: the archive equals the uninterrupted run's")
+def test_resume_after_a_crash_while_writing_the_archive(reference_run, pico_cache, tmp_path):
+    crash = {"driver_exit": "archive", "at": POP + 1}
+    done = cli(*search_args(tmp_path, "crash"), cache=pico_cache, env={"EVOMERGE_TEST_FAULT": json.dumps(crash)})
+    assert done.returncode == 9, done.stderr[-3000:]
+    done = cli("resume", str(tmp_path / "crash"), cache=pico_cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dropped 1 unreadable line" in done.stderr
+    assert comparable(tmp_path / "crash") == comparable(reference_run[0])
+
+
+@pytest.mark.reliability("fault", "the driver dying halfway through writing a checkpoint, then `evomerge resume`: the archive equals the uninterrupted run's")
+def test_resume_after_a_crash_while_checkpointing(reference_run, pico_cache, tmp_path):
+    crash = {"driver_exit": "checkpoint", "at": 2}
+    done = cli(*search_args(tmp_path, "crash"), cache=pico_cache, env={"EVOMERGE_TEST_FAULT": json.dumps(crash)})
+    assert done.returncode == 9, done.stderr[-3000:]
+    assert not (tmp_path / "crash" / "checkpoints" / "generation-0002.pkl").exists()
+    done = cli("resume", str(tmp_path / "crash"), cache=pico_cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming after generation 1" in done.stderr
+    assert comparable(tmp_path / "crash") == comparable(reference_run[0])
+
+
+@pytest.mark.reliability("fault", "the driver killed (SIGKILL) mid-generation, then `evomerge resume`: the archive equals the uninterrupted run's")
+def test_resume_after_a_killed_driver_ends_with_the_same_archive(reference_run, pico_cache, tmp_path):
+    reference, _ = reference_run
+    args = search_args(tmp_path, "cut")
+    process = subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "EVOMERGE_CACHE": str(pico_cache)},
+                               start_new_session=True)
+    archive = tmp_path / "cut" / "archive.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it mid-search: after gen 0's checkpoint, inside gen 1
+        if archive.exists() and len(archive.read_text().splitlines()) >= POP + 2:
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    kept = len(archive.read_text().splitlines())
+    assert POP + 2 <= kept < POP * GENS
+    done = cli("resume", str(tmp_path / "cut"), cache=pico_cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{kept} evaluations replayed" in done.stderr
+    assert comparable(tmp_path / "cut") == comparable(reference)
+
+
+@pytest.mark.reliability("bad input", "resuming a run whose config.yaml was edited to search differently")
+def test_resume_refuses_an_edited_search_config(reference_run, pico_cache, tmp_path):
+    import shutil
+
+    run = tmp_path / "edited"
+    shutil.copytree(reference_run[0], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["space"]["granularity"] = 3
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    done = cli("resume", str(run), cache=pico_cache)
+    assert done.returncode == 2 and "space.granularity" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.reliability("bad input", "resuming a folder that is not a run")
+def test_resume_of_a_folder_that_is_not_a_run_fails_clearly(tmp_path, pico_cache):
+    done = cli("resume", str(tmp_path), cache=pico_cache)
+    assert done.returncode == 2 and "not an evomerge run folder" in done.stderr
+
+
+@pytest.mark.reliability("fault", "a worker actor killed mid-generation: its candidate is retried on a fresh worker; the archive equals a fault-free run's")
+def test_a_killed_worker_loses_nothing(reference_run, pico_cache, tmp_path):
+    done = cli(*search_args(tmp_path, "faulty"), cache=pico_cache,
+               env={"EVOMERGE_TEST_FAULT": json.dumps({"kill_on_call": 5, "first_worker_only": True})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "worker w0 died" in done.stderr
+    assert comparable(tmp_path / "faulty") == comparable(reference_run[0])
+
+
+@pytest.mark.parametrize("fault, reason", [
+    pytest.param({"nan_weights": True}, "not finite", id="nan", marks=pytest.mark.reliability(
+        "fault", "a candidate whose merged weights are NaN: recorded with its reason and the worst fitness; the run goes on")),
+    pytest.param({"eval_raises": True}, "injected evaluation failure", id="raises", marks=pytest.mark.reliability(
+        "fault", "a candidate whose evaluation raises: recorded with its reason and the worst fitness; the run goes on")),
+])
+def test_a_failing_candidate_costs_the_candidate_not_the_run(pico_zoo, pico_cache, tmp_path, fault, reason):
+    done = cli(*search_args(tmp_path, "nan", "algorithm.generations=1"), cache=pico_cache,
+               env={"EVOMERGE_TEST_FAULT": json.dumps(fault)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = comparable(tmp_path / "nan")
+    assert len(rows) == POP and all(reason in r["error"] for r in rows)
+    assert all(v == 0.0 for r in rows for v in r["objectives"].values())
+
+
+def test_a_search_joins_a_ray_cluster_by_address(pico_zoo, pico_cache, tmp_path):
+    port = 6391
+    # A throwaway localhost cluster: no token, so the driver needs none either.
+    env = {**os.environ, "EVOMERGE_CACHE": str(pico_cache), "RAY_AUTH_MODE": "disabled"}
+    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
+                   env=env, timeout=120)
+    try:
+        done = cli(*search_args(tmp_path, "cluster", f"runtime.address=127.0.0.1:{port}", "algorithm.generations=1"),
+                   cache=pico_cache, env={"RAY_AUTH_MODE": "disabled"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert len(comparable(tmp_path / "cluster")) == POP
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.mark.reliability("bad input", "a Ray cluster address nobody listens on")
+def test_an_unreachable_ray_cluster_is_a_one_line_error(pico_zoo, pico_cache, tmp_path):
+    done = cli(*search_args(tmp_path, "nocluster", "runtime.address=127.0.0.1:6399"), cache=pico_cache,
+               env={"RAY_AUTH_MODE": "disabled"}, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "runtime.address=127.0.0.1:6399" in last and "Traceback" not in done.stderr
+
+
+def _bad(override: str, named: str, what: str):
+    return pytest.param(override, named, marks=pytest.mark.reliability("bad input", what), id=override)
+
+
+@pytest.mark.parametrize("override, named", [
+    _bad("algorithm=pso", "pso", "`evomerge search` with an unknown algorithm"),
+    _bad("algorithm.pop_size=1", "pop_size=1", "`evomerge search` with a population smaller than 2"),
+    _bad("space.density=[0.5,1.5]", "density", "`evomerge search` with density bounds outside [0, 1]"),
+    _bad("space.methods=[ties,nope]", "nope", "`evomerge search` with an unknown merge method"),
+    _bad("fitness.estimator=oracle", "oracle", "`evomerge search` with an unknown estimator"),
+    _bad("tasks=[zoo_add,zoo_telepathy]", "zoo_telepathy", "`evomerge search` with an unknown lm-eval task"),
+    _bad("models.base=/no/such/model", "/no/such/model", "`evomerge search` with a missing model path"),
+    _bad("+colour=red", "colour", "`evomerge search` with an unknown config key"),
+])
+def test_bad_search_input_fails_fast_in_one_line(override, named, pico_zoo, pico_cache, tmp_path):
+    started = time.time()
+    done = cli(*search_args(tmp_path, "bad", override), cache=pico_cache)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], done.stderr
+    assert not (tmp_path / "bad").exists()  # nothing written, nothing started
+    assert time.time() - started < 60
+
+
+@pytest.mark.reliability("fault", "a torn last archive line and a corrupt newest checkpoint: resume drops them, says so, and ends equal to the uninterrupted run")
+def test_resume_survives_a_torn_archive_line_and_a_corrupt_checkpoint(reference_run, pico_cache, tmp_path):
+    import shutil
+
+    run = tmp_path / "damaged"
+    shutil.copytree(reference_run[0], run)
+    archive = run / "archive.jsonl"
+    text = archive.read_text()
+    archive.write_text(text[: len(text) - 40])  # the last line torn mid-write
+    newest = sorted((run / "checkpoints").glob("generation-*.pkl"))[-1]
+    newest.write_bytes(b"not a pickle")
+    done = cli("resume", str(run), cache=pico_cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dropped 1 unreadable line" in done.stderr and f"{newest.name} is unreadable" in done.stderr
+    assert comparable(run) == comparable(reference_run[0])
+
+
+@pytest.mark.reliability("fault", "a worker over its memory cap: a one-line error naming runtime.memory_limit_gb and what to lower")
+def test_a_worker_over_its_memory_cap_names_the_setting(pico_zoo, pico_cache, tmp_path):
+    done = cli(*search_args(tmp_path, "tight", "runtime.memory_limit_gb=0.0001"), cache=pico_cache)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]  # earlier lines: the run's own progress log
+    assert last.startswith("evomerge: error:") and "runtime.memory_limit_gb=0.0001" in last
+    assert "runtime.workers" in last and "Traceback" not in done.stderr
+
+
+@pytest.mark.reliability("bad input", "resuming a run whose config.yaml is malformed YAML")
+def test_resume_of_a_malformed_config_names_the_file(reference_run, pico_cache, tmp_path):
+    import shutil
+
+    run = tmp_path / "malformed"
+    shutil.copytree(reference_run[0], run)
+    (run / "config.yaml").write_text("models: {base: [unclosed\n")
+    done = cli("resume", str(run), cache=pico_cache)
+    assert done.returncode == 2 and "config.yaml is not valid YAML" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -1,0 +1,76 @@
+"""experiments/zoo_pareto/run.py end to end on the pico zoo, tiny: every searcher runs, the table
+has a row of numbers per searcher, and a second invocation reuses everything instead of redoing it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "zoo_pareto" / "run.py"
+SEARCHES = ("random", "cmaes", "ga", "nsga2")
+
+
+def run(out: Path, cache: Path) -> subprocess.CompletedProcess:
+    # RAY_ADDRESS=local: a private Ray instance even when another test has a cluster running.
+    env = {**os.environ, "EVOMERGE_CACHE": str(cache), "RAY_ADDRESS": "local", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), "--quick", "--zoo", "pico", "--workers", "1",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def experiment(pico_zoo, pico_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo_pareto")
+    done = run(out, pico_cache)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, pico_cache
+
+
+def main_table(markdown: str) -> dict[str, list[str]]:
+    """The first markdown table's rows, by searcher name."""
+    block = markdown.split("## Best-on-validation pick, held-out test", 1)[1].split("\n\n")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()[2:]]
+    return {r[0].strip("`"): r for r in rows}
+
+
+def test_the_table_has_a_row_of_numbers_per_searcher(experiment):
+    out, _ = experiment
+    results = json.loads((out / "results.json").read_text())
+    tasks = results["tasks"]
+    assert results["probe_tasks"] == ["zoo_shout"]  # from the zoo config, not hard-coded here
+    rows = main_table((out / "results.md").read_text())
+    expected = ["base", *(f"expert:{e}" for e in results["experts"]), "grid:task_arithmetic", "grid:ties", *SEARCHES]
+    assert list(rows) == expected
+    number = re.compile(r"^\*{0,2}\d+(\.\d+)?( ± \d+(\.\d+)?)?\*{0,2}$")
+    for name, cells in rows.items():
+        accuracy = cells[2:2 + len(tasks) + 2]  # per task, mean, probe
+        assert all(number.match(c) for c in accuracy), (name, cells)
+        assert number.match(cells[2 + len(tasks) + 2]), (name, "hypervolume", cells)
+    searches = [r for r in results["rows"] if r["kind"] == "search"]
+    assert sorted(r["searcher"] for r in searches) == sorted(SEARCHES)
+    budget = results["settings"]["budget"]
+    for row in searches:
+        # CMA-ES may stop early on a flat fitness (the pico zoo's random models all score ~0).
+        low = 1 if row["searcher"] == "cmaes" else budget
+        assert low <= row["evaluations"] < budget + results["settings"]["pop_size"], row["searcher"]
+        assert row["pick"]["val"] is not None and row["pick"]["test"] is not None
+        assert set(row["pick"]["test"]) == {*tasks, "zoo_shout"}
+        assert row["front"] and all(m["test"] is not None for m in row["front"])
+        assert 0.0 <= row["hv_test"] <= 1.0 and row["search_seconds"] > 0
+    assert (out / "fronts.png").stat().st_size > 0 and (out / "accuracy.png").stat().st_size > 0
+    assert "## Targets" in (out / "results.md").read_text()
+
+
+def test_a_second_invocation_reuses_every_search_and_score(experiment):
+    out, cache = experiment
+    before = json.loads((out / "results.json").read_text())
+    again = run(out, cache)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "run folder:" not in again.stderr and "scoring" not in again.stderr
+    after = json.loads((out / "results.json").read_text())
+    assert [r["pick"] for r in after["rows"]] == [r["pick"] for r in before["rows"]]
