@@ -87,7 +87,10 @@ def generate(
         ids, mask = _left_padded(tokenizer, prompts[start:start + batch_size], device)
         rows = len(ids)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+        # Only the last position's logits are needed: the LM head over every prompt token cost a
+        # fifth of an evaluation.
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                    logits_to_keep=1)
         next_pos = position_ids[:, -1:] + 1
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logprob = [0.0] * rows
