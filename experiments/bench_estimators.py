@@ -15,7 +15,7 @@ Per-item results are cached in ``$EVOMERGE_CACHE/bench_estimators/<zoo>.jsonl`` 
 hash, so a rerun (or a larger ``--recipes``) only scores what is missing.
 
     python experiments/bench_estimators.py --quick        # 8 recipes, 2 probe merges
-    python experiments/bench_estimators.py                # 100 recipes (about 75 min on 2 loaded cores)
+    python experiments/bench_estimators.py                # 100 recipes: 25-60 s each on 2 shared cores
     python experiments/bench_estimators.py --zoo ~/.cache/evomerge/zoo/smollm2-c69aec97bfdd
 """
 
@@ -47,9 +47,9 @@ def random_recipe(rng: random.Random, experts: list[str], num_layers: int) -> Re
     """Task arithmetic with a weight per expert per group of ``GROUP_LAYERS`` layers.
 
     Each expert gets a level c ~ U(0, 1)^3 and each group a weight c * U(0.6, 1.4) (clipped to
-    [0, 1]): usually one or two experts dominate. Uniform weights in [0, 1] would not do: on the
-    zoo, total weight above ~1.5 wrecks every skill and almost all such recipes score 0, which
-    ranks nothing."""
+    [0, 1]): usually one or two experts dominate, so scores spread over the whole range. Uniform
+    weights in [0, 1] would not do: on the zoo's first build (skills add/reverse/sort/cipher),
+    recipes with a total weight near 2 scored about 0 on every skill, which ranks nothing."""
     level = {e: rng.random() ** 3 for e in experts}
 
     def config() -> MethodConfig:
@@ -76,7 +76,8 @@ def load_cache(path: Path) -> dict[str, Evaluation]:
     return {row["hash"]: Evaluation.from_dict(row["evaluation"]) for row in rows}
 
 
-def score_all(recipes: dict[str, Recipe], merger: Merger, evaluator: Evaluator, cache_path: Path) -> dict[str, Evaluation]:
+def score_all(recipes: dict[str, Recipe], merger: Merger, evaluator: Evaluator,
+              cache_path: Path) -> dict[str, Evaluation]:
     cached = load_cache(cache_path)
     missing = [label for label, r in recipes.items() if r.hash not in cached]
     started = time.perf_counter()
