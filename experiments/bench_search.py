@@ -1,6 +1,7 @@
 """Where a search's time goes, and how it scales from one worker to two.
 
-On the real zoo (default search config, so the default estimator's item budget), the same
+On the real zoo (the search config with the random estimator, which needs no probe fit and
+evaluates as many items as the default anchors estimator), the same
 random candidates are evaluated by a pool of 1 and then of 2 Ray workers, each pinned to one
 torch thread. Printed, measured in this one run:
 
@@ -9,8 +10,8 @@ torch thread. Printed, measured in this one run:
 * the share of worker time spent outside the model's forward passes: merging, lm-eval /
   tokenization / decoding bookkeeping, Ray scheduling and idle time (target <= 10%).
 
-    python experiments/bench_search.py                   # 24 candidates per pool size
-    python experiments/bench_search.py --candidates 8    # quick
+    python experiments/bench_search.py fitness=random    # 24 candidates per pool size
+    python experiments/bench_search.py --candidates 8 fitness=random   # quick
 """
 
 from __future__ import annotations

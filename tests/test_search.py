@@ -19,7 +19,7 @@ POP, GENS = 4, 3
 
 
 def search_args(runs: Path, name: str, *extra: str) -> list[str]:
-    return ["search", "zoo=pico", f"runs_dir={runs}", f"name={name}", "fitness=random",
+    return ["search", "zoo=pico", f"runs_dir={runs}", f"name={name}", "fitness=anchors",
             "fitness.items_per_task=8", "fitness.probe_merges=1", "space.granularity=2",
             f"algorithm.pop_size={POP}", f"algorithm.generations={GENS}", "runtime.workers=1", *extra]
 
@@ -50,7 +50,7 @@ def test_a_search_fills_its_run_folder(reference_run):
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "archive.jsonl", "history.jsonl", "probes.json",
                                                 "pareto.json", "checkpoints", "run.json"}
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["algorithm"]["pop_size"] == POP and config["fitness"]["estimator"] == "random"
+    assert config["algorithm"]["pop_size"] == POP and config["fitness"]["estimator"] == "anchors"
     rows = comparable(run)
     assert [r["id"] for r in rows] == list(range(POP * GENS))
     assert [r["generation"] for r in rows] == [g for g in range(GENS) for _ in range(POP)]

@@ -216,6 +216,8 @@ class Search:
 
     # --- probes: the population the estimators are fitted on -------------------------------------
     def _probe_population(self) -> None:
+        if not self.evaluator.estimator.needs_probes:
+            return  # full and random subsets need no fit: skip the most expensive minutes of a short run
         saved = self.run_dir.read_json(self.run_dir.probes_path)
         if saved is not None:
             self.log(f"probe population: reusing {len(saved['probes'])} evaluations from {self.run_dir.probes_path.name}")
