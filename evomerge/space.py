@@ -13,11 +13,11 @@ genes as a vector in ``names`` order.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, check_keys
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 
 Genome = dict[str, Any]
@@ -56,10 +56,7 @@ class SpaceConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SpaceConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown space setting {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+        check_keys(data, cls, "space")
         values = dict(data)
         for key in ("methods", "initial"):
             if key in values:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, check_keys
 from evomerge.fitness.estimators import ESTIMATORS, make_estimator
 from evomerge.fitness.native import pad_id, perplexity
 from evomerge.fitness.objectives import Objective
@@ -65,10 +65,7 @@ class FitnessConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FitnessConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown fitness setting {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+        check_keys(data, cls, "fitness")
         values = dict(data)
         if "objectives" in values:
             listed = values["objectives"]

@@ -8,12 +8,12 @@ vector-only ones (DE, CMA-ES) refuse it with a clear message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, check_keys
 from evomerge.space import SearchSpace
 
 SINGLE = ("ga", "de", "cmaes")
@@ -40,10 +40,7 @@ class AlgorithmConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "AlgorithmConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown algorithm setting {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+        check_keys(data, cls, "algorithm")
         return cls(**data)
 
     def check_objectives(self, count: int) -> None:

@@ -14,10 +14,10 @@ import math
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, check_keys
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,7 @@ class RuntimeConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RuntimeConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown runtime setting {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+        check_keys(data, cls, "runtime")
         return cls(**data)
 
     def resolved_device(self) -> str:

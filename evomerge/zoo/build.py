@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, check_keys
 from evomerge.fitness.native import generate_exact_match
 from evomerge.zoo.finetune import FinetuneConfig, finetune
 from evomerge.zoo.skills import SKILLS, make_splits
@@ -57,10 +57,7 @@ class ZooConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ZooConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown zoo setting {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+        check_keys(data, cls, "zoo")
         values = dict(data)
         if "finetune" in values:
             fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
