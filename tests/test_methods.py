@@ -7,14 +7,17 @@ import math
 
 import pytest
 import torch
+from scipy import stats
 
 from evomerge.errors import UserError
+from evomerge.merge import methods
 from evomerge.merge.methods import (
     METHODS,
     PARAM_RANGES,
     MagnitudeQuantiles,
     MergeParamError,
     MergeParams,
+    draw_uniforms,
     merge_tensor,
     validate,
 )
@@ -138,8 +141,10 @@ def reference(method: str, base: torch.Tensor, deltas: torch.Tensor, p: MergePar
             kept = [ref_l1(d, kd) for d, kd in zip(ds, kept)]
         out = ref_gta(b, kept, w, ties=method != "breadcrumbs", normalize=normalize, lam=p.lambda_)
     elif method in ("dare_linear", "dare_ties", "della", "della_linear"):
-        # The documented draw protocol: one uniform in [0, 1) per element of deltas, in order.
-        draws = torch.rand(deltas.shape, generator=torch.Generator().manual_seed(seed)).reshape(k, -1).tolist()
+        # The documented draw protocol: a 32-bit key from the generator, then one counter-based
+        # uniform per element of deltas (checked for uniformity and independence below).
+        key = int(torch.randint(0, 1 << 32, (), generator=torch.Generator().manual_seed(seed)))
+        draws = draw_uniforms(key, k, deltas[0].numel()).tolist()
         if method.startswith("dare"):
             kept = [[x if u < den else 0.0 for x, u in zip(d, us)] for d, us, den in zip(ds, draws, p.density)]
         else:
@@ -305,6 +310,40 @@ def test_della_keeps_large_magnitudes_more_often() -> None:
     kept = merge_tensor("della_linear", base, deltas, p, generator=torch.Generator().manual_seed(0)) != base
     above_median = deltas[0].abs() > deltas[0].abs().median(dim=1, keepdim=True).values
     assert kept[above_median].float().mean() > kept[~above_median].float().mean() + 0.2
+
+
+def test_draws_are_uniform_and_independent_across_keys_and_neighbours() -> None:
+    draws = draw_uniforms(12345, 2, 50_000)
+    assert stats.kstest(draws.reshape(-1).numpy(), "uniform").pvalue > 1e-3
+    other = draw_uniforms(12346, 2, 50_000)  # the next key: an unrelated stream
+    assert abs(torch.corrcoef(torch.stack([draws.reshape(-1), other.reshape(-1)]))[0, 1]) < 0.02
+    neighbours = torch.corrcoef(torch.stack([draws[0, :-1], draws[0, 1:]]))[0, 1]
+    assert abs(neighbours) < 0.02
+    assert torch.equal(draws, draw_uniforms(12345, 2, 50_000))
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_random_masks_do_not_depend_on_how_a_tensor_is_sliced(method: str, monkeypatch) -> None:
+    base, deltas = tensors(3, shape=(40, 32))
+    p = params_for(method, 3)
+    whole = merge_tensor(method, base, deltas, p, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(methods, "_SLAB_ELEMENTS", 3 * 64)  # 2 rows per slab instead of all 40
+    sliced = merge_tensor(method, base, deltas, p, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(sliced, whole, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs"])
+def test_compiled_kernels_merge_like_eager_ones(method: str, monkeypatch) -> None:
+    """Large tensors run the slab kernels through torch.compile (the CPU path a search takes)."""
+    base, deltas = tensors(3, seed=2, shape=(256, 384))  # above the compile threshold
+    assert deltas.numel() >= methods._COMPILE_MIN_ELEMENTS
+    p = params_for(method, 3)
+    generator = lambda: torch.Generator().manual_seed(9)  # noqa: E731
+    compiled = merge_tensor(method, base, deltas, p, generator=generator())
+    assert methods._compile_failed == [] and methods._compiled, "the kernels ran eagerly"
+    monkeypatch.setattr(methods, "_COMPILE_MIN_ELEMENTS", 1 << 62)
+    torch.testing.assert_close(compiled, merge_tensor(method, base, deltas, p, generator=generator()),
+                               atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("t", [0.0, 1.0])

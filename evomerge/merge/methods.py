@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -306,71 +307,77 @@ def _kth_largest(deltas: Tensor, counts: Sequence[int], thresholds: MagnitudeThr
     return values
 
 
-def _shrink_cut(threshold: float, dtype: torch.dtype) -> float:
-    """The largest ``dtype`` value below ``threshold``: ``hardshrink`` keeps magnitudes strictly
-    above its cut, so this cut keeps exactly the magnitudes at or above ``threshold``."""
-    at = torch.tensor(threshold, dtype=dtype)
-    return float(torch.nextafter(at, at.new_tensor(-math.inf)))
+def _magnitude_cuts(deltas: Tensor, counts: Sequence[int], thresholds: MagnitudeThresholds | None) -> Tensor:
+    """``[K, 1]`` cuts in working precision: an element is at or above its expert's cut when its
+    magnitude is among the ``counts[i]`` largest."""
+    values = _kth_largest(deltas, counts, thresholds)
+    return torch.tensor(values, dtype=_work_dtype(deltas.dtype), device=deltas.device)[:, None]
 
 
-def _shrink_rows(x: Tensor, cuts: Sequence[float], out: Tensor) -> Tensor:
-    """Row i of ``x`` with magnitudes at or below ``cuts[i]`` zeroed: one pass, no boolean mask."""
-    for i, cut in enumerate(cuts):
-        torch.hardshrink(x[i], cut, out=out[i])
-    return out
+def _uniforms(index: Tensor, seed: Tensor) -> Tensor:
+    """One uniform draw in [0, 1) per element index, a hash of ``(seed, index)``: a counter-based
+    generator, so the draws are fused into the merge kernel instead of streamed from a sequential
+    one (which took longer than the merge), depend only on each element's position (slabs and
+    devices cannot change them), and still reproduce exactly from the seed. The mixer is a
+    32-bit integer finalizer (two multiply-xorshift rounds); int64 arithmetic never overflows."""
+    h = (index * 0x9E3779B1 + seed) & 0xFFFFFFFF
+    h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
+    h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
+    h = (h >> 16) ^ h
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def _keep_all(x: Tensor, out: Tensor) -> Tensor:
-    """Plain task arithmetic's sparsifier, and the one that reads deltas already sparsified."""
-    return x
+def draw_uniforms(seed: int, rows: int, numel: int, device: str | torch.device = "cpu") -> Tensor:
+    """The ``[rows, numel]`` uniforms a randomized method draws for a stack of ``rows`` task
+    vectors of ``numel`` elements from key ``seed``, so tests and users can replay a mask."""
+    index = torch.arange(rows, device=device)[:, None] * numel + torch.arange(numel, device=device)
+    return _uniforms(index, torch.tensor(seed, device=device))
 
 
-def _top_magnitude_sparsifier(deltas: Tensor, density: Sequence[float],
-                              thresholds: MagnitudeThresholds | None) -> Sparsifier:
+@dataclass(frozen=True)
+class _KeepRule:
+    """Which elements of each expert's delta survive sparsification, as tensors a kernel reads:
+    magnitude cuts ``low``/``high`` (``[K, 1]``) for TIES and breadcrumbs; a keep ``probability``
+    (``[K, 1]``, DELLA's ``epsilon`` beside it) and a draw ``seed`` for DARE and DELLA."""
+
+    kind: Sparsification
+    low: Tensor | None = None
+    high: Tensor | None = None
+    probability: Tensor | None = None
+    epsilon: Tensor | None = None
+    seed: Tensor | None = None
+
+
+def _keep_rule(variant: TaskArithmeticVariant, deltas: Tensor, params: MergeParams,
+               generator: torch.Generator | None, thresholds: MagnitudeThresholds | None) -> _KeepRule:
+    count, kind = deltas.shape[0], variant.sparsification
+    if kind == "none":
+        return _KeepRule(kind)
+    density = _expert_floats(params, "density", count)
     numel = deltas[0].numel()
-    # mergekit keeps int(density * n) elements but at least one whenever density > 0.
-    counts = [numel if d >= 1 else 0 if d <= 0 else max(1, int(d * numel)) for d in density]
-    work = _work_dtype(deltas.dtype)
-    cuts = [_shrink_cut(t, work) for t in _kth_largest(deltas, counts, thresholds)]
-    return lambda x, out: _shrink_rows(x, cuts, out)
-
-
-def _band_sparsifier(deltas: Tensor, density: Sequence[float], gamma: Sequence[float],
-                     thresholds: MagnitudeThresholds | None) -> Sparsifier:
-    numel = deltas[0].numel()
-    dropped_top, kept_through = [], []
-    for d, g in zip(density, gamma):
-        if d >= 1:
-            dropped_top.append(0)
-            kept_through.append(numel)
-            continue
-        target = int(d * numel)
-        # mergekit shrinks the outlier cut when the kept band would run off the bottom.
-        skipped_bottom = max(0, numel - target - int(g * numel))
-        dropped_top.append(numel - skipped_bottom - target)
-        kept_through.append(numel - skipped_bottom)
-    work = _work_dtype(deltas.dtype)
-    lower = [_shrink_cut(t, work) for t in _kth_largest(deltas, kept_through, thresholds)]
-    upper = [_shrink_cut(t, work) for t in _kth_largest(deltas, dropped_top, thresholds)]
-
-    def band(x: Tensor, out: Tensor) -> Tensor:
-        # at or above the lower cut, minus at or above the upper one: exactly the band
-        return torch.sub(_shrink_rows(x, lower, torch.empty_like(x)), _shrink_rows(x, upper, out), out=out)
-
-    return band
-
-
-def _keep_where_drawn_below(x: Tensor, probability: Tensor, generator: torch.Generator, out: Tensor) -> Tensor:
-    """``x`` where a fresh uniform draw (float32, one per element in order) is below
-    ``probability``: ``ceil(p - u)`` is 1 exactly when ``u < p``, a float mask in two passes."""
-    draws = torch.rand(x.shape, generator=generator, dtype=torch.float32, device=x.device)
-    torch.sub(probability, draws, out=draws).ceil_()
-    return torch.mul(x, draws, out=out)
-
-
-def _random_sparsifier(deltas: Tensor, density: Sequence[float], generator: torch.Generator) -> Sparsifier:
-    keep = torch.tensor(density, dtype=torch.float32, device=deltas.device)[:, None]
-    return lambda x, out: _keep_where_drawn_below(x, keep, generator, out)
+    if kind == "magnitude":
+        # mergekit keeps int(density * n) elements but at least one whenever density > 0.
+        counts = [numel if d >= 1 else 0 if d <= 0 else max(1, int(d * numel)) for d in density]
+        return _KeepRule(kind, low=_magnitude_cuts(deltas, counts, thresholds))
+    if kind == "band":
+        dropped_top, kept_through = [], []
+        for d, g in zip(density, _expert_floats(params, "gamma", count)):
+            if d >= 1:
+                dropped_top.append(0)
+                kept_through.append(numel)
+                continue
+            target = int(d * numel)
+            # mergekit shrinks the outlier cut when the kept band would run off the bottom.
+            skipped_bottom = max(0, numel - target - int(g * numel))
+            dropped_top.append(numel - skipped_bottom - target)
+            kept_through.append(numel - skipped_bottom)
+        return _KeepRule(kind, low=_magnitude_cuts(deltas, kept_through, thresholds),
+                         high=_magnitude_cuts(deltas, dropped_top, thresholds))
+    generator = _need(generator, f"{kind} sparsification")
+    seed = torch.randint(0, 1 << 32, (), generator=generator, device=generator.device).to(deltas.device)
+    column = lambda values: torch.tensor(values, dtype=torch.float32, device=deltas.device)[:, None]  # noqa: E731
+    epsilon = column(_expert_floats(params, "epsilon", count)) if kind == "rank" else None
+    return _KeepRule(kind, probability=column(density), epsilon=epsilon, seed=seed)
 
 
 def _rank_width(deltas: Tensor) -> int:
@@ -386,35 +393,92 @@ def _row_ranks(rows: Tensor) -> Tensor:
     return torch.empty(rows.shape, dtype=torch.float32, device=rows.device).scatter_(-1, order, ranks)
 
 
-def _rank_sparsifier(deltas: Tensor, density: Sequence[float], epsilon: Sequence[float],
-                     generator: torch.Generator) -> Sparsifier:
-    count, width = deltas.shape[0], _rank_width(deltas)
-    d = torch.tensor(density, dtype=torch.float32, device=deltas.device).reshape(count, 1, 1)
-    e = torch.tensor(epsilon, dtype=torch.float32, device=deltas.device).reshape(count, 1, 1)
-
-    def rank_keep(x: Tensor, out: Tensor) -> Tensor:
-        rank = _row_ranks(x.reshape(count, -1, width)) / max(width - 1, 1)
-        probability = torch.where(d >= 1, 1.0, torch.where(d <= 0, 0.0, d - e + 2 * e * rank))
-        return _keep_where_drawn_below(x, probability.reshape(x.shape), generator, out)
-
-    return rank_keep
+def _slab_probability(rule: _KeepRule, x: Tensor, width: int) -> Tensor | None:
+    """The keep probability a slab's kernel reads: DARE's per expert, or DELLA's per element for a
+    slab of whole rows, rising with magnitude rank from density - epsilon to density + epsilon
+    (0 or 1 where the density is)."""
+    if rule.kind != "rank":
+        return rule.probability
+    count = x.shape[0]
+    d, e = rule.probability[:, :, None], rule.epsilon[:, :, None]
+    rank = _row_ranks(x.reshape(count, -1, width)) / max(width - 1, 1)
+    return torch.where(d >= 1, 1.0, torch.where(d <= 0, 0.0, d - e + 2 * e * rank)).reshape(x.shape)
 
 
-def _sparsifier(variant: TaskArithmeticVariant, deltas: Tensor, params: MergeParams,
-                generator: torch.Generator | None, thresholds: MagnitudeThresholds | None) -> Sparsifier:
-    count = deltas.shape[0]
-    kind = variant.sparsification
+def _kept(x: Tensor, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
+          seed: Tensor | None, start: int, numel: int, kind: str) -> Tensor:
+    """One slab of deltas (``[K, columns]`` from column ``start`` of ``numel``) with the dropped
+    elements zeroed; magnitudes at a cut count as above it."""
     if kind == "none":
-        return _keep_all
-    density = _expert_floats(params, "density", count)
-    if kind == "magnitude":
-        return _top_magnitude_sparsifier(deltas, density, thresholds)
-    if kind == "band":
-        return _band_sparsifier(deltas, density, _expert_floats(params, "gamma", count), thresholds)
-    if kind == "random":
-        return _random_sparsifier(deltas, density, generator)
-    return _rank_sparsifier(deltas, density, _expert_floats(params, "epsilon", count), generator)
+        return x
+    if kind in ("magnitude", "band"):
+        magnitude = x.abs()
+        keep = magnitude >= low
+        if kind == "band":
+            keep = keep & (magnitude < high)
+        return torch.where(keep, x, 0.0)
+    index = (torch.arange(x.shape[0], device=x.device)[:, None] * numel
+             + torch.arange(x.shape[1], device=x.device) + start)
+    return torch.where(_uniforms(index, seed) < probability, x, 0.0)
 
+
+def _sparsify_slab(x: Tensor, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
+                   seed: Tensor | None, start: int, numel: int, out: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """Write the kept slab into ``out``; return each expert's L1 norm before and after, for rescale."""
+    work = x.to(out.dtype)
+    kept = _kept(work, low, high, probability, seed, start, numel, kind)
+    out.copy_(kept)
+    return work.abs().sum(1), kept.abs().sum(1)
+
+
+def _merge_slab(x: Tensor, base: Tensor, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
+                seed: Tensor | None, start: int, numel: int, coefficient: Tensor, weight: Tensor, lam: Tensor,
+                out: Tensor, kind: str, elect: bool, normalize: bool) -> None:
+    """One slab of the generalized task-arithmetic merge, written into ``out``: sparsify, weight,
+    combine (with TIES' sign election: keep the weighted deltas whose sign agrees with their sum's,
+    +1 where the sum is 0, and with ``normalize`` divide by the weight that agreed, 1 where none
+    did), scale by ``lam`` and add the base. One pass when compiled."""
+    kept = _kept(x.to(coefficient.dtype), low, high, probability, seed, start, numel, kind)
+    weighted = kept * coefficient
+    if elect:
+        elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+        agrees = weighted * elected > 0
+        mixed = torch.where(agrees, weighted, 0.0).sum(0)
+        if normalize:
+            contributed = torch.where(agrees, weight, 0.0).sum(0)
+            mixed = mixed / torch.where(contributed == 0, 1.0, contributed)
+    else:
+        mixed = weighted.sum(0)
+    out.copy_(base.to(coefficient.dtype) + lam * mixed)
+
+
+_COMPILE_MIN_ELEMENTS = 1 << 16
+"""Tensors this large run the slab kernels compiled (one fused loop instead of a dozen eager
+passes: 10-20x on CPU); smaller ones, like the test models', are not worth a compile."""
+_compiled: dict[str, Callable] = {}
+_compile_failed: list[str] = []
+
+
+def _kernel(fn: Callable, numel: int) -> Callable:
+    """``fn`` compiled with torch.compile for a large tensor, else as is. Where compiling fails
+    (no C++ compiler, no triton), it warns once and every merge runs eagerly: same numbers, slower."""
+    if numel < _COMPILE_MIN_ELEMENTS or _compile_failed:
+        return fn
+    if fn.__name__ not in _compiled:
+        _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
+    compiled = _compiled[fn.__name__]
+
+    def run(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any backend failure falls back to eager
+            if _compile_failed:
+                raise
+            _compile_failed.append(f"{type(error).__name__}: {error}".splitlines()[0])
+            warnings.warn(f"torch.compile failed ({_compile_failed[0]}); merging eagerly", stacklevel=2)
+            return fn(*args, **kwargs)
+
+    return run
 
 def _slab_columns(variant: TaskArithmeticVariant, deltas: Tensor) -> int:
     """Columns per slab: about :data:`_SLAB_ELEMENTS`, in whole rows where DELLA ranks rows."""
@@ -429,41 +493,6 @@ def _slabs(numel: int, columns: int) -> list[slice]:
     return [slice(start, min(start + columns, numel)) for start in range(0, numel, columns)]
 
 
-def _sparsify_into(flat: Tensor, sparsify: Sparsifier, slabs: Sequence[slice], kept: Tensor) -> Tensor:
-    """Write every slab's kept deltas into ``kept`` and return, per expert, original L1 norm over
-    kept L1 norm (1 where either is below mergekit's 1e-7): mergekit's rescale, which the combine
-    needs before its first slab. Keeping the kept deltas lets random masks be drawn only once."""
-    before = torch.zeros(flat.shape[0], dtype=torch.float64, device=flat.device)
-    after = torch.zeros_like(before)
-    for slab in slabs:
-        x = flat[:, slab].to(kept.dtype)
-        before += x.abs().sum(1)
-        after += sparsify(x, kept[:, slab]).abs().sum(1)
-    usable = (before >= _NORM_EPS) & (after >= _NORM_EPS)
-    return torch.where(usable, before / torch.where(usable, after, torch.ones_like(after)), 1.0).to(kept.dtype)
-
-
-def _one_where_zero(x: Tensor) -> Tensor:
-    """``x`` with its zeros replaced by 1, mergekit's guard on a divisor, in float passes only."""
-    return x + torch.sign(x).abs_().neg_().add_(1)
-
-
-def _elect_and_mix(weighted: Tensor, weight: Tensor, normalize: bool) -> Tensor:
-    """TIES' disjoint merge of one slab (consumes ``weighted``): elect the sign of the summed
-    weighted deltas (the one with more total mass), sum the deltas that agree with it, and with
-    ``normalize`` divide by the weight of the experts that contributed (1 where none did)."""
-    # copysign(1, total) is TIES' "+1 where total >= 0" in one pass: it differs only at a total
-    # of -0.0, which a sum only gives when every weighted delta is zero, and then nothing agrees.
-    total = weighted.sum(0)
-    elected = torch.copysign(total.new_ones(()), total)
-    aligned = weighted.mul_(elected)  # agreeing elements are now the positive ones
-    agrees = torch.sign(aligned).clamp_(min=0) if normalize else None
-    mixed = aligned.clamp_(min=0).sum(0).mul_(elected)
-    if agrees is None:
-        return mixed
-    return mixed.div_(_one_where_zero(weight @ agrees))
-
-
 def generalized_task_arithmetic(variant: TaskArithmeticVariant, base: Tensor, deltas: Tensor, params: MergeParams,
                                 generator: torch.Generator | None = None,
                                 thresholds: MagnitudeThresholds | None = None, *, out: Tensor | None = None) -> Tensor:
@@ -471,41 +500,51 @@ def generalized_task_arithmetic(variant: TaskArithmeticVariant, base: Tensor, de
     expert's delta, optionally rescale it to its original L1 norm, weight, combine (with or
     without sign election), optionally divide by the weight that contributed, scale by lambda.
 
-    The tensor is merged slab by slab of columns so every elementwise pass runs on cached data,
-    and ``deltas`` are upcast a slab at a time. Rescaling multiplies each expert's weight by its
+    The tensor is merged slab by slab of columns, each slab by one kernel (compiled for large
+    tensors) that upcasts, sparsifies, combines and writes the merged slab in the base's dtype
+    into ``out`` (the base's shape) when given. Rescaling multiplies each expert's weight by its
     norm ratio, which needs a first pass that sparsifies the whole tensor into a buffer the
-    combine then reads. Random variants draw ``K x columns`` float32 uniforms per slab, slabs in
-    column order, so a tensor within one slab draws one uniform per element of ``deltas``, in order.
-    Each merged slab is written in the base's dtype into ``out`` (the base's shape) when given, so
-    a caller that owns the destination saves allocating and copying a tensor.
+    combine then reads. Random variants draw one counter-based uniform per element of ``deltas``
+    (:func:`draw_uniforms` replays them) from a seed taken from ``generator``.
     """
     count = deltas.shape[0]
     work = _work_dtype(deltas.dtype)
     flat = deltas.reshape(count, -1)
     base_flat = base.reshape(-1)
-    if variant.randomized:
-        generator = _need(generator, f"{variant.sparsification} sparsification")
-    sparsify = _sparsifier(variant, deltas, params, generator, thresholds)
-    slabs = _slabs(base_flat.numel(), _slab_columns(variant, deltas))
-    weight = torch.tensor(_expert_floats(params, "weight", count), dtype=work, device=base.device)
+    numel = base_flat.numel()
+    rule = _keep_rule(variant, deltas, params, generator, thresholds)
+    slabs = _slabs(numel, _slab_columns(variant, deltas))
+    width = _rank_width(deltas) if rule.kind == "rank" else 0
+    weight = torch.tensor(_expert_floats(params, "weight", count), dtype=work, device=base.device)[:, None]
     coefficient = weight
     if variant.default_rescale is not None and _option(params.rescale, variant.default_rescale):
+        sparsify = _kernel(_sparsify_slab, flat.numel())
         kept = torch.empty(flat.shape, dtype=work, device=flat.device)
-        coefficient = weight * _sparsify_into(flat, sparsify, slabs, kept)
-        flat, sparsify = kept, _keep_all
+        before = torch.zeros(count, dtype=torch.float64, device=flat.device)
+        after = torch.zeros_like(before)
+        for slab in slabs:
+            x = flat[:, slab]
+            norms = sparsify(x, rule.low, rule.high, _slab_probability(rule, x, width), rule.seed, slab.start,
+                             numel, kept[:, slab], kind=rule.kind)
+            before += norms[0]
+            after += norms[1]
+        # mergekit's rescale: original L1 norm over kept L1 norm, 1 where either is below 1e-7
+        usable = (before >= _NORM_EPS) & (after >= _NORM_EPS)
+        ratio = torch.where(usable, before / torch.where(usable, after, torch.ones_like(after)), 1.0)
+        coefficient = weight * ratio.to(work)[:, None]
+        flat, rule = kept, _KeepRule("none")
     normalize = _option(params.normalize, variant.default_normalize)
     if normalize and not variant.elect_sign:
         coefficient = coefficient / _weight_total(weight)
     merged = torch.empty(base.shape, dtype=base.dtype, device=base.device) if out is None else out
     merged_flat = merged.view(-1)
+    lam = torch.tensor(params.lambda_, dtype=work, device=base.device)
+    merge = _kernel(_merge_slab, flat.numel())
     for slab in slabs:
-        x = flat[:, slab].to(work)
-        kept = sparsify(x, torch.empty_like(x))
-        if variant.elect_sign:
-            mixed = _elect_and_mix(torch.mul(kept, coefficient[:, None]), weight, normalize)
-        else:
-            mixed = coefficient @ kept
-        torch.add(base_flat[slab].to(work), mixed, alpha=params.lambda_, out=merged_flat[slab])
+        x = flat[:, slab]
+        merge(x, base_flat[slab], rule.low, rule.high, _slab_probability(rule, x, width), rule.seed, slab.start,
+              numel, coefficient, weight, lam, merged_flat[slab], kind=rule.kind, elect=variant.elect_sign,
+              normalize=normalize)
     return merged
 
 
