@@ -74,3 +74,24 @@ def test_a_second_invocation_reuses_every_search_and_score(experiment):
     assert "run folder:" not in again.stderr and "scoring" not in again.stderr
     after = json.loads((out / "results.json").read_text())
     assert [r["pick"] for r in after["rows"]] == [r["pick"] for r in before["rows"]]
+
+
+def test_the_readme_block_is_replaced_by_the_generated_summary(experiment, tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import table
+
+    out, _ = experiment
+    results = json.loads((out / "results.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Experiments\n\n{table.README_BEGIN}\nstale numbers\n{table.README_END}\n\n## Next\n")
+    written = table.render(results, tmp_path / "report", readme)
+    text = readme.read_text()
+    assert readme in written and "stale numbers" not in text
+    assert text.startswith("# Experiments\n\n") and text.endswith(f"{table.README_END}\n\n## Next\n")
+    block = text.split(table.README_BEGIN)[1].split(table.README_END)[0]
+    assert list(main_table("## Best-on-validation pick, held-out test\n\n" + block.split("\n\n", 2)[2])) == \
+        list(main_table((out / "results.md").read_text()))
+    assert "## Targets" in block
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    assert plain not in table.render(results, tmp_path / "report", plain) and plain.read_text() == "no markers\n"

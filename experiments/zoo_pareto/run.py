@@ -547,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "finished": time.strftime("%Y-%m-%d %H:%M"),
     }
     write_json(args.out / "results.json", results)
-    written = table.render(results, args.out)
+    written = table.render(results, args.out, table.README if args.out.resolve() == HERE else None)
     log(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
