@@ -262,8 +262,8 @@ magnitude band below the outliers (breadcrumbs), a uniform random keep (DARE), o
 whose probability rises with magnitude rank within each row (DELLA)."""
 
 _SLAB_ELEMENTS = 1 << 18
-"""Elements of the ``[K, columns]`` slab merged at a time: 1 MiB in float32, so the dozen
-elementwise passes of one slab run on cached data instead of streaming the stack from memory."""
+"""Elements of the ``[K, columns]`` slab merged at a time: 1 MiB in float32, so the passes of an
+eager slab run on cached data, and a compiled slab's temporaries stay small."""
 
 
 @dataclass(frozen=True)
@@ -288,11 +288,6 @@ class TaskArithmeticVariant:
     @property
     def randomized(self) -> bool:
         return self.sparsification in ("random", "rank")
-
-
-Sparsifier = Callable[[Tensor, Tensor], Tensor]
-"""Writes the kept part of one slab of deltas (``[K, columns]``, working precision) into ``out``
-(same shape) and returns it; random sparsifiers draw from their generator in slab order."""
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
