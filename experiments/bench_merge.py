@@ -104,15 +104,20 @@ def floor_seconds(merger: Merger, method_experts: int, bandwidth: float) -> floa
     return (plan.base + delta_bytes + plan.working) / bandwidth
 
 
-def time_materialize(merger: Merger, recipe: Recipe, repeats: int) -> float:
-    merger.materialize(recipe)  # warm-up: builds quantile tables a sparsifying method needs once
+def time_materialize(merger: Merger, recipe: Recipe, repeats: int) -> tuple[float, float]:
+    """Seconds of the first materialization (which builds the quantile tables a sparsifying
+    method needs and compiles its kernels, once per worker) and the median of the next ones."""
+    start = time.perf_counter()
+    merger.materialize(recipe)
+    _sync(merger.device)
+    first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         merger.materialize(recipe)
         _sync(merger.device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return first, statistics.median(times)
 
 
 def time_mergekit(recipe: Recipe, merger: Merger, workdir: Path) -> float:
@@ -167,14 +172,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{torch.get_num_threads()} threads")
         print(f"memory plan: {merger.memory_plan().summary()}")
         print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
-        header = f"{'method':<16} {'merger s':>9} {'floor s':>8} {'x floor':>8}"
+        header = f"{'method':<16} {'first s':>8} {'merger s':>9} {'floor s':>8} {'x floor':>8}"
         print(header + (f" {'mergekit s':>11} {'mk/merger':>10}" if args.mergekit else ""))
         for method in methods:
             recipe = recipe_for(method, base, experts, merger.num_layers)
-            seconds = time_materialize(merger, recipe, repeats)
+            first, seconds = time_materialize(merger, recipe, repeats)
             used = 1 if method == "slerp" else len(experts)
             floor = floor_seconds(merger, used, bandwidth)
-            row = f"{method:<16} {seconds:>9.3f} {floor:>8.3f} {seconds / floor:>8.1f}"
+            row = f"{method:<16} {first:>8.2f} {seconds:>9.3f} {floor:>8.3f} {seconds / floor:>8.1f}"
             if args.mergekit and method in MERGEKIT_METHODS:
                 theirs = time_mergekit(recipe, merger, workdir / method)
                 row += f" {theirs:>11.2f} {theirs / seconds:>10.1f}"

@@ -415,6 +415,18 @@ def test_quantiles_interpolate_between_grid_points_and_are_exact_for_small_tenso
         assert small.magnitude_threshold(1, count / 10) == torch.kthvalue(flat[1], 11 - count).values.item()
 
 
+def test_sampled_quantiles_keep_close_to_the_asked_fraction() -> None:
+    deltas = torch.randn((2, 300_000), generator=torch.Generator().manual_seed(3)) ** 3  # heavy tails
+    table = MagnitudeQuantiles.from_deltas(deltas, resolution=1024, sample=1 << 14)
+    exact = MagnitudeQuantiles.from_deltas(deltas, resolution=1024, sample=1 << 20)  # no sampling
+    for fraction in (0.01, 0.1, 0.5, 0.9):
+        for i in range(2):
+            kept = (deltas[i].abs() >= table.magnitude_threshold(i, fraction)).float().mean().item()
+            assert abs(kept - fraction) < 4 * math.sqrt(fraction * (1 - fraction) / (1 << 14)) + 1e-3
+            kept = (deltas[i].abs() >= exact.magnitude_threshold(i, fraction)).float().mean().item()
+            assert abs(kept - fraction) < 1e-3
+
+
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
 def test_quantile_thresholds_reproduce_exact_merges(method: str) -> None:
     base, deltas = tensors(3)

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evomerge.errors import UserError
-from evomerge.pool import ModelPool, inspect_model, layer_index, load_model
+from evomerge.pool import ModelPool, layer_index, load_model
 
 
 @pytest.fixture

@@ -141,7 +141,11 @@ class MagnitudeQuantiles:
     ``values[i, j]`` is the ``counts[j]``-th largest magnitude of expert ``i``. A query for a
     fraction ``f`` asks for the ``round(f * numel)``-th largest magnitude: exact when that count is
     in ``counts`` (all counts when ``numel <= resolution + 1``), linearly interpolated between the
-    neighbouring counts otherwise.
+    neighbouring counts otherwise. Tensors of more than ``sample`` elements (and more than the
+    resolution resolves exactly) read their quantiles off a fixed random sample of ``sample``
+    magnitudes per expert: a threshold's kept count is then off by about
+    ``sqrt(f (1 - f) / sample)`` of the tensor (at most 0.14% at 2^17), the order of the
+    interpolation's own error, while building a SmolLM2-135M table takes seconds, not a minute.
     """
 
     numel: int
@@ -149,20 +153,27 @@ class MagnitudeQuantiles:
     values: Tensor
 
     @classmethod
-    def from_deltas(cls, deltas: Tensor, resolution: int = 1024) -> MagnitudeQuantiles:
+    def from_deltas(cls, deltas: Tensor, resolution: int = 1024, sample: int = 1 << 17) -> MagnitudeQuantiles:
         if resolution < 1:
             raise ValueError(f"resolution {resolution} must be at least 1")
-        magnitudes = deltas.reshape(deltas.shape[0], -1).abs()
-        if magnitudes.dtype in _HALF:
-            magnitudes = magnitudes.float()
-        numel = magnitudes.shape[1]
+        flat = deltas.reshape(deltas.shape[0], -1)
+        numel = flat.shape[1]
         if numel <= resolution + 1:
             counts = list(range(1, numel + 1))
         else:
             counts = sorted({max(1, (j * numel + resolution // 2) // resolution) for j in range(resolution + 1)})
-        ordered = magnitudes.sort(dim=1, descending=True).values
-        index = torch.tensor([count - 1 for count in counts], dtype=torch.long, device=ordered.device)
-        return cls(numel, tuple(counts), ordered[:, index].to("cpu", torch.float64))
+        wanted = torch.tensor(counts, dtype=torch.float64, device=flat.device)
+        if numel > max(sample, resolution + 1):
+            generator = torch.Generator(device=flat.device).manual_seed(0)
+            flat = flat[:, torch.randint(numel, (sample,), generator=generator, device=flat.device)]
+            wanted = (wanted * sample / numel).clamp(1, sample)  # a count's rank in the sample
+        ordered = flat.abs().to(torch.float64).sort(dim=1, descending=True).values
+        position = wanted - 1
+        low = position.floor().long()
+        high = position.ceil().long()
+        share = position - low
+        values = ordered[:, low] * (1 - share) + ordered[:, high] * share
+        return cls(numel, tuple(counts), values.to("cpu"))
 
     def magnitude_threshold(self, expert_index: int, keep_fraction: float) -> float:
         count = min(round(keep_fraction * self.numel), self.numel)
@@ -251,8 +262,8 @@ magnitude band below the outliers (breadcrumbs), a uniform random keep (DARE), o
 whose probability rises with magnitude rank within each row (DELLA)."""
 
 _SLAB_ELEMENTS = 1 << 18
-"""Elements of the ``[K, columns]`` slab merged at a time: 1 MiB in float32, so the dozen
-elementwise passes of one slab run on cached data instead of streaming the stack from memory."""
+"""Elements of the ``[K, columns]`` slab merged at a time: 1 MiB in float32, so the passes of an
+eager slab run on cached data, and a compiled slab's temporaries stay small."""
 
 
 @dataclass(frozen=True)
@@ -277,11 +288,6 @@ class TaskArithmeticVariant:
     @property
     def randomized(self) -> bool:
         return self.sparsification in ("random", "rank")
-
-
-Sparsifier = Callable[[Tensor, Tensor], Tensor]
-"""Writes the kept part of one slab of deltas (``[K, columns]``, working precision) into ``out``
-(same shape) and returns it; random sparsifiers draw from their generator in slab order."""
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:

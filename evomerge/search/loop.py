@@ -18,7 +18,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from evomerge.errors import UserError
 from evomerge.fitness.objectives import Objective, hypervolume, minimized_matrix
