@@ -8,10 +8,9 @@ One command reproduces ``results.md`` (tables generated, never typed) and the pl
     python experiments/zoo_pareto/table.py                # re-render results.md from results.json
 
 The default size (3 seeds x 4 searches x 72 candidates, anchor estimates on 10 items per task,
-2 re-scored and 3 + 1 test-scored per run) is meant to fit about 2 hours on 2 idle CPU cores: an
-estimate from full-split evaluations of the zoo measured elsewhere (about 25-35 s per validation
-pass unloaded), not a measurement of this script; results.md states the time a run really took.
-``--budget 150`` (the issue's lower range) would take about 3 hours.
+2 re-scored and 3 + 1 test-scored per run) took 80 minutes on 2 idle CPU cores (2026-11-23:
+probes 3, searches 49, full-split scoring 28); results.md states the time a run really took.
+``--budget 150`` (the issue's lower range) would take about 2.2 hours by those timings.
 
 Searchers, all on the same zoo and tasks (the zoo config's skill tasks; its probe tasks are only
 scored, never optimized):
