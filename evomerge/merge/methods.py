@@ -167,12 +167,12 @@ class MagnitudeQuantiles:
             generator = torch.Generator(device=flat.device).manual_seed(0)
             flat = flat[:, torch.randint(numel, (sample,), generator=generator, device=flat.device)]
             wanted = (wanted * sample / numel).clamp(1, sample)  # a count's rank in the sample
-        ordered = flat.abs().to(torch.float64).sort(dim=1, descending=True).values
+        ordered = flat.abs().to(_work_dtype(flat.dtype)).sort(dim=1, descending=True).values
         position = wanted - 1
         low = position.floor().long()
         high = position.ceil().long()
         share = position - low
-        values = ordered[:, low] * (1 - share) + ordered[:, high] * share
+        values = ordered[:, low].double() * (1 - share) + ordered[:, high].double() * share
         return cls(numel, tuple(counts), values.to("cpu"))
 
     def magnitude_threshold(self, expert_index: int, keep_fraction: float) -> float:
@@ -320,12 +320,15 @@ def _magnitude_cuts(deltas: Tensor, counts: Sequence[int], thresholds: Magnitude
     return torch.tensor(values, dtype=_work_dtype(deltas.dtype), device=deltas.device)[:, None]
 
 
-def _uniforms(index: Tensor, seed: Tensor) -> Tensor:
-    """One uniform draw in [0, 1) per element index, a hash of ``(seed, index)``: a counter-based
+def _uniforms(seed: Tensor, rows: int, start: int, columns: int, numel: int) -> Tensor:
+    """The ``[rows, columns]`` draws for columns ``start ..`` of a ``[rows, numel]`` stack: one
+    uniform in [0, 1) per element, a hash of ``(seed, row * numel + column)``: a counter-based
     generator, so the draws are fused into the merge kernel instead of streamed from a sequential
     one (which took longer than the merge), depend only on each element's position (slabs and
     devices cannot change them), and still reproduce exactly from the seed. The mixer is a
     32-bit integer finalizer (two multiply-xorshift rounds); int64 arithmetic never overflows."""
+    index = (torch.arange(rows, device=seed.device)[:, None] * numel
+             + torch.arange(start, start + columns, device=seed.device))
     h = (index * 0x9E3779B1 + seed) & 0xFFFFFFFF
     h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
     h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
@@ -336,8 +339,7 @@ def _uniforms(index: Tensor, seed: Tensor) -> Tensor:
 def draw_uniforms(seed: int, rows: int, numel: int, device: str | torch.device = "cpu") -> Tensor:
     """The ``[rows, numel]`` uniforms a randomized method draws for a stack of ``rows`` task
     vectors of ``numel`` elements from key ``seed``, so tests and users can replay a mask."""
-    index = torch.arange(rows, device=device)[:, None] * numel + torch.arange(numel, device=device)
-    return _uniforms(index, torch.tensor(seed, device=device))
+    return _uniforms(torch.tensor(seed, device=device), rows, 0, numel, numel)
 
 
 @dataclass(frozen=True)
@@ -423,9 +425,7 @@ def _kept(x: Tensor, low: Tensor | None, high: Tensor | None, probability: Tenso
         if kind == "band":
             keep = keep & (magnitude < high)
         return torch.where(keep, x, 0.0)
-    index = (torch.arange(x.shape[0], device=x.device)[:, None] * numel
-             + torch.arange(x.shape[1], device=x.device) + start)
-    return torch.where(_uniforms(index, seed) < probability, x, 0.0)
+    return torch.where(_uniforms(seed, x.shape[0], start, x.shape[1], numel) < probability, x, 0.0)
 
 
 def _sparsify_slab(x: Tensor, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
