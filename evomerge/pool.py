@@ -91,15 +91,17 @@ def _pickle_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def inspect_model(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelInfo:
-    """Architecture, tensor shapes and vocabulary of ``ref``, from metadata only where possible."""
+def inspect_model(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                  loaded: tuple | None = None) -> ModelInfo:
+    """Architecture, tensor shapes and vocabulary of ``ref``, from metadata only where possible;
+    ``loaded`` is ``ref``'s (model, tokenizer) when the caller already holds them."""
     from transformers import AutoTokenizer
 
     folder, gguf_file = resolve(ref, allow_pickle=allow_pickle)
     if gguf_file is not None:
         # A GGUF file's tensor names follow llama.cpp, not transformers; loading is the honest way
         # to learn the transformers names. GGUF models are small enough for that to be cheap.
-        model, tokenizer = load_model(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        model, tokenizer = loaded or load_model(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         return ModelInfo(ref, folder, gguf_file, type(model).__name__, shapes, tokenizer.get_vocab())
     config = json.loads((folder / "config.json").read_text())
@@ -163,6 +165,11 @@ def load_model(ref: str, *, dtype: torch.dtype = torch.float32, allow_pickle: bo
     return model.eval(), tokenizer
 
 
+def _is_gguf(ref: str) -> bool:
+    path = Path(ref).expanduser()
+    return path.suffix == ".gguf" and path.is_file()
+
+
 def unique_parameters(model) -> dict[str, torch.Tensor]:
     """Named parameters with tied tensors listed once: merging a tied tensor twice is wasted work."""
     return {name: param.detach() for name, param in model.named_parameters()}
@@ -187,12 +194,14 @@ class ModelPool:
         if len(named) != len(experts):
             raise UserError(f"expert names collide in {list(experts)}; name them explicitly")
         opts = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
-        base_info = inspect_model(base, **opts)
+        # Inspecting a GGUF file means dequantizing it; a GGUF base is loaded once, for both.
+        loaded = load_model(base, dtype=dtype, device=device, **opts) if _is_gguf(base) else None
+        base_info = inspect_model(base, loaded=loaded, **opts)
         for ref in named.values():
             check_mergeable(base_info, inspect_model(ref, **opts))
         self.base_ref = base
         self.expert_refs = named
-        self.model, self.tokenizer = load_model(base, dtype=dtype, device=device, **opts)
+        self.model, self.tokenizer = loaded or load_model(base, dtype=dtype, device=device, **opts)
         self.base = {k: v.clone() for k, v in unique_parameters(self.model).items()}
         self.task_vectors: dict[str, dict[str, torch.Tensor]] = {}
         for name, ref in named.items():
