@@ -15,15 +15,16 @@ def _model(merger, coefficients):
     return merger.materialize(task_arithmetic(merger.experts, merger.num_layers, coefficients))
 
 
-def test_evaluator_reproduces_the_card_for_each_expert(zoo, zoo_merger):
+def test_evaluator_reproduces_the_card(zoo, zoo_merger):
+    """One expert on its own task (test_zoo reproduces another through the bare scorer): the
+    Evaluator's batching and item bookkeeping must not move the card's number."""
     card = zoo.card()["scores"]
-    skills = list(zoo.config.skills)
-    evaluator = Evaluator(FitnessConfig(estimator="full", batch_size=64), [task_name(s) for s in skills],
+    skill = list(zoo.config.skills)[0]
+    evaluator = Evaluator(FitnessConfig(estimator="full", batch_size=64), [task_name(skill)],
                           zoo_merger.tokenizer, include_path=str(zoo.task_dir))
-    for skill in skills:
-        scores = evaluator.score(_model(zoo_merger, {skill: 1.0}), full=True).scores
-        assert scores[task_name(skill)] == pytest.approx(card[skill]["validation"][skill])
-        assert scores[task_name(skill)] >= 0.9
+    scores = evaluator.score(_model(zoo_merger, {skill: 1.0}), full=True).scores
+    assert scores[task_name(skill)] == pytest.approx(card[skill]["validation"][skill])
+    assert scores[task_name(skill)] >= 0.9
 
 
 def test_native_matches_lm_eval_on_a_real_merge(zoo, zoo_merger):
