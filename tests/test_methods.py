@@ -332,7 +332,7 @@ def test_random_masks_do_not_depend_on_how_a_tensor_is_sliced(method: str, monke
     torch.testing.assert_close(sliced, whole, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della"])
 def test_compiled_kernels_merge_like_eager_ones(method: str, monkeypatch) -> None:
     """Large tensors run the slab kernels through torch.compile (the CPU path a search takes)."""
     base, deltas = tensors(3, seed=2, shape=(256, 384))  # above the compile threshold
@@ -432,9 +432,9 @@ def test_quantile_thresholds_reproduce_exact_merges(method: str) -> None:
     base, deltas = tensors(3)
     table = MagnitudeQuantiles.from_deltas(deltas, resolution=SHAPE[0] * SHAPE[1])
     p = params_for(method, 3)
-    assert torch.equal(merge_tensor(method, base, deltas, p, thresholds=table), merge_tensor(method, base, deltas, p))
+    assert torch.equal(merge_tensor(method, base, deltas, p, stats=table), merge_tensor(method, base, deltas, p))
     coarse = MagnitudeQuantiles.from_deltas(deltas, resolution=32)
-    approx = merge_tensor(method, base, deltas, p, thresholds=coarse)
+    approx = merge_tensor(method, base, deltas, p, stats=coarse)
     exact = merge_tensor(method, base, deltas, p)
     assert (approx != exact).float().mean() < 0.05
 
@@ -518,3 +518,20 @@ def test_linear_and_slerp_match_mergekit(normalize: bool) -> None:
     pair = TensorBatch((base[None], (base + deltas[0])[None]), base_index=0)
     expected = registry.get("slerp").merge_batch(pair, t=torch.tensor([0.35]))[0]
     torch.testing.assert_close(merge_tensor("slerp", base, deltas[:1], MergeParams(t=0.35)), expected)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_combine_adds_the_weighted_stack_to_the_scaled_base(compiled: bool, monkeypatch) -> None:
+    """The one pass task arithmetic and linear merges take, here with bf16 task vectors upcast on
+    the fly; compiled for a large tensor, slab by slab otherwise."""
+    base, deltas = tensors(3, seed=4, shape=(256, 384))
+    stack = deltas.reshape(3, -1).to(torch.bfloat16)
+    if not compiled:
+        monkeypatch.setattr(methods, "_COMPILE_MIN_ELEMENTS", 1 << 62)
+        monkeypatch.setattr(methods, "_SLAB_ELEMENTS", 3 * 1000)  # slabs that do not divide the tensor
+    out = torch.empty(base.numel())
+    methods.combine(base.reshape(-1), stack, 0.7, [0.5, -0.25, 1.5], out)
+    expected = 0.7 * base.reshape(-1) + stack.float().t() @ torch.tensor([0.5, -0.25, 1.5])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    if compiled:
+        assert "_combine_slab" in methods._compiled and not methods._compile_failed

@@ -22,16 +22,12 @@ from torch import Tensor
 
 from evomerge.errors import UserError
 from evomerge.merge import methods
-from evomerge.merge.methods import MagnitudeQuantiles, MergeParams
+from evomerge.merge.methods import DeltaStats, MergeParams
 from evomerge.pool import ModelPool, layer_index, unique_parameters
 from evomerge.recipe import MethodConfig, Recipe, component_of
 
-# Methods that are base plus a fixed combination of task vectors: one matrix-vector product.
+# Methods that are base plus a fixed combination of task vectors: one fused pass (methods.combine).
 _LINEAR_METHODS = frozenset({"linear", "task_arithmetic"})
-# Columns per matrix-vector product: bounds the temporary a lower-precision delta stack is
-# upcast into (K x 1M elements) while staying large enough to run at memory bandwidth.
-_CHUNK = 1 << 20
-
 
 # --- memory --------------------------------------------------------------------------------------
 
@@ -128,13 +124,17 @@ def tensor_seed(recipe_seed: int, name: str) -> int:
 
 @dataclass(frozen=True)
 class _ExpertSubset:
-    """Quantiles of all K experts seen through the experts a config merges."""
+    """Stats of all K experts seen through the experts a config merges."""
 
-    quantiles: MagnitudeQuantiles
+    stats: DeltaStats
     indices: tuple[int, ...]
 
     def magnitude_threshold(self, expert_index: int, keep_fraction: float) -> float:
-        return self.quantiles.magnitude_threshold(self.indices[expert_index], keep_fraction)
+        return self.stats.magnitude_threshold(self.indices[expert_index], keep_fraction)
+
+    def row_ranks(self) -> Tensor:
+        ranks = self.stats.row_ranks()
+        return ranks.index_select(0, torch.tensor(self.indices, device=ranks.device))
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class Merger:
         self._where = {name: (layer_index(name), component_of(name)) for name in self._base}
         layers = [layer for layer, _ in self._where.values() if layer is not None]
         self.num_layers = max(layers) + 1 if layers else 0
-        self._quantiles: dict[str, MagnitudeQuantiles] = {}
+        self._stats: dict[str, DeltaStats] = {}
 
     def _take(self, pool: ModelPool, name: str) -> None:
         """Move one tensor's base and task vectors onto the device, stacked; the pool's entries
@@ -266,12 +266,12 @@ class Merger:
         if methods.METHODS[plan.method].randomized:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(tensor_seed(recipe.seed, name))
-        thresholds = None
+        stats = None
         variant = methods.METHODS[plan.method].variant
-        if variant is not None and variant.uses_magnitude_thresholds:  # a table lookup replaces a sort
-            quantiles = self._quantiles_of(name)
-            thresholds = quantiles if every else _ExpertSubset(quantiles, plan.included)
-        methods.merge_tensor(plan.method, base, deltas, params, generator, thresholds, out=target.view(base.shape))
+        if variant is not None and variant.reads_stats:  # a table lookup replaces a sort
+            stats = self._stats_of(name)
+            stats = stats if every else _ExpertSubset(stats, plan.included)
+        methods.merge_tensor(plan.method, base, deltas, params, generator, stats, out=target.view(base.shape))
 
     def _linear_coefficients(self, plan: _Plan) -> tuple[float, list[float]]:
         """``(scale, c)`` with merged = scale * base + sum_i c_i * delta_i, over all pool experts
@@ -293,21 +293,15 @@ class Merger:
 
     def _write_combination(self, name: str, scale: float, coefficients: list[float],
                            target: Tensor) -> None:
-        """target = scale * base + stack^T c, one matrix-vector product per column chunk."""
-        base = self._base[name].view(-1)
-        stack = self._stacks[name]
-        vector = torch.tensor(coefficients, dtype=self.dtype, device=self.device)
-        for start in range(0, base.numel(), _CHUNK):
-            end = min(start + _CHUNK, base.numel())
-            matrix = stack[:, start:end].to(self.dtype).t()
-            torch.addmv(base[start:end], matrix, vector, beta=scale, out=target[start:end])
+        """target = scale * base + stack^T c."""
+        methods.combine(self._base[name].view(-1), self._stacks[name], scale, coefficients, target)
 
-    def _quantiles_of(self, name: str) -> MagnitudeQuantiles:
-        """Built the first time a sparsifying method merges ``name``, then reused."""
-        if name not in self._quantiles:
-            self._quantiles[name] = MagnitudeQuantiles.from_deltas(
-                self._stacks[name], resolution=self.quantile_resolution)
-        return self._quantiles[name]
+    def _stats_of(self, name: str) -> DeltaStats:
+        """Made the first time a sparsifying method merges ``name``; it fills itself on use."""
+        if name not in self._stats:
+            self._stats[name] = DeltaStats(self._stacks[name].view(-1, *self._base[name].shape),
+                                           resolution=self.quantile_resolution)
+        return self._stats[name]
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ Magnitude sparsification (TIES, breadcrumbs) compares magnitudes with thresholds
 outlier cut drops every element at or above its cut. mergekit keeps exactly ``k`` elements and
 breaks ties by sort order; the two agree unless several elements share the threshold magnitude
 (common in bf16), where TIES here keeps all of them. The rule makes each mask a pure function of
-thresholds, so a precomputed :class:`MagnitudeQuantiles` table can replace the per-call sort.
+thresholds, so a precomputed :class:`MagnitudeQuantiles` table can replace the per-call sort;
+DELLA's in-row magnitude ranks are likewise computed once per tensor (:class:`DeltaStats`).
 """
 
 from __future__ import annotations
@@ -124,11 +125,17 @@ def _param(params: MergeParams, name: str) -> object:
     return getattr(params, "lambda_" if name == "lambda" else name)
 
 
-class MagnitudeThresholds(Protocol):
-    """Precomputed magnitude quantiles of each expert's delta, so sparsifying needs no sort."""
+class MagnitudeStats(Protocol):
+    """What sparsifying reads of each expert's delta that no candidate changes, precomputed so a
+    merge needs no sort: magnitude thresholds (TIES, breadcrumbs) and in-row ranks (DELLA)."""
 
     def magnitude_threshold(self, expert_index: int, keep_fraction: float) -> float:
         """Magnitude at or above which ``keep_fraction`` of the expert's delta elements lie."""
+        ...
+
+    def row_ranks(self) -> Tensor:
+        """``[K, numel]`` integer rank of each element's magnitude within its row (0 smallest;
+        rows as :func:`row_ranks` cuts them)."""
         ...
 
 
@@ -187,9 +194,9 @@ class MagnitudeQuantiles:
         return lower + (upper - lower) * (count - self.counts[j - 1]) / (self.counts[j] - self.counts[j - 1])
 
 
-MergeFn = Callable[[Tensor, Tensor, MergeParams, "torch.Generator | None", "MagnitudeThresholds | None"], Tensor]
-"""Every method's signature: ``(base, deltas, params, generator, thresholds) -> merged``; methods
-ignore the generator or thresholds they have no use for, so callers need no per-method cases."""
+MergeFn = Callable[[Tensor, Tensor, MergeParams, "torch.Generator | None", "MagnitudeStats | None"], Tensor]
+"""Every method's signature: ``(base, deltas, params, generator, stats) -> merged``; methods
+ignore the generator or stats they have no use for, so callers need no per-method cases."""
 
 
 @dataclass(frozen=True)
@@ -262,8 +269,8 @@ magnitude band below the outliers (breadcrumbs), a uniform random keep (DARE), o
 whose probability rises with magnitude rank within each row (DELLA)."""
 
 _SLAB_ELEMENTS = 1 << 18
-"""Elements of the ``[K, columns]`` slab merged at a time: 1 MiB in float32, so the passes of an
-eager slab run on cached data, and a compiled slab's temporaries stay small."""
+"""Elements of the ``[K, columns]`` slab an eager kernel merges at a time: 1 MiB in float32, so
+its passes run on cached data."""
 
 
 @dataclass(frozen=True)
@@ -281,9 +288,9 @@ class TaskArithmeticVariant:
     reference: str
 
     @property
-    def uses_magnitude_thresholds(self) -> bool:
-        """Whether the masks are magnitude cuts, which a :class:`MagnitudeQuantiles` table answers."""
-        return self.sparsification in ("magnitude", "band")
+    def reads_stats(self) -> bool:
+        """Whether sparsifying reads :class:`MagnitudeStats` (magnitude cuts or in-row ranks)."""
+        return self.sparsification in ("magnitude", "band", "rank")
 
     @property
     def randomized(self) -> bool:
@@ -295,9 +302,9 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
-def _kth_largest(deltas: Tensor, counts: Sequence[int], thresholds: MagnitudeThresholds | None) -> list[float]:
+def _kth_largest(deltas: Tensor, counts: Sequence[int], stats: MagnitudeStats | None) -> list[float]:
     """Per expert, the ``counts[i]``-th largest magnitude in working precision: inf keeps nothing,
-    0 keeps everything; from ``thresholds`` when given, else by selection."""
+    0 keeps everything; from ``stats`` when given, else by selection."""
     work = _work_dtype(deltas.dtype)
     numel = deltas[0].numel()
     values = []
@@ -306,17 +313,17 @@ def _kth_largest(deltas: Tensor, counts: Sequence[int], thresholds: MagnitudeThr
             values.append(math.inf)
         elif count >= numel:
             values.append(0.0)
-        elif thresholds is not None:
-            values.append(float(torch.tensor(thresholds.magnitude_threshold(i, count / numel), dtype=work)))
+        elif stats is not None:
+            values.append(float(torch.tensor(stats.magnitude_threshold(i, count / numel), dtype=work)))
         else:
             values.append(float(torch.kthvalue(deltas[i].reshape(-1).to(work).abs(), numel - count + 1).values))
     return values
 
 
-def _magnitude_cuts(deltas: Tensor, counts: Sequence[int], thresholds: MagnitudeThresholds | None) -> Tensor:
+def _magnitude_cuts(deltas: Tensor, counts: Sequence[int], stats: MagnitudeStats | None) -> Tensor:
     """``[K, 1]`` cuts in working precision: an element is at or above its expert's cut when its
     magnitude is among the ``counts[i]`` largest."""
-    values = _kth_largest(deltas, counts, thresholds)
+    values = _kth_largest(deltas, counts, stats)
     return torch.tensor(values, dtype=_work_dtype(deltas.dtype), device=deltas.device)[:, None]
 
 
@@ -346,7 +353,8 @@ def draw_uniforms(seed: int, rows: int, numel: int, device: str | torch.device =
 class _KeepRule:
     """Which elements of each expert's delta survive sparsification, as tensors a kernel reads:
     magnitude cuts ``low``/``high`` (``[K, 1]``) for TIES and breadcrumbs; a keep ``probability``
-    (``[K, 1]``, DELLA's ``epsilon`` beside it) and a draw ``seed`` for DARE and DELLA."""
+    (``[K, 1]``; the density) and a draw ``seed`` for DARE and DELLA, and for DELLA also
+    ``epsilon`` (``[K, 1]``) and the in-row ``ranks`` (``[K, numel]``) of rows ``width`` long."""
 
     kind: Sparsification
     low: Tensor | None = None
@@ -354,10 +362,16 @@ class _KeepRule:
     probability: Tensor | None = None
     epsilon: Tensor | None = None
     seed: Tensor | None = None
+    ranks: Tensor | None = None
+    width: int = 1
+
+    def slab(self, columns: slice) -> Tensor | None:
+        """The ranks a slab's kernel reads (None unless DELLA)."""
+        return None if self.ranks is None else self.ranks[:, columns]
 
 
 def _keep_rule(variant: TaskArithmeticVariant, deltas: Tensor, params: MergeParams,
-               generator: torch.Generator | None, thresholds: MagnitudeThresholds | None) -> _KeepRule:
+               generator: torch.Generator | None, stats: MagnitudeStats | None) -> _KeepRule:
     count, kind = deltas.shape[0], variant.sparsification
     if kind == "none":
         return _KeepRule(kind)
@@ -366,7 +380,7 @@ def _keep_rule(variant: TaskArithmeticVariant, deltas: Tensor, params: MergePara
     if kind == "magnitude":
         # mergekit keeps int(density * n) elements but at least one whenever density > 0.
         counts = [numel if d >= 1 else 0 if d <= 0 else max(1, int(d * numel)) for d in density]
-        return _KeepRule(kind, low=_magnitude_cuts(deltas, counts, thresholds))
+        return _KeepRule(kind, low=_magnitude_cuts(deltas, counts, stats))
     if kind == "band":
         dropped_top, kept_through = [], []
         for d, g in zip(density, _expert_floats(params, "gamma", count)):
@@ -379,13 +393,16 @@ def _keep_rule(variant: TaskArithmeticVariant, deltas: Tensor, params: MergePara
             skipped_bottom = max(0, numel - target - int(g * numel))
             dropped_top.append(numel - skipped_bottom - target)
             kept_through.append(numel - skipped_bottom)
-        return _KeepRule(kind, low=_magnitude_cuts(deltas, kept_through, thresholds),
-                         high=_magnitude_cuts(deltas, dropped_top, thresholds))
+        return _KeepRule(kind, low=_magnitude_cuts(deltas, kept_through, stats),
+                         high=_magnitude_cuts(deltas, dropped_top, stats))
     generator = _need(generator, f"{kind} sparsification")
     seed = torch.randint(0, 1 << 32, (), generator=generator, device=generator.device).to(deltas.device)
     column = lambda values: torch.tensor(values, dtype=torch.float32, device=deltas.device)[:, None]  # noqa: E731
-    epsilon = column(_expert_floats(params, "epsilon", count)) if kind == "rank" else None
-    return _KeepRule(kind, probability=column(density), epsilon=epsilon, seed=seed)
+    if kind == "random":
+        return _KeepRule(kind, probability=column(density), seed=seed)
+    return _KeepRule(kind, probability=column(density), epsilon=column(_expert_floats(params, "epsilon", count)),
+                     seed=seed, ranks=stats.row_ranks() if stats is not None else row_ranks(deltas),
+                     width=_rank_width(deltas))
 
 
 def _rank_width(deltas: Tensor) -> int:
@@ -393,58 +410,90 @@ def _rank_width(deltas: Tensor) -> int:
     return deltas[0].numel() // (deltas.shape[1] if deltas.ndim > 2 else 1)
 
 
-def _row_ranks(rows: Tensor) -> Tensor:
-    """Each element's magnitude rank within its row (0 smallest), as float32: one sort, whose
-    order is scattered back, instead of sorting the order a second time."""
-    order = rows.abs().argsort(dim=-1)
-    ranks = torch.arange(rows.shape[-1], dtype=torch.float32, device=rows.device).expand(rows.shape)
-    return torch.empty(rows.shape, dtype=torch.float32, device=rows.device).scatter_(-1, order, ranks)
+_RANK_ROWS_ELEMENTS = 1 << 22
+"""Elements argsorted at a time while ranking, bounding the int64 temporaries."""
 
 
-def _slab_probability(rule: _KeepRule, x: Tensor, width: int) -> Tensor | None:
-    """The keep probability a slab's kernel reads: DARE's per expert, or DELLA's per element for a
-    slab of whole rows, rising with magnitude rank from density - epsilon to density + epsilon
-    (0 or 1 where the density is)."""
-    if rule.kind != "rank":
-        return rule.probability
-    count = x.shape[0]
-    d, e = rule.probability[:, :, None], rule.epsilon[:, :, None]
-    rank = _row_ranks(x.reshape(count, -1, width)) / max(width - 1, 1)
-    return torch.where(d >= 1, 1.0, torch.where(d <= 0, 0.0, d - e + 2 * e * rank)).reshape(x.shape)
+def row_ranks(deltas: Tensor) -> Tensor:
+    """``[K, numel]`` rank of each element's magnitude within its row (0 smallest), in int16 where
+    the rows are short enough (every transformer matrix row), else int32: DELLA's keep probability
+    is a function of it. A stable sort breaks ties by position, as mergekit's does."""
+    count = deltas.shape[0]
+    width = _rank_width(deltas)
+    rows = deltas.reshape(-1, width)
+    dtype = torch.int16 if width <= torch.iinfo(torch.int16).max else torch.int32
+    ranks = torch.empty(rows.shape, dtype=dtype, device=deltas.device)
+    step = max(1, _RANK_ROWS_ELEMENTS // width)
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start:start + step]
+        order = chunk.abs().argsort(dim=-1, stable=True)
+        positions = torch.arange(width, dtype=dtype, device=deltas.device).expand(chunk.shape)
+        ranks[start:start + step].scatter_(-1, order, positions)
+    return ranks.view(count, -1)
 
 
-def _kept(x: Tensor, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
-          seed: Tensor | None, start: int, numel: int, kind: str) -> Tensor:
+@dataclass(eq=False)
+class DeltaStats:
+    """:class:`MagnitudeStats` of one tensor's stacked deltas, each computed on first use and kept:
+    a search merges one tensor under many parameters, and neither the quantile table (TIES,
+    breadcrumbs) nor DELLA's in-row ranks depend on them. The ranks cost 2 bytes per delta element
+    (a quarter of an fp32 stack), so they exist only for tensors DELLA has merged."""
+
+    deltas: Tensor
+    resolution: int = 1024
+    _quantiles: MagnitudeQuantiles | None = None
+    _ranks: Tensor | None = None
+
+    def magnitude_threshold(self, expert_index: int, keep_fraction: float) -> float:
+        if self._quantiles is None:
+            self._quantiles = MagnitudeQuantiles.from_deltas(self.deltas, resolution=self.resolution)
+        return self._quantiles.magnitude_threshold(expert_index, keep_fraction)
+
+    def row_ranks(self) -> Tensor:
+        if self._ranks is None:
+            self._ranks = row_ranks(self.deltas)
+        return self._ranks
+
+
+def _kept(x: Tensor, rule_kind: str, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
+          epsilon: Tensor | None, ranks: Tensor | None, width: int, seed: Tensor | None, start: int,
+          numel: int) -> Tensor:
     """One slab of deltas (``[K, columns]`` from column ``start`` of ``numel``) with the dropped
-    elements zeroed; magnitudes at a cut count as above it."""
-    if kind == "none":
+    elements zeroed; magnitudes at a cut count as above it. DELLA's keep probability rises with
+    the in-row rank from density - epsilon to density + epsilon (1 or 0 where the density is)."""
+    if rule_kind == "none":
         return x
-    if kind in ("magnitude", "band"):
+    if rule_kind in ("magnitude", "band"):
         magnitude = x.abs()
         keep = magnitude >= low
-        if kind == "band":
+        if rule_kind == "band":
             keep = keep & (magnitude < high)
         return torch.where(keep, x, 0.0)
+    if rule_kind == "rank":
+        rank = ranks.to(torch.float32) * (1.0 / max(width - 1, 1))
+        ramp = probability - epsilon + 2 * epsilon * rank
+        probability = torch.where(probability >= 1, 1.0, torch.where(probability <= 0, 0.0, ramp))
     return torch.where(_uniforms(seed, x.shape[0], start, x.shape[1], numel) < probability, x, 0.0)
 
 
-def _sparsify_slab(x: Tensor, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
-                   seed: Tensor | None, start: int, numel: int, out: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    """Write the kept slab into ``out``; return each expert's L1 norm before and after, for rescale."""
-    work = x.to(out.dtype)
-    kept = _kept(work, low, high, probability, seed, start, numel, kind)
-    out.copy_(kept)
-    return work.abs().sum(1), kept.abs().sum(1)
+def _norms_slab(x: Tensor, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
+                epsilon: Tensor | None, ranks: Tensor | None, seed: Tensor | None, start: int, numel: int,
+                dtype: torch.dtype, kind: str, width: int) -> tuple[Tensor, Tensor]:
+    """Each expert's L1 norm over the slab before and after sparsifying, for rescale."""
+    work = x.to(dtype)
+    kept = _kept(work, kind, low, high, probability, epsilon, ranks, width, seed, start, numel)
+    return work.abs().sum(1, dtype=torch.float64), kept.abs().sum(1, dtype=torch.float64)
 
 
 def _merge_slab(x: Tensor, base: Tensor, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
-                seed: Tensor | None, start: int, numel: int, coefficient: Tensor, weight: Tensor, lam: Tensor,
-                out: Tensor, kind: str, elect: bool, normalize: bool) -> None:
+                epsilon: Tensor | None, ranks: Tensor | None, seed: Tensor | None, start: int, numel: int,
+                coefficient: Tensor, weight: Tensor, lam: Tensor, out: Tensor, kind: str, width: int,
+                elect: bool, normalize: bool) -> None:
     """One slab of the generalized task-arithmetic merge, written into ``out``: sparsify, weight,
     combine (with TIES' sign election: keep the weighted deltas whose sign agrees with their sum's,
     +1 where the sum is 0, and with ``normalize`` divide by the weight that agreed, 1 where none
     did), scale by ``lam`` and add the base. One pass when compiled."""
-    kept = _kept(x.to(coefficient.dtype), low, high, probability, seed, start, numel, kind)
+    kept = _kept(x.to(coefficient.dtype), kind, low, high, probability, epsilon, ranks, width, seed, start, numel)
     weighted = kept * coefficient
     if elect:
         elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
@@ -465,10 +514,15 @@ _compiled: dict[str, Callable] = {}
 _compile_failed: list[str] = []
 
 
+def _compiles(numel: int) -> bool:
+    """Whether a kernel over ``numel`` elements runs compiled."""
+    return numel >= _COMPILE_MIN_ELEMENTS and not _compile_failed
+
+
 def _kernel(fn: Callable, numel: int) -> Callable:
     """``fn`` compiled with torch.compile for a large tensor, else as is. Where compiling fails
     (no C++ compiler, no triton), it warns once and every merge runs eagerly: same numbers, slower."""
-    if numel < _COMPILE_MIN_ELEMENTS or _compile_failed:
+    if not _compiles(numel):
         return fn
     if fn.__name__ not in _compiled:
         _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
@@ -486,59 +540,73 @@ def _kernel(fn: Callable, numel: int) -> Callable:
 
     return run
 
-def _slab_columns(variant: TaskArithmeticVariant, deltas: Tensor) -> int:
-    """Columns per slab: about :data:`_SLAB_ELEMENTS`, in whole rows where DELLA ranks rows."""
-    count = deltas.shape[0]
-    if variant.sparsification == "rank":
-        width = _rank_width(deltas)
-        return max(1, _SLAB_ELEMENTS // (count * width)) * width
-    return max(1, _SLAB_ELEMENTS // count)
-
 
 def _slabs(numel: int, columns: int) -> list[slice]:
     return [slice(start, min(start + columns, numel)) for start in range(0, numel, columns)]
 
 
+def _combine_slab(stack: Tensor, base: Tensor, scale: Tensor, coefficient: Tensor, out: Tensor) -> None:
+    out.copy_(scale * base.to(coefficient.dtype) + (stack.to(coefficient.dtype) * coefficient).sum(0))
+
+
+def combine(base: Tensor, stack: Tensor, scale: float, coefficients: Sequence[float], out: Tensor) -> Tensor:
+    """``out = scale * base + sum_k coefficients[k] * stack[k]`` for a flat ``base`` and a
+    ``[K, numel]`` ``stack`` (any float dtype: it is upcast on the fly). Task arithmetic and
+    linear merges with their parameters folded into ``scale`` and ``coefficients``: one fused
+    pass that reads every input once, where a BLAS matrix-vector product would walk the output
+    once per expert."""
+    work = _work_dtype(base.dtype)
+    coefficient = torch.tensor(coefficients, dtype=work, device=base.device)[:, None]
+    factor = torch.tensor(scale, dtype=work, device=base.device)
+    run = _kernel(_combine_slab, stack.numel())
+    numel = base.numel()
+    for slab in _slabs(numel, numel if _compiles(stack.numel()) else max(1, _SLAB_ELEMENTS // len(stack))):
+        run(stack[:, slab], base[slab], factor, coefficient, out[slab])
+    return out
+
+
 def generalized_task_arithmetic(variant: TaskArithmeticVariant, base: Tensor, deltas: Tensor, params: MergeParams,
                                 generator: torch.Generator | None = None,
-                                thresholds: MagnitudeThresholds | None = None, *, out: Tensor | None = None) -> Tensor:
+                                stats: MagnitudeStats | None = None, *, out: Tensor | None = None) -> Tensor:
     """mergekit's generalized task arithmetic for any :class:`TaskArithmeticVariant`: sparsify each
     expert's delta, optionally rescale it to its original L1 norm, weight, combine (with or
     without sign election), optionally divide by the weight that contributed, scale by lambda.
 
-    The tensor is merged slab by slab of columns, each slab by one kernel (compiled for large
-    tensors) that upcasts, sparsifies, combines and writes the merged slab in the base's dtype
-    into ``out`` (the base's shape) when given. Rescaling multiplies each expert's weight by its
-    norm ratio, which needs a first pass that sparsifies the whole tensor into a buffer the
-    combine then reads. Random variants draw one counter-based uniform per element of ``deltas``
-    (:func:`draw_uniforms` replays them) from a seed taken from ``generator``.
+    One kernel upcasts, sparsifies, combines and writes the merged tensor in the base's dtype
+    into ``out`` (the base's shape) when given: compiled and over the whole tensor at once for
+    large tensors, eagerly and slab by slab of columns for small ones. Rescaling multiplies each expert's weight by its
+    norm ratio, which a first pass measures by sparsifying without writing anything; the merge
+    pass sparsifies again, which costs less than storing the kept deltas and reading them back
+    because every keep rule is a pure function of an element's value and position. Random
+    variants draw one counter-based uniform per element of ``deltas`` (:func:`draw_uniforms`
+    replays them) from a seed taken from ``generator``; DELLA reads in-row ranks from ``stats``
+    (or ranks the tensor here without it).
     """
     count = deltas.shape[0]
     work = _work_dtype(deltas.dtype)
     flat = deltas.reshape(count, -1)
     base_flat = base.reshape(-1)
     numel = base_flat.numel()
-    rule = _keep_rule(variant, deltas, params, generator, thresholds)
-    slabs = _slabs(numel, _slab_columns(variant, deltas))
-    width = _rank_width(deltas) if rule.kind == "rank" else 0
+    rule = _keep_rule(variant, deltas, params, generator, stats)
+    # A compiled kernel fuses every pass into one loop and takes the whole tensor in one call
+    # (per-call overhead, ~50 us, would cost more than the merge over 1000+ slabs); eager ones
+    # run slab by slab so their temporaries stay in cache.
+    slabs = _slabs(numel, numel if _compiles(flat.numel()) else max(1, _SLAB_ELEMENTS // count))
     weight = torch.tensor(_expert_floats(params, "weight", count), dtype=work, device=base.device)[:, None]
     coefficient = weight
     if variant.default_rescale is not None and _option(params.rescale, variant.default_rescale):
-        sparsify = _kernel(_sparsify_slab, flat.numel())
-        kept = torch.empty(flat.shape, dtype=work, device=flat.device)
+        measure = _kernel(_norms_slab, flat.numel())
         before = torch.zeros(count, dtype=torch.float64, device=flat.device)
         after = torch.zeros_like(before)
         for slab in slabs:
-            x = flat[:, slab]
-            norms = sparsify(x, rule.low, rule.high, _slab_probability(rule, x, width), rule.seed, slab.start,
-                             numel, kept[:, slab], kind=rule.kind)
+            norms = measure(flat[:, slab], rule.low, rule.high, rule.probability, rule.epsilon, rule.slab(slab),
+                            rule.seed, slab.start, numel, dtype=work, kind=rule.kind, width=rule.width)
             before += norms[0]
             after += norms[1]
         # mergekit's rescale: original L1 norm over kept L1 norm, 1 where either is below 1e-7
         usable = (before >= _NORM_EPS) & (after >= _NORM_EPS)
         ratio = torch.where(usable, before / torch.where(usable, after, torch.ones_like(after)), 1.0)
         coefficient = weight * ratio.to(work)[:, None]
-        flat, rule = kept, _KeepRule("none")
     normalize = _option(params.normalize, variant.default_normalize)
     if normalize and not variant.elect_sign:
         coefficient = coefficient / _weight_total(weight)
@@ -547,10 +615,9 @@ def generalized_task_arithmetic(variant: TaskArithmeticVariant, base: Tensor, de
     lam = torch.tensor(params.lambda_, dtype=work, device=base.device)
     merge = _kernel(_merge_slab, flat.numel())
     for slab in slabs:
-        x = flat[:, slab]
-        merge(x, base_flat[slab], rule.low, rule.high, _slab_probability(rule, x, width), rule.seed, slab.start,
-              numel, coefficient, weight, lam, merged_flat[slab], kind=rule.kind, elect=variant.elect_sign,
-              normalize=normalize)
+        merge(flat[:, slab], base_flat[slab], rule.low, rule.high, rule.probability, rule.epsilon, rule.slab(slab),
+              rule.seed, slab.start, numel, coefficient, weight, lam, merged_flat[slab], kind=rule.kind,
+              width=rule.width, elect=variant.elect_sign, normalize=normalize)
     return merged
 
 
@@ -558,7 +625,7 @@ def generalized_task_arithmetic(variant: TaskArithmeticVariant, base: Tensor, de
 
 
 def linear(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-           thresholds: MagnitudeThresholds | None = None) -> Tensor:
+           stats: MagnitudeStats | None = None) -> Tensor:
     """Weighted average of the experts' full weights ("model soups", Wortsman et al. 2022,
     arXiv:2203.05482): fine-tunes of one base stay in one loss basin, so averaging them keeps
     each one's gains; the baseline every other method must beat."""
@@ -571,7 +638,7 @@ def linear(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.G
 
 
 def slerp(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-          thresholds: MagnitudeThresholds | None = None) -> Tensor:
+          stats: MagnitudeStats | None = None) -> Tensor:
     """Spherical interpolation from the base (t=0) to one expert (t=1), treating the whole tensor as
     one vector: unlike a straight line it keeps the norm from sagging midway between two distant
     weights. Nearly parallel tensors (|cos| > 0.9995) fall back to linear interpolation, where the
@@ -595,7 +662,7 @@ def slerp(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Ge
 
 
 def model_stock(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-                thresholds: MagnitudeThresholds | None = None) -> Tensor:
+                stats: MagnitudeStats | None = None) -> Tensor:
     """Model Stock (Jang et al. 2024, arXiv:2403.19522): fine-tunes scatter around a centre that
     generalises better than any of them, and the angle between their task vectors says how far
     to move from the base toward their average: ratio ``K cos / (1 + (K - 1) cos)`` with ``cos``
@@ -621,7 +688,7 @@ def model_stock(base: Tensor, deltas: Tensor, params: MergeParams, generator: to
 
 
 def magmax(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-           thresholds: MagnitudeThresholds | None = None) -> Tensor:
+           stats: MagnitudeStats | None = None) -> Tensor:
     """MagMax (Marczak et al., ECCV 2024): per element, the expert that moved it most
     is the one that needed it, so take the delta of largest magnitude, scaled by ``lambda``.
     ``weight`` scales each expert's deltas before the choice (1 everywhere is the paper)."""
@@ -631,7 +698,7 @@ def magmax(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.G
 
 
 def consensus(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-              thresholds: MagnitudeThresholds | None = None) -> Tensor:
+              stats: MagnitudeStats | None = None) -> Tensor:
     """Consensus merging (Wang et al. 2024, "Localizing Task Information for Improved Model Merging
     and Compression", arXiv:2405.07813): an element that matters to fewer than ``k`` experts is
     either useless or selfish and only interferes, so drop it from the task-arithmetic sum.
@@ -649,7 +716,7 @@ def consensus(base: Tensor, deltas: Tensor, params: MergeParams, generator: torc
 
 
 def lines(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-          thresholds: MagnitudeThresholds | None = None) -> Tensor:
+          stats: MagnitudeStats | None = None) -> Tensor:
     """LiNeS (Wang et al. 2025, arXiv:2410.17146): shallow layers hold general features that a
     merge should disturb least, so the task-arithmetic sum is scaled by ``alpha + beta *
     layer_fraction``, growing linearly with depth (the paper's parametrisation: ``beta`` is the
@@ -824,11 +891,11 @@ def validate(method: str, params: MergeParams, experts: Sequence[str] | int | No
 
 
 def merge_tensor(method: str, base: Tensor, deltas: Tensor, params: MergeParams,
-                 generator: torch.Generator | None = None, thresholds: MagnitudeThresholds | None = None,
+                 generator: torch.Generator | None = None, stats: MagnitudeStats | None = None,
                  out: Tensor | None = None) -> Tensor:
     """Merge one tensor by ``method``: validate, compute in float32 for half-precision inputs, and
     return the merged tensor in the base's dtype, written into ``out`` (contiguous, the base's
-    shape and dtype) when given. ``thresholds`` (for TIES and breadcrumbs) must describe these
+    shape and dtype) when given. ``stats`` (for TIES, breadcrumbs and DELLA) must describe these
     ``deltas``, e.g. :meth:`MagnitudeQuantiles.from_deltas` of them."""
     if deltas.ndim != base.ndim + 1 or deltas.shape[1:] != base.shape:
         raise ValueError(f"deltas have shape {list(deltas.shape)}; expected [K, {', '.join(map(str, base.shape))}]")
@@ -844,7 +911,7 @@ def merge_tensor(method: str, base: Tensor, deltas: Tensor, params: MergeParams,
     if base.numel() == 0:
         return base.clone() if out is None else out
     if spec.variant is not None:  # upcasts a cached slab at a time and writes each merged slab out
-        return generalized_task_arithmetic(spec.variant, base, deltas, params, generator, thresholds, out=out)
+        return generalized_task_arithmetic(spec.variant, base, deltas, params, generator, stats, out=out)
     work = _work_dtype(deltas.dtype)
-    merged = spec.fn(base.to(work), deltas.to(work), params, generator, thresholds).to(base.dtype)
+    merged = spec.fn(base.to(work), deltas.to(work), params, generator, stats).to(base.dtype)
     return merged if out is None else out.copy_(merged)
