@@ -332,7 +332,7 @@ def test_random_masks_do_not_depend_on_how_a_tensor_is_sliced(method: str, monke
     torch.testing.assert_close(sliced, whole, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della", "magmax", "consensus"])
 def test_compiled_kernels_merge_like_eager_ones(method: str, monkeypatch) -> None:
     """Large tensors run the slab kernels through torch.compile (the CPU path a search takes)."""
     base, deltas = tensors(3, seed=2, shape=(256, 384))  # above the compile threshold

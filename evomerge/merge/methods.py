@@ -194,9 +194,11 @@ class MagnitudeQuantiles:
         return lower + (upper - lower) * (count - self.counts[j - 1]) / (self.counts[j] - self.counts[j - 1])
 
 
-MergeFn = Callable[[Tensor, Tensor, MergeParams, "torch.Generator | None", "MagnitudeStats | None"], Tensor]
-"""Every method's signature: ``(base, deltas, params, generator, stats) -> merged``; methods
-ignore the generator or stats they have no use for, so callers need no per-method cases."""
+MergeFn = Callable[..., Tensor]
+"""Every method's signature: ``(base, deltas, params, generator, stats, *, out=None) -> merged``;
+methods ignore the generator or stats they have no use for, so callers need no per-method cases.
+Each computes in float32 for half-precision inputs (upcasting on the fly, so a bf16 delta stack is
+never copied whole) and writes the merged tensor, in the base's dtype, into ``out`` when given."""
 
 
 @dataclass(frozen=True)
@@ -624,45 +626,63 @@ def generalized_task_arithmetic(variant: TaskArithmeticVariant, base: Tensor, de
 # --- methods -----------------------------------------------------------------------------------
 
 
+def _output(base: Tensor, out: Tensor | None) -> Tensor:
+    return torch.empty(base.shape, dtype=base.dtype, device=base.device) if out is None else out
+
+
+def _stack(deltas: Tensor) -> Tensor:
+    return deltas.reshape(deltas.shape[0], -1)
+
+
 def linear(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-           stats: MagnitudeStats | None = None) -> Tensor:
+           stats: MagnitudeStats | None = None, *, out: Tensor | None = None) -> Tensor:
     """Weighted average of the experts' full weights ("model soups", Wortsman et al. 2022,
     arXiv:2203.05482): fine-tunes of one base stay in one loss basin, so averaging them keeps
     each one's gains; the baseline every other method must beat."""
-    weight = _rows(_expert_floats(params, "weight", deltas.shape[0]), deltas)
-    mixed = (deltas * weight).sum(0)
-    total = weight.sum(0)
+    weight = _expert_floats(params, "weight", deltas.shape[0])
+    merged = _output(base, out)
     if _flag(params.normalize, "linear", "normalize"):
-        return base + mixed / total
-    return total * base + mixed
+        total = math.fsum(weight)
+        combine(base.reshape(-1), _stack(deltas), 1.0, [w / total for w in weight], merged.view(-1))
+    else:
+        combine(base.reshape(-1), _stack(deltas), math.fsum(weight), weight, merged.view(-1))
+    return merged
 
 
 def slerp(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-          stats: MagnitudeStats | None = None) -> Tensor:
+          stats: MagnitudeStats | None = None, *, out: Tensor | None = None) -> Tensor:
     """Spherical interpolation from the base (t=0) to one expert (t=1), treating the whole tensor as
     one vector: unlike a straight line it keeps the norm from sagging midway between two distant
     weights. Nearly parallel tensors (|cos| > 0.9995) fall back to linear interpolation, where the
-    spherical formula is numerically unstable (mergekit's rule and threshold)."""
+    spherical formula is numerically unstable (mergekit's rule and threshold). The angle comes
+    from three sums; the result, ``a * base + b * expert``, is one :func:`combine` pass."""
     if deltas.shape[0] != 1:
         raise MergeParamError(f"slerp interpolates between the base and exactly 1 expert, got {deltas.shape[0]}")
     t = params.t
-    start = base.reshape(-1)
-    end = (base + deltas[0]).reshape(-1)
-    start_norm = torch.linalg.vector_norm(start)
-    end_norm = torch.linalg.vector_norm(end)
+    work = _work_dtype(base.dtype)
+    start = base.reshape(-1).to(work)
+    delta = deltas.reshape(-1).to(work)
+    start_sq = start.dot(start)
+    start_delta = start.dot(delta)
+    end_sq = start_sq + 2 * start_delta + delta.dot(delta)
+    start_norm = start_sq.sqrt()
+    end_norm = end_sq.clamp(min=0).sqrt()
     start_norm = torch.where(start_norm > 1e-8, start_norm, 1.0)
     end_norm = torch.where(end_norm > 1e-8, end_norm, 1.0)
-    cos = ((start / start_norm) * (end / end_norm)).sum().clamp(-1, 1)
+    cos = ((start_sq + start_delta) / (start_norm * end_norm)).clamp(-1, 1)
     nearly_parallel = cos.abs() > 0.9995
     theta = torch.acos(torch.where(nearly_parallel, 0.0, cos))
     sin_theta = torch.sin(theta)
     start_coef = torch.where(nearly_parallel, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     end_coef = torch.where(nearly_parallel, t, torch.sin(t * theta) / sin_theta)
-    return (start_coef * start + end_coef * end).reshape(base.shape)
+    merged = _output(base, out)
+    # start_coef * base + end_coef * (base + delta)
+    combine(base.reshape(-1), _stack(deltas), float(start_coef + end_coef), [float(end_coef)], merged.view(-1))
+    return merged
 
 
 def model_stock(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-                stats: MagnitudeStats | None = None) -> Tensor:
+                stats: MagnitudeStats | None = None, *, out: Tensor | None = None) -> Tensor:
     """Model Stock (Jang et al. 2024, arXiv:2403.19522): fine-tunes scatter around a centre that
     generalises better than any of them, and the angle between their task vectors says how far
     to move from the base toward their average: ratio ``K cos / (1 + (K - 1) cos)`` with ``cos``
@@ -671,10 +691,9 @@ def model_stock(base: Tensor, deltas: Tensor, params: MergeParams, generator: to
     count = deltas.shape[0]
     if count < 2:
         raise MergeParamError(f"model_stock needs at least 2 experts to measure their angle, got {count}")
-    if params.filter_wise and base.ndim >= 1:
-        rows = deltas.reshape(count, -1, base.shape[-1])
-    else:
-        rows = deltas.reshape(count, 1, -1)
+    work = _work_dtype(base.dtype)
+    filter_wise = params.filter_wise and base.ndim >= 1
+    rows = deltas.to(work).reshape(count, -1, base.shape[-1]) if filter_wise else deltas.to(work).reshape(count, 1, -1)
     norms = torch.linalg.vector_norm(rows, dim=-1)
     dots = torch.einsum("irm,jrm->ijr", rows, rows)
     cos = (dots / (norms[:, None] * norms[None, :]).clamp(min=1e-6)).clamp(-1, 1)
@@ -683,40 +702,71 @@ def model_stock(base: Tensor, deltas: Tensor, params: MergeParams, generator: to
     denominator = 1 + (count - 1) * mean_cos
     singular = denominator.abs() < 1e-6
     ratio = torch.where(singular, 0.0, count * mean_cos / torch.where(singular, 1.0, denominator))
-    step = ratio[:, None] * rows.mean(0)
-    return base + step.reshape(base.shape)
+    merged = _output(base, out)
+    if filter_wise:
+        step = ratio[:, None] * rows.mean(0)
+        merged.copy_(base.to(work) + step.reshape(base.shape))
+    else:
+        combine(base.reshape(-1), _stack(deltas), 1.0, [float(ratio[0]) / count] * count, merged.view(-1))
+    return merged
+
+
+def _magmax_slab(x: Tensor, base: Tensor, weight: Tensor, lam: Tensor, out: Tensor) -> None:
+    weighted = x.to(weight.dtype) * weight
+    strongest = weighted.abs().argmax(dim=0, keepdim=True)
+    out.copy_(base.to(weight.dtype) + lam * weighted.gather(0, strongest).squeeze(0))
 
 
 def magmax(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-           stats: MagnitudeStats | None = None) -> Tensor:
+           stats: MagnitudeStats | None = None, *, out: Tensor | None = None) -> Tensor:
     """MagMax (Marczak et al., ECCV 2024): per element, the expert that moved it most
     is the one that needed it, so take the delta of largest magnitude, scaled by ``lambda``.
     ``weight`` scales each expert's deltas before the choice (1 everywhere is the paper)."""
-    weighted = deltas * _rows(_expert_floats(params, "weight", deltas.shape[0]), deltas)
-    strongest = weighted.abs().argmax(dim=0, keepdim=True)
-    return base + params.lambda_ * weighted.gather(0, strongest).squeeze(0)
+    work = _work_dtype(base.dtype)
+    weight = torch.tensor(_expert_floats(params, "weight", deltas.shape[0]), dtype=work, device=base.device)
+    lam = torch.tensor(params.lambda_, dtype=work, device=base.device)
+    return _elementwise(_magmax_slab, base, deltas, out, weight[:, None], lam)
+
+
+def _consensus_slab(x: Tensor, base: Tensor, weight: Tensor, lam: Tensor, lambda_tall: Tensor, k: Tensor,
+                    divisor: Tensor, out: Tensor) -> None:
+    weighted = x.to(weight.dtype) * weight
+    total = weighted.sum(0)
+    relies = weighted.abs() >= lambda_tall * (total - weighted).abs()
+    mixed = torch.where(relies.sum(0) >= k, total, 0.0)
+    out.copy_(base.to(weight.dtype) + lam * (mixed / divisor))
 
 
 def consensus(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-              stats: MagnitudeStats | None = None) -> Tensor:
+              stats: MagnitudeStats | None = None, *, out: Tensor | None = None) -> Tensor:
     """Consensus merging (Wang et al. 2024, "Localizing Task Information for Improved Model Merging
     and Compression", arXiv:2405.07813): an element that matters to fewer than ``k`` experts is
     either useless or selfish and only interferes, so drop it from the task-arithmetic sum.
     Expert i relies on an element when its TALL mask holds, ``|tau_i| >= lambda_tall *
     |tau_sum - tau_i|`` (tau are the weighted deltas). The paper tunes ``lambda_tall`` per task in
     [0.2, 0.6] on validation data; 0.4 is the middle of that grid, and k = 2 is the paper's."""
-    weight = _rows(_expert_floats(params, "weight", deltas.shape[0]), deltas)
-    weighted = deltas * weight
-    total = weighted.sum(0)
-    relies = weighted.abs() >= params.lambda_tall * (total - weighted).abs()
-    mixed = total * (relies.sum(0) >= params.k)
-    if _flag(params.normalize, "consensus", "normalize"):
-        mixed = mixed / _weight_total(weight)
-    return base + params.lambda_ * mixed
+    work = _work_dtype(base.dtype)
+    weight = torch.tensor(_expert_floats(params, "weight", deltas.shape[0]), dtype=work, device=base.device)
+    divisor = _weight_total(weight) if _flag(params.normalize, "consensus", "normalize") else torch.ones((), dtype=work)
+    scalar = lambda value: torch.tensor(value, dtype=work, device=base.device)  # noqa: E731
+    return _elementwise(_consensus_slab, base, deltas, out, weight[:, None], scalar(params.lambda_),
+                        scalar(params.lambda_tall), scalar(params.k), divisor.to(base.device))
+
+
+def _elementwise(kernel: Callable, base: Tensor, deltas: Tensor, out: Tensor | None, *args: Tensor) -> Tensor:
+    """Run an element-wise ``kernel(x, base, *args, out)`` over the tensor: compiled over the whole
+    tensor when it is large, slab by slab of columns otherwise."""
+    merged = _output(base, out)
+    stack, flat, target = _stack(deltas), base.reshape(-1), merged.view(-1)
+    run = _kernel(kernel, stack.numel())
+    numel = flat.numel()
+    for slab in _slabs(numel, numel if _compiles(stack.numel()) else max(1, _SLAB_ELEMENTS // len(stack))):
+        run(stack[:, slab], flat[slab], *args, target[slab])
+    return merged
 
 
 def lines(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
-          stats: MagnitudeStats | None = None) -> Tensor:
+          stats: MagnitudeStats | None = None, *, out: Tensor | None = None) -> Tensor:
     """LiNeS (Wang et al. 2025, arXiv:2410.17146): shallow layers hold general features that a
     merge should disturb least, so the task-arithmetic sum is scaled by ``alpha + beta *
     layer_fraction``, growing linearly with depth (the paper's parametrisation: ``beta`` is the
@@ -725,12 +775,16 @@ def lines(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Ge
     if params.layer_fraction is None:
         raise MergeParamError("lines scales by depth and needs layer_fraction "
                               "(0 for embeddings, 1 for the last block)")
-    weight = _rows(_expert_floats(params, "weight", deltas.shape[0]), deltas)
-    mixed = (deltas * weight).sum(0)
+    weight = _expert_floats(params, "weight", deltas.shape[0])
+    divisor = 1.0
     if _flag(params.normalize, "lines", "normalize"):
-        mixed = mixed / _weight_total(weight)
+        total = math.fsum(weight)
+        divisor = 1.0 if abs(total) < 1e-8 else total
     alpha = 1 / deltas.shape[0] if params.alpha is None else params.alpha
-    return base + (alpha + params.beta * params.layer_fraction) * mixed
+    scale = (alpha + params.beta * params.layer_fraction) / divisor
+    merged = _output(base, out)
+    combine(base.reshape(-1), _stack(deltas), 1.0, [w * scale for w in weight], merged.view(-1))
+    return merged
 
 
 def _need(generator: torch.Generator | None, method: str) -> torch.Generator:
@@ -910,8 +964,4 @@ def merge_tensor(method: str, base: Tensor, deltas: Tensor, params: MergeParams,
         _need(generator, method)
     if base.numel() == 0:
         return base.clone() if out is None else out
-    if spec.variant is not None:  # upcasts a cached slab at a time and writes each merged slab out
-        return generalized_task_arithmetic(spec.variant, base, deltas, params, generator, stats, out=out)
-    work = _work_dtype(deltas.dtype)
-    merged = spec.fn(base.to(work), deltas.to(work), params, generator, stats).to(base.dtype)
-    return merged if out is None else out.copy_(merged)
+    return spec.fn(base, deltas, params, generator, stats, out=out)
