@@ -158,7 +158,9 @@ class Merger:
     working model's (and base's) dtype, ``delta_dtype`` the stacks' (default: ``dtype``).
     ``quantile_resolution`` sets the magnitude quantile table per tensor: tensors of at most
     ``resolution + 1`` elements get exact thresholds, larger ones interpolate, keeping within
-    ``numel / resolution`` elements of the exact count.
+    ``numel / resolution`` elements of the exact count. The tables (a few KiB per tensor) and
+    DELLA's in-row ranks (2 bytes per delta element, only for tensors DELLA merges: a quarter of
+    an fp32 stack on top of the memory plan) are built on first use and kept for the merger's life.
     """
 
     def __init__(self, pool: ModelPool, *, device: str | torch.device = "cpu",
