@@ -119,7 +119,12 @@ class MethodConfig:
             object.__setattr__(self, _attr(key), _converter(key)(self.get(key), key))
 
     def __hash__(self) -> int:
-        return hash(_canonical_json(self.to_dict()))
+        # Cached, since a materialization looks its config up once per tensor (hundreds per
+        # candidate); from sha256, not str hash, so a copy pickled to a worker stays valid there.
+        if "_hash" not in self.__dict__:
+            digest = hashlib.sha256(_canonical_json(self.to_dict()).encode()).digest()
+            object.__setattr__(self, "_hash", int.from_bytes(digest[:8], "little"))
+        return self.__dict__["_hash"]
 
     def get(self, key: str) -> Any:
         """A global parameter by its mergekit name (``lambda`` is ``lambda_`` in Python)."""

@@ -520,18 +520,28 @@ def test_linear_and_slerp_match_mergekit(normalize: bool) -> None:
     torch.testing.assert_close(merge_tensor("slerp", base, deltas[:1], MergeParams(t=0.35)), expected)
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
-def test_combine_adds_the_weighted_stack_to_the_scaled_base(compiled: bool, monkeypatch) -> None:
-    """The one pass task arithmetic and linear merges take, here with bf16 task vectors upcast on
-    the fly; compiled for a large tensor, slab by slab otherwise."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_adds_the_weighted_stack_to_the_scaled_base(dtype: torch.dtype, monkeypatch) -> None:
+    """The one pass task arithmetic and linear merges take, chunk by chunk (here chunks that do
+    not divide the tensor), with bf16 task vectors upcast on the fly and a bf16 model computed in
+    float32."""
     base, deltas = tensors(3, seed=4, shape=(256, 384))
+    base = base.to(dtype)
     stack = deltas.reshape(3, -1).to(torch.bfloat16)
-    if not compiled:
-        monkeypatch.setattr(methods, "_COMPILE_MIN_ELEMENTS", 1 << 62)
-        monkeypatch.setattr(methods, "_SLAB_ELEMENTS", 3 * 1000)  # slabs that do not divide the tensor
-    out = torch.empty(base.numel())
+    monkeypatch.setattr(methods, "_COMBINE_COLUMNS", 1000)
+    out = torch.empty(base.numel(), dtype=dtype)
     methods.combine(base.reshape(-1), stack, 0.7, [0.5, -0.25, 1.5], out)
-    expected = 0.7 * base.reshape(-1) + stack.float().t() @ torch.tensor([0.5, -0.25, 1.5])
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
-    if compiled:
-        assert "_combine_slab" in methods._compiled and not methods._compile_failed
+    expected = 0.7 * base.reshape(-1).float() + stack.float().t() @ torch.tensor([0.5, -0.25, 1.5])
+    torch.testing.assert_close(out, expected.to(dtype), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("width, dtype", [(48, torch.float16), (2100, torch.int32)])
+def test_row_ranks_are_exact_in_their_storage_dtype(width: int, dtype: torch.dtype) -> None:
+    """DELLA's ranks are stored as float16 while rows are narrow enough for it to hold every rank
+    exactly, as int32 beyond; ties go by position (a stable sort), as in mergekit."""
+    deltas = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(1))
+    deltas[0, 0, :4] = 0.5  # a tie
+    ranks = methods.row_ranks(deltas)
+    assert ranks.dtype == dtype and ranks.shape == (2, 3 * width)
+    expected = deltas.abs().argsort(dim=-1, stable=True).argsort(dim=-1).reshape(2, -1)
+    assert torch.equal(ranks.long(), expected)

@@ -329,26 +329,35 @@ def _magnitude_cuts(deltas: Tensor, counts: Sequence[int], stats: MagnitudeStats
     return torch.tensor(values, dtype=_work_dtype(deltas.dtype), device=deltas.device)[:, None]
 
 
-def _uniforms(seed: Tensor, rows: int, start: int, columns: int, numel: int) -> Tensor:
-    """The ``[rows, columns]`` draws for columns ``start ..`` of a ``[rows, numel]`` stack: one
-    uniform in [0, 1) per element, a hash of ``(seed, row * numel + column)``: a counter-based
-    generator, so the draws are fused into the merge kernel instead of streamed from a sequential
-    one (which took longer than the merge), depend only on each element's position (slabs and
-    devices cannot change them), and still reproduce exactly from the seed. The mixer is a
-    32-bit integer finalizer (two multiply-xorshift rounds); int64 arithmetic never overflows."""
-    index = (torch.arange(rows, device=seed.device)[:, None] * numel
-             + torch.arange(start, start + columns, device=seed.device))
+def _draw_steps(index: Tensor, seed: Tensor) -> Tensor:
+    """One integer in [0, 2^24) per element of ``index``, a hash of ``(seed, index)``: a
+    counter-based generator, so the draws are fused into the merge kernel instead of streamed
+    from a sequential one (which took longer than the merge), depend only on each element's
+    position (slabs and devices cannot change them), and still reproduce exactly from the seed.
+    The mixer is a 32-bit integer finalizer (two multiply-xorshift rounds); int64 arithmetic
+    never overflows."""
     h = (index * 0x9E3779B1 + seed) & 0xFFFFFFFF
     h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
     h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
-    h = (h >> 16) ^ h
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    return ((h >> 16) ^ h) >> 8
+
+
+_DRAW_STEPS = float(1 << 24)
+"""A draw is ``m * 2^-24`` for ``m`` from :func:`_draw_steps`, so ``draw < p`` is exactly
+``m < ceil(p * 2^24)``: DARE's kernel compares integers instead of converting every draw."""
+
+
+def _steps(seed: Tensor, row: int, start: int, columns: int, numel: int) -> Tensor:
+    """The draws (as integers) for columns ``start .. start + columns`` of row ``row`` of a
+    ``[K, numel]`` stack."""
+    return _draw_steps(row * numel + torch.arange(start, start + columns, device=seed.device), seed)
 
 
 def draw_uniforms(seed: int, rows: int, numel: int, device: str | torch.device = "cpu") -> Tensor:
-    """The ``[rows, numel]`` uniforms a randomized method draws for a stack of ``rows`` task
-    vectors of ``numel`` elements from key ``seed``, so tests and users can replay a mask."""
-    return _uniforms(torch.tensor(seed, device=device), rows, 0, numel, numel)
+    """The ``[rows, numel]`` uniforms in [0, 1) a randomized method draws for a stack of ``rows``
+    task vectors of ``numel`` elements from key ``seed``, so tests and users can replay a mask."""
+    index = torch.arange(rows, device=device)[:, None] * numel + torch.arange(numel, device=device)
+    return _draw_steps(index, torch.tensor(seed, device=device)).to(torch.float32) / _DRAW_STEPS
 
 
 @dataclass(frozen=True)
@@ -401,7 +410,8 @@ def _keep_rule(variant: TaskArithmeticVariant, deltas: Tensor, params: MergePara
     seed = torch.randint(0, 1 << 32, (), generator=generator, device=generator.device).to(deltas.device)
     column = lambda values: torch.tensor(values, dtype=torch.float32, device=deltas.device)[:, None]  # noqa: E731
     if kind == "random":
-        return _KeepRule(kind, probability=column(density), seed=seed)
+        cuts = torch.ceil(column(density).double() * _DRAW_STEPS).clamp(0, _DRAW_STEPS).to(torch.int64)
+        return _KeepRule(kind, probability=cuts, seed=seed)
     return _KeepRule(kind, probability=column(density), epsilon=column(_expert_floats(params, "epsilon", count)),
                      seed=seed, ranks=stats.row_ranks() if stats is not None else row_ranks(deltas),
                      width=_rank_width(deltas))
@@ -416,14 +426,20 @@ _RANK_ROWS_ELEMENTS = 1 << 22
 """Elements argsorted at a time while ranking, bounding the int64 temporaries."""
 
 
+_EXACT_HALF_INTEGERS = 2048
+"""float16 holds every integer up to here exactly."""
+
+
 def row_ranks(deltas: Tensor) -> Tensor:
-    """``[K, numel]`` rank of each element's magnitude within its row (0 smallest), in int16 where
-    the rows are short enough (every transformer matrix row), else int32: DELLA's keep probability
-    is a function of it. A stable sort breaks ties by position, as mergekit's does."""
+    """``[K, numel]`` rank of each element's magnitude within its row (0 smallest): DELLA's keep
+    probability is a function of it. Stored as float16 where rows are at most 2048 wide (the
+    ranks are then exact integers, at 2 bytes each), else as int32: compiled CPU kernels load
+    int16 an element at a time, 10x slower than float16. A stable sort breaks ties by position,
+    as mergekit's does."""
     count = deltas.shape[0]
     width = _rank_width(deltas)
     rows = deltas.reshape(-1, width)
-    dtype = torch.int16 if width <= torch.iinfo(torch.int16).max else torch.int32
+    dtype = torch.float16 if width <= _EXACT_HALF_INTEGERS else torch.int32
     ranks = torch.empty(rows.shape, dtype=dtype, device=deltas.device)
     step = max(1, _RANK_ROWS_ELEMENTS // width)
     for start in range(0, rows.shape[0], step):
@@ -439,7 +455,8 @@ class DeltaStats:
     """:class:`MagnitudeStats` of one tensor's stacked deltas, each computed on first use and kept:
     a search merges one tensor under many parameters, and neither the quantile table (TIES,
     breadcrumbs) nor DELLA's in-row ranks depend on them. The ranks cost 2 bytes per delta element
-    (a quarter of an fp32 stack), so they exist only for tensors DELLA has merged."""
+    (a quarter of an fp32 stack; 4 for rows over 2048 wide), so they exist only for tensors DELLA
+    has merged."""
 
     deltas: Tensor
     resolution: int = 1024
@@ -457,34 +474,46 @@ class DeltaStats:
         return self._ranks
 
 
-def _kept(x: Tensor, rule_kind: str, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
+def _kept(x: Tensor, k: int, kind: str, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
           epsilon: Tensor | None, ranks: Tensor | None, width: int, seed: Tensor | None, start: int,
           numel: int) -> Tensor:
-    """One slab of deltas (``[K, columns]`` from column ``start`` of ``numel``) with the dropped
+    """Expert ``k``'s slab of deltas (``x``, columns ``start ..`` of ``numel``) with the dropped
     elements zeroed; magnitudes at a cut count as above it. DELLA's keep probability rises with
     the in-row rank from density - epsilon to density + epsilon (1 or 0 where the density is)."""
-    if rule_kind == "none":
+    if kind == "none":
         return x
-    if rule_kind in ("magnitude", "band"):
+    if kind in ("magnitude", "band"):
         magnitude = x.abs()
-        keep = magnitude >= low
-        if rule_kind == "band":
-            keep = keep & (magnitude < high)
+        keep = magnitude >= low[k]
+        if kind == "band":
+            keep = keep & (magnitude < high[k])
         return torch.where(keep, x, 0.0)
-    if rule_kind == "rank":
-        rank = ranks.to(torch.float32) * (1.0 / max(width - 1, 1))
-        ramp = probability - epsilon + 2 * epsilon * rank
-        probability = torch.where(probability >= 1, 1.0, torch.where(probability <= 0, 0.0, ramp))
-    return torch.where(_uniforms(seed, x.shape[0], start, x.shape[1], numel) < probability, x, 0.0)
+    p = probability[k]
+    steps = _steps(seed, k, start, x.shape[0], numel)
+    if kind == "random":  # p holds the integer cut ceil(density * 2^24), see _DRAW_STEPS
+        return torch.where(steps < p, x, 0.0)
+    rank = ranks[k].to(torch.float32) * (1.0 / max(width - 1, 1))
+    ramp = p - epsilon[k] + 2 * epsilon[k] * rank
+    p = torch.where(p >= 1, 1.0, torch.where(p <= 0, 0.0, ramp))
+    return torch.where(steps.to(torch.float32) / _DRAW_STEPS < p, x, 0.0)
+
+
+# The kernels below loop over the K experts in Python instead of reducing over a K axis: traced by
+# torch.compile, the loop unrolls into one element-wise pass that reads each input once, where a
+# reduction over the outer axis compiled into several passes (TIES: 9x slower on the embedding).
 
 
 def _norms_slab(x: Tensor, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
                 epsilon: Tensor | None, ranks: Tensor | None, seed: Tensor | None, start: int, numel: int,
                 dtype: torch.dtype, kind: str, width: int) -> tuple[Tensor, Tensor]:
     """Each expert's L1 norm over the slab before and after sparsifying, for rescale."""
-    work = x.to(dtype)
-    kept = _kept(work, kind, low, high, probability, epsilon, ranks, width, seed, start, numel)
-    return work.abs().sum(1, dtype=torch.float64), kept.abs().sum(1, dtype=torch.float64)
+    before, after = [], []
+    for k in range(x.shape[0]):
+        work = x[k].to(dtype)
+        kept = _kept(work, k, kind, low, high, probability, epsilon, ranks, width, seed, start, numel)
+        before.append(work.abs().sum())
+        after.append(kept.abs().sum())
+    return torch.stack(before), torch.stack(after)
 
 
 def _merge_slab(x: Tensor, base: Tensor, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
@@ -495,18 +524,25 @@ def _merge_slab(x: Tensor, base: Tensor, low: Tensor | None, high: Tensor | None
     combine (with TIES' sign election: keep the weighted deltas whose sign agrees with their sum's,
     +1 where the sum is 0, and with ``normalize`` divide by the weight that agreed, 1 where none
     did), scale by ``lam`` and add the base. One pass when compiled."""
-    kept = _kept(x.to(coefficient.dtype), kind, low, high, probability, epsilon, ranks, width, seed, start, numel)
-    weighted = kept * coefficient
+    dtype = coefficient.dtype
+    rows = [_kept(x[k].to(dtype), k, kind, low, high, probability, epsilon, ranks, width, seed, start, numel)
+            * coefficient[k] for k in range(x.shape[0])]
+    mixed = _sum(rows)
     if elect:
-        elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-        agrees = weighted * elected > 0
-        mixed = torch.where(agrees, weighted, 0.0).sum(0)
+        positive = mixed >= 0
+        agreeing = [torch.where(positive, row > 0, row < 0) for row in rows]
+        mixed = _sum([torch.where(agrees, row, 0.0) for agrees, row in zip(agreeing, rows)])
         if normalize:
-            contributed = torch.where(agrees, weight, 0.0).sum(0)
+            contributed = _sum([torch.where(agrees, weight[k], 0.0) for k, agrees in enumerate(agreeing)])
             mixed = mixed / torch.where(contributed == 0, 1.0, contributed)
-    else:
-        mixed = weighted.sum(0)
-    out.copy_(base.to(coefficient.dtype) + lam * mixed)
+    out.copy_(base.to(dtype) + lam * mixed)
+
+
+def _sum(rows: list[Tensor]) -> Tensor:
+    total = rows[0]
+    for row in rows[1:]:
+        total = total + row
+    return total
 
 
 _COMPILE_MIN_ELEMENTS = 1 << 16
@@ -547,23 +583,26 @@ def _slabs(numel: int, columns: int) -> list[slice]:
     return [slice(start, min(start + columns, numel)) for start in range(0, numel, columns)]
 
 
-def _combine_slab(stack: Tensor, base: Tensor, scale: Tensor, coefficient: Tensor, out: Tensor) -> None:
-    out.copy_(scale * base.to(coefficient.dtype) + (stack.to(coefficient.dtype) * coefficient).sum(0))
+_COMBINE_COLUMNS = 1 << 20
+"""Columns per matrix-vector product in :func:`combine`: bounds the temporary a lower-precision
+stack is upcast into (K x 1M elements) while staying large enough to run at memory bandwidth."""
 
 
 def combine(base: Tensor, stack: Tensor, scale: float, coefficients: Sequence[float], out: Tensor) -> Tensor:
     """``out = scale * base + sum_k coefficients[k] * stack[k]`` for a flat ``base`` and a
-    ``[K, numel]`` ``stack`` (any float dtype: it is upcast on the fly). Task arithmetic and
-    linear merges with their parameters folded into ``scale`` and ``coefficients``: one fused
-    pass that reads every input once, where a BLAS matrix-vector product would walk the output
-    once per expert."""
+    ``[K, numel]`` ``stack`` (any float dtype: it is upcast a chunk at a time). Task arithmetic
+    and linear merges with their parameters folded into ``scale`` and ``coefficients``: BLAS's
+    matrix-vector product runs at memory bandwidth with no compile and no per-call overhead."""
     work = _work_dtype(base.dtype)
-    coefficient = torch.tensor(coefficients, dtype=work, device=base.device)[:, None]
-    factor = torch.tensor(scale, dtype=work, device=base.device)
-    run = _kernel(_combine_slab, stack.numel())
+    vector = torch.tensor(coefficients, dtype=work, device=base.device)
     numel = base.numel()
-    for slab in _slabs(numel, numel if _compiles(stack.numel()) else max(1, _SLAB_ELEMENTS // len(stack))):
-        run(stack[:, slab], base[slab], factor, coefficient, out[slab])
+    for start in range(0, numel, _COMBINE_COLUMNS):
+        end = min(start + _COMBINE_COLUMNS, numel)
+        matrix = stack[:, start:end].to(work).t()
+        if out.dtype == work and base.dtype == work:
+            torch.addmv(base[start:end], matrix, vector, beta=scale, out=out[start:end])
+        else:
+            out[start:end].copy_(torch.addmv(base[start:end].to(work), matrix, vector, beta=scale))
     return out
 
 
@@ -712,9 +751,11 @@ def model_stock(base: Tensor, deltas: Tensor, params: MergeParams, generator: to
 
 
 def _magmax_slab(x: Tensor, base: Tensor, weight: Tensor, lam: Tensor, out: Tensor) -> None:
-    weighted = x.to(weight.dtype) * weight
-    strongest = weighted.abs().argmax(dim=0, keepdim=True)
-    out.copy_(base.to(weight.dtype) + lam * weighted.gather(0, strongest).squeeze(0))
+    strongest = x[0].to(weight.dtype) * weight[0]
+    for k in range(1, x.shape[0]):  # the first expert wins a tie, as argmax picks
+        row = x[k].to(weight.dtype) * weight[k]
+        strongest = torch.where(row.abs() > strongest.abs(), row, strongest)
+    out.copy_(base.to(weight.dtype) + lam * strongest)
 
 
 def magmax(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Generator | None = None,
@@ -730,10 +771,10 @@ def magmax(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.G
 
 def _consensus_slab(x: Tensor, base: Tensor, weight: Tensor, lam: Tensor, lambda_tall: Tensor, k: Tensor,
                     divisor: Tensor, out: Tensor) -> None:
-    weighted = x.to(weight.dtype) * weight
-    total = weighted.sum(0)
-    relies = weighted.abs() >= lambda_tall * (total - weighted).abs()
-    mixed = torch.where(relies.sum(0) >= k, total, 0.0)
+    rows = [x[i].to(weight.dtype) * weight[i] for i in range(x.shape[0])]
+    total = _sum(rows)
+    relying = _sum([(row.abs() >= lambda_tall * (total - row).abs()).to(weight.dtype) for row in rows])
+    mixed = torch.where(relying >= k, total, 0.0)
     out.copy_(base.to(weight.dtype) + lam * (mixed / divisor))
 
 
