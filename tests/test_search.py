@@ -76,21 +76,18 @@ def test_probe_population_is_measured_once_on_the_full_split(reference_run):
 
 
 @pytest.mark.reliability("fault", "the driver dying halfway through an archive line, then `evomerge resume`: the archive equals the uninterrupted run's")
-def test_resume_after_a_crash_while_writing_the_archive(reference_run, pico_cache, tmp_path):
-    crash = {"driver_exit": "archive", "at": POP + 1}
-    done = cli(*search_args(tmp_path, "crash"), cache=pico_cache, env={"EVOMERGE_TEST_FAULT": json.dumps(crash)})
-    assert done.returncode == 9, done.stderr[-3000:]
-    done = cli("resume", str(tmp_path / "crash"), cache=pico_cache)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "dropped 1 unreadable line" in done.stderr
-    assert comparable(tmp_path / "crash") == comparable(reference_run[0])
-
-
 @pytest.mark.reliability("fault", "the driver dying halfway through writing a checkpoint, then `evomerge resume`: the archive equals the uninterrupted run's")
-def test_resume_after_a_crash_while_checkpointing(reference_run, pico_cache, tmp_path):
-    crash = {"driver_exit": "checkpoint", "at": 2}
-    done = cli(*search_args(tmp_path, "crash"), cache=pico_cache, env={"EVOMERGE_TEST_FAULT": json.dumps(crash)})
+def test_resume_after_crashes_while_writing_the_archive_and_a_checkpoint(reference_run, pico_cache, tmp_path):
+    """One run, two crashes: mid archive line in generation 1, then (in the resumed run) mid
+    checkpoint of generation 2; each resume picks up where the files say."""
+    def crash_at(fault: dict) -> dict:
+        return {"EVOMERGE_TEST_FAULT": json.dumps(fault)}
+
+    done = cli(*search_args(tmp_path, "crash"), cache=pico_cache, env=crash_at({"driver_exit": "archive", "at": POP + 1}))
     assert done.returncode == 9, done.stderr[-3000:]
+    done = cli("resume", str(tmp_path / "crash"), cache=pico_cache, env=crash_at({"driver_exit": "checkpoint", "at": 2}))
+    assert done.returncode == 9, done.stderr[-3000:]
+    assert "dropped 1 unreadable line" in done.stderr
     assert not (tmp_path / "crash" / "checkpoints" / "generation-0002.pkl").exists()
     done = cli("resume", str(tmp_path / "crash"), cache=pico_cache)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -150,19 +147,21 @@ def test_a_killed_worker_loses_nothing(reference_run, pico_cache, tmp_path):
     assert comparable(tmp_path / "faulty") == comparable(reference_run[0])
 
 
-@pytest.mark.parametrize("fault, reason", [
-    pytest.param({"nan_weights": True}, "not finite", id="nan", marks=pytest.mark.reliability(
-        "fault", "a candidate whose merged weights are NaN: recorded with its reason and the worst fitness; the run goes on")),
-    pytest.param({"eval_raises": True}, "injected evaluation failure", id="raises", marks=pytest.mark.reliability(
-        "fault", "a candidate whose evaluation raises: recorded with its reason and the worst fitness; the run goes on")),
-])
-def test_a_failing_candidate_costs_the_candidate_not_the_run(pico_zoo, pico_cache, tmp_path, fault, reason):
+@pytest.mark.reliability("fault", "a candidate whose merged weights are NaN: recorded with its reason and the worst fitness; the run goes on")
+@pytest.mark.reliability("fault", "a candidate whose evaluation raises: recorded with its reason and the worst fitness; the run goes on")
+def test_failing_candidates_cost_the_candidates_not_the_run(pico_zoo, pico_cache, tmp_path):
+    fault = {"nan_weights": [1, 3], "eval_raises": [2]}  # by call: candidates 1 and 3 NaN, 2 raises, 4 fine
     done = cli(*search_args(tmp_path, "nan", "algorithm.generations=1"), cache=pico_cache,
                env={"EVOMERGE_TEST_FAULT": json.dumps(fault)})
     assert done.returncode == 0, done.stderr[-3000:]
     rows = comparable(tmp_path / "nan")
-    assert len(rows) == POP and all(reason in r["error"] for r in rows)
-    assert all(v == 0.0 for r in rows for v in r["objectives"].values())
+    assert len(rows) == POP
+    errors = sorted(r["error"] or "" for r in rows)
+    assert errors[0] == "" and "injected evaluation failure" in errors[1]
+    assert all("not finite" in e for e in errors[2:])
+    for row in rows:
+        if row["error"]:
+            assert all(v == 0.0 for v in row["objectives"].values())
 
 
 def test_a_search_joins_a_ray_cluster_by_address(pico_zoo, pico_cache, tmp_path):

@@ -74,7 +74,7 @@ class WorkerSpec:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     estimator_state: dict[str, Any] | None = None
-    fault: dict[str, Any] = field(default_factory=dict)  # test hook: {"kill_on_call": N}
+    fault: dict[str, Any] = field(default_factory=dict)  # test hooks, e.g. {"kill_on_call": N}
 
 
 class MergeWorker:
@@ -120,6 +120,11 @@ class MergeWorker:
     def load_state(self, state: dict[str, Any]) -> None:
         self.evaluator.load_state(state)
 
+    def _fault(self, kind: str) -> bool:
+        """Whether test hook ``kind`` hits this call: true for every candidate, or a list of calls."""
+        value = self.spec.fault.get(kind)
+        return value is True or (isinstance(value, list) and self.calls in value)
+
     def evaluate(self, recipe: dict[str, Any], split: str = "validation", full: bool = False) -> dict[str, Any]:
         """Merge ``recipe`` in place and score it; failures come back as ``error``, not raised."""
         import torch
@@ -135,7 +140,7 @@ class MergeWorker:
         forward_before = self.forward_seconds
         try:
             model = self.merger.materialize(Recipe.from_dict(recipe))
-            if candidate and self.spec.fault.get("nan_weights"):
+            if candidate and self._fault("nan_weights"):
                 with torch.no_grad():
                     next(model.parameters()).fill_(float("nan"))
             # A sum is NaN or inf when any element is: one read per tensor, no mask allocated.
@@ -145,7 +150,7 @@ class MergeWorker:
                 result["error"] = f"merged weights are not finite (first: {bad})"
                 return result
             scored = time.perf_counter()
-            if candidate and self.spec.fault.get("eval_raises"):
+            if candidate and self._fault("eval_raises"):
                 raise RuntimeError("injected evaluation failure")
             evaluation = self.evaluator.score(model, split=split, full=full)
             result["eval_seconds"] = time.perf_counter() - scored
