@@ -45,7 +45,7 @@ class ModelInfo:
 def resolve(ref: str, *, allow_pickle: bool = False) -> tuple[Path, str | None]:
     """Local folder (and GGUF file name) for ``ref``, downloading a hub id's files if needed."""
     path = Path(ref).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if _is_gguf(ref):
         return path.parent, path.name
     if path.is_dir():
         if not (path / "config.json").exists():

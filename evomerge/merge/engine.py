@@ -26,7 +26,7 @@ from evomerge.merge.methods import DeltaStats, MergeParams
 from evomerge.pool import ModelPool, layer_index, unique_parameters
 from evomerge.recipe import MethodConfig, Recipe, component_of
 
-# Methods that are base plus a fixed combination of task vectors: one fused pass (methods.combine).
+# Methods that are base plus a fixed combination of task vectors: one BLAS pass (methods.combine).
 _LINEAR_METHODS = frozenset({"linear", "task_arithmetic"})
 
 # --- memory --------------------------------------------------------------------------------------

@@ -242,12 +242,6 @@ def _expert_floats(params: MergeParams, name: str, count: int) -> list[float]:
     return values
 
 
-def _rows(values: Sequence[float] | Tensor, like: Tensor) -> Tensor:
-    """Per-expert values shaped to broadcast against ``like[K, ...]``."""
-    column = torch.as_tensor(values, dtype=like.dtype, device=like.device)
-    return column.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 def _flag(value: bool | None, method: str, which: str) -> bool:
     return _option(value, bool(getattr(METHODS[method], f"default_{which}")))
 
@@ -363,9 +357,11 @@ def draw_uniforms(seed: int, rows: int, numel: int, device: str | torch.device =
 @dataclass(frozen=True)
 class _KeepRule:
     """Which elements of each expert's delta survive sparsification, as tensors a kernel reads:
-    magnitude cuts ``low``/``high`` (``[K, 1]``) for TIES and breadcrumbs; a keep ``probability``
-    (``[K, 1]``; the density) and a draw ``seed`` for DARE and DELLA, and for DELLA also
-    ``epsilon`` (``[K, 1]``) and the in-row ``ranks`` (``[K, numel]``) of rows ``width`` long."""
+    magnitude cuts ``low``/``high`` (``[K, 1]``) for TIES and breadcrumbs; a draw ``seed`` and a
+    ``[K, 1]`` ``probability`` for DARE and DELLA (DARE: the density as the integer cut
+    ``ceil(density * 2^24)`` its integer draws are compared with; DELLA: the density itself), and
+    for DELLA also ``epsilon`` (``[K, 1]``) and the in-row ``ranks`` (``[K, numel]``) of rows
+    ``width`` long."""
 
     kind: Sparsification
     low: Tensor | None = None
@@ -579,7 +575,12 @@ def _kernel(fn: Callable, numel: int) -> Callable:
     return run
 
 
-def _slabs(numel: int, columns: int) -> list[slice]:
+def _kernel_slabs(count: int, numel: int) -> list[slice]:
+    """Column ranges a kernel over a ``[count, numel]`` stack runs on: the whole tensor in one
+    call when compiled (the loop is fused, and each call costs ~0.3 ms to dispatch: more than the
+    merge over 1000+ slabs), slabs of :data:`_SLAB_ELEMENTS` when eager, so temporaries stay in
+    cache."""
+    columns = numel if _compiles(count * numel) else max(1, _SLAB_ELEMENTS // count)
     return [slice(start, min(start + columns, numel)) for start in range(0, numel, columns)]
 
 
@@ -615,10 +616,11 @@ def generalized_task_arithmetic(variant: TaskArithmeticVariant, base: Tensor, de
 
     One kernel upcasts, sparsifies, combines and writes the merged tensor in the base's dtype
     into ``out`` (the base's shape) when given: compiled and over the whole tensor at once for
-    large tensors, eagerly and slab by slab of columns for small ones. Rescaling multiplies each expert's weight by its
-    norm ratio, which a first pass measures by sparsifying without writing anything; the merge
-    pass sparsifies again, which costs less than storing the kept deltas and reading them back
-    because every keep rule is a pure function of an element's value and position. Random
+    large tensors, eagerly and slab by slab of columns for small ones (:func:`_kernel_slabs`).
+    Rescaling multiplies each expert's weight by its norm ratio, which a first pass measures by
+    sparsifying without writing anything; the merge pass sparsifies again, which costs less than
+    storing the kept deltas and reading them back because every keep rule is a pure function of
+    an element's value and position. Random
     variants draw one counter-based uniform per element of ``deltas`` (:func:`draw_uniforms`
     replays them) from a seed taken from ``generator``; DELLA reads in-row ranks from ``stats``
     (or ranks the tensor here without it).
@@ -629,10 +631,7 @@ def generalized_task_arithmetic(variant: TaskArithmeticVariant, base: Tensor, de
     base_flat = base.reshape(-1)
     numel = base_flat.numel()
     rule = _keep_rule(variant, deltas, params, generator, stats)
-    # A compiled kernel fuses every pass into one loop and takes the whole tensor in one call
-    # (per-call overhead, ~50 us, would cost more than the merge over 1000+ slabs); eager ones
-    # run slab by slab so their temporaries stay in cache.
-    slabs = _slabs(numel, numel if _compiles(flat.numel()) else max(1, _SLAB_ELEMENTS // count))
+    slabs = _kernel_slabs(count, numel)
     weight = torch.tensor(_expert_floats(params, "weight", count), dtype=work, device=base.device)[:, None]
     coefficient = weight
     if variant.default_rescale is not None and _option(params.rescale, variant.default_rescale):
@@ -800,8 +799,7 @@ def _elementwise(kernel: Callable, base: Tensor, deltas: Tensor, out: Tensor | N
     merged = _output(base, out)
     stack, flat, target = _stack(deltas), base.reshape(-1), merged.view(-1)
     run = _kernel(kernel, stack.numel())
-    numel = flat.numel()
-    for slab in _slabs(numel, numel if _compiles(stack.numel()) else max(1, _SLAB_ELEMENTS // len(stack))):
+    for slab in _kernel_slabs(len(stack), flat.numel()):
         run(stack[:, slab], flat[slab], *args, target[slab])
     return merged
 
