@@ -312,14 +312,49 @@ def test_della_keeps_large_magnitudes_more_often() -> None:
     assert kept[above_median].float().mean() > kept[~above_median].float().mean() + 0.2
 
 
-def test_draws_are_uniform_and_independent_across_keys_and_neighbours() -> None:
-    draws = draw_uniforms(12345, 2, 50_000)
+def test_draws_are_uniform_and_independent_across_keys_neighbours_and_experts() -> None:
+    draws = draw_uniforms(12345, 3, 50_000)
     assert stats.kstest(draws.reshape(-1).numpy(), "uniform").pvalue > 1e-3
-    other = draw_uniforms(12346, 2, 50_000)  # the next key: an unrelated stream
+    other = draw_uniforms(12346, 3, 50_000)  # the next key: an unrelated stream
     assert abs(torch.corrcoef(torch.stack([draws.reshape(-1), other.reshape(-1)]))[0, 1]) < 0.02
     neighbours = torch.corrcoef(torch.stack([draws[0, :-1], draws[0, 1:]]))[0, 1]
     assert abs(neighbours) < 0.02
-    assert torch.equal(draws, draw_uniforms(12345, 2, 50_000))
+    # experts 0 and 1 share one hash (its two halves), expert 2 has its own
+    assert abs(torch.corrcoef(draws)[0, 1]) < 0.02 and abs(torch.corrcoef(draws)[0, 2]) < 0.02
+    both = (draws[0] < 0.5) & (draws[1] < 0.5)
+    assert abs(both.float().mean().item() - 0.25) < 0.01
+    assert torch.equal(draws, draw_uniforms(12345, 3, 50_000))
+
+
+def reference_draw(seed: int, expert: int, numel: int, column: int) -> float:
+    """The documented draw in plain unsigned 32-bit arithmetic: hash (seed, pair * numel + column)
+    with a Weyl step and two multiply-xorshift rounds; the even expert of a pair takes the high
+    16 bits, the odd one the low 16."""
+    mask = 0xFFFFFFFF
+    h = ((expert // 2 * numel + column) * 0x9E3779B1 + seed) & mask
+    for _ in range(2):
+        h = (((h >> 16) ^ h) * 0x45D9F3B) & mask
+    h = (h >> 16) ^ h
+    return ((h >> 16) if expert % 2 == 0 else (h & 0xFFFF)) / 65536
+
+
+def test_draws_follow_the_documented_hash_in_int32_lanes() -> None:
+    """The kernels hash in wrapping int32 arithmetic; the draws must be the unsigned hash's, also
+    where positions pass 2^31 (wrapped) and keys sit above 2^31."""
+    for seed in (0, 12345, (1 << 32) - 7):
+        draws = draw_uniforms(seed, 5, 1000)
+        for expert, column in [(0, 0), (1, 0), (2, 999), (3, 17), (4, 500)]:
+            assert draws[expert, column].item() == reference_draw(seed, expert, 1000, column)
+    width = 1 << 20  # rows 2047 and 2048 straddle position 2^31; pair offsets pass 2^32
+    numel = 2049 * width
+    keys = methods._draw_keys(torch.tensor(99), 3, numel)
+    grid = methods._Grid.of(width, "cpu")
+    spread = methods._spread(grid.columns, grid.row_step, 2047, 2)
+    far = methods._draws(keys, 3, spread)
+    for expert in range(3):
+        for row, column in [(0, 0), (0, width - 1), (1, 0), (1, 12345)]:
+            position = (2047 + row) * width + column
+            assert far[expert][row, column].item() == reference_draw(99, expert, numel, position) * 65536
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "della"])

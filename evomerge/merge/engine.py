@@ -133,8 +133,13 @@ class _ExpertSubset:
         return self.stats.magnitude_threshold(self.indices[expert_index], keep_fraction)
 
     def row_ranks(self) -> Tensor:
-        ranks = self.stats.row_ranks()
-        return ranks.index_select(0, torch.tensor(self.indices, device=ranks.device))
+        return self._select(self.stats.row_ranks())
+
+    def l1_norms(self) -> Tensor:
+        return self._select(self.stats.l1_norms())
+
+    def _select(self, per_expert: Tensor) -> Tensor:
+        return per_expert.index_select(0, torch.tensor(self.indices, device=per_expert.device))
 
 
 @dataclass(frozen=True)
@@ -270,7 +275,7 @@ class Merger:
             generator.manual_seed(tensor_seed(recipe.seed, name))
         stats = None
         variant = methods.METHODS[plan.method].variant
-        if variant is not None and variant.reads_stats:  # a table lookup replaces a sort
+        if variant is not None and variant.reads_stats:  # cached: a table lookup replaces a sort
             stats = self._stats_of(name)
             stats = stats if every else _ExpertSubset(stats, plan.included)
         methods.merge_tensor(plan.method, base, deltas, params, generator, stats, out=target.view(base.shape))

@@ -127,7 +127,8 @@ def _param(params: MergeParams, name: str) -> object:
 
 class MagnitudeStats(Protocol):
     """What sparsifying reads of each expert's delta that no candidate changes, precomputed so a
-    merge needs no sort: magnitude thresholds (TIES, breadcrumbs) and in-row ranks (DELLA)."""
+    merge needs no sort: magnitude thresholds (TIES, breadcrumbs), in-row ranks (DELLA) and the
+    L1 norms rescaling restores (so a rescaled merge reads the deltas twice, not three times)."""
 
     def magnitude_threshold(self, expert_index: int, keep_fraction: float) -> float:
         """Magnitude at or above which ``keep_fraction`` of the expert's delta elements lie."""
@@ -136,6 +137,10 @@ class MagnitudeStats(Protocol):
     def row_ranks(self) -> Tensor:
         """``[K, numel]`` integer rank of each element's magnitude within its row (0 smallest;
         rows as :func:`row_ranks` cuts them)."""
+        ...
+
+    def l1_norms(self) -> Tensor:
+        """``[K]`` L1 norm of each expert's delta, summed in float64, in working precision."""
         ...
 
 
@@ -285,8 +290,9 @@ class TaskArithmeticVariant:
 
     @property
     def reads_stats(self) -> bool:
-        """Whether sparsifying reads :class:`MagnitudeStats` (magnitude cuts or in-row ranks)."""
-        return self.sparsification in ("magnitude", "band", "rank")
+        """Whether the merge reads :class:`MagnitudeStats`: magnitude cuts, in-row ranks, or
+        (any sparsification that rescales) the deltas' L1 norms."""
+        return self.sparsification != "none"
 
     @property
     def randomized(self) -> bool:
@@ -323,58 +329,111 @@ def _magnitude_cuts(deltas: Tensor, counts: Sequence[int], stats: MagnitudeStats
     return torch.tensor(values, dtype=_work_dtype(deltas.dtype), device=deltas.device)[:, None]
 
 
-def _draw_steps(index: Tensor, seed: Tensor) -> Tensor:
-    """One integer in [0, 2^24) per element of ``index``, a hash of ``(seed, index)``: a
-    counter-based generator, so the draws are fused into the merge kernel instead of streamed
-    from a sequential one (which took longer than the merge), depend only on each element's
-    position (slabs and devices cannot change them), and still reproduce exactly from the seed.
-    The mixer is a 32-bit integer finalizer (two multiply-xorshift rounds); int64 arithmetic
-    never overflows."""
-    h = (index * 0x9E3779B1 + seed) & 0xFFFFFFFF
-    h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
-    h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
-    return ((h >> 16) ^ h) >> 8
+_DRAW_BITS = 16
+_DRAW_STEPS = float(1 << _DRAW_BITS)
+"""A draw is ``m * 2^-16`` for an integer ``m`` in [0, 2^16), so ``draw < p`` is exactly
+``m < ceil(p * 2^16)``: DARE's kernel compares integers instead of converting every draw. A keep
+probability thus acts in steps of 1.5e-5, far below anything a density search resolves."""
+_WEYL = -1640531535  # 0x9E3779B1 as a signed 32-bit integer
+_MIX = 0x45D9F3B
+_INT32_SPAN = 1 << 31
 
 
-_DRAW_STEPS = float(1 << 24)
-"""A draw is ``m * 2^-24`` for ``m`` from :func:`_draw_steps`, so ``draw < p`` is exactly
-``m < ceil(p * 2^24)``: DARE's kernel compares integers instead of converting every draw."""
+def _mix32(h: Tensor) -> Tensor:
+    """A 32-bit integer finalizer (two multiply-xorshift rounds) on int32 lanes: multiplies wrap
+    as unsigned ones do, and masking makes the arithmetic right shifts logical. int32 rather
+    than int64 lanes: a vector op covers twice the elements, and int64 multiplies are the
+    slowest vector integer op on CPUs (DARE's kernel: 15% faster on the embedding)."""
+    h = (((h >> 16) & 0xFFFF) ^ h) * _MIX
+    h = (((h >> 16) & 0xFFFF) ^ h) * _MIX
+    return ((h >> 16) & 0xFFFF) ^ h
 
 
-def _steps(seed: Tensor, row: int, start: int, columns: int, numel: int) -> Tensor:
-    """The draws (as integers) for columns ``start .. start + columns`` of row ``row`` of a
-    ``[K, numel]`` stack."""
-    return _draw_steps(row * numel + torch.arange(start, start + columns, device=seed.device), seed)
+def _wrap32(value: int) -> int:
+    """``value`` modulo 2^32 as a signed 32-bit integer."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= _INT32_SPAN else value
+
+
+def _draw_keys(seed: Tensor, count: int, numel: int) -> Tensor:
+    """``[ceil(count / 2)]`` int32 keys for a ``[count, numel]`` stack drawn from ``seed``: one
+    32-bit hash of ``(seed, pair * numel + position)`` yields 16-bit draws for two experts (its
+    high half for the even one, its low half for the odd one), so a merge of K experts hashes
+    K/2 times per element. Key ``pair`` folds the pair's offset in, so a kernel adds it to
+    ``position * 0x9E3779B1`` computed once for all pairs."""
+    pairs = torch.arange((count + 1) // 2, dtype=torch.int64, device=seed.device)
+    keys = (seed.to(torch.int64) + pairs * (_wrap32(numel * _WEYL) & 0xFFFFFFFF)) & 0xFFFFFFFF
+    return torch.where(keys >= _INT32_SPAN, keys - 2 * _INT32_SPAN, keys).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Element positions of a tensor seen as ``[rows, width]``, spread by the Weyl step as the
+    draws hash them: ``row * row_step + columns[column]`` (int32, wrapping). A kernel builds a
+    position from its row (a scalar per row) and a loaded ``[width]`` vector: compiled CPU code
+    assembles an ``arange`` vector lane by lane, which cost more than the hash (DARE's norms
+    loop ran at 2.7x a plain read with it, at a plain read's speed without)."""
+
+    columns: Tensor
+    row_step: Tensor
+
+    @classmethod
+    def of(cls, width: int, device: torch.device | str) -> _Grid:
+        columns = torch.arange(width, dtype=torch.int64, device=device) * (_WEYL & 0xFFFFFFFF) & 0xFFFFFFFF
+        columns = torch.where(columns >= _INT32_SPAN, columns - 2 * _INT32_SPAN, columns).to(torch.int32)
+        return cls(columns, torch.tensor(_wrap32(width * _WEYL), dtype=torch.int32, device=device))
+
+
+def _spread(grid_columns: Tensor, row_step: Tensor, first_row: int, rows: int) -> Tensor:
+    """``[rows, width]`` spread positions of rows ``first_row ..`` (see :class:`_Grid`)."""
+    row = torch.arange(first_row, first_row + rows, dtype=torch.int32, device=grid_columns.device)
+    return (row * row_step)[:, None] + grid_columns
+
+
+def _draws(keys: Tensor, count: int, spread: Tensor) -> list[Tensor]:
+    """Each expert's integer draws at the ``spread`` positions: a counter-based generator, so
+    the draws are fused into the merge kernel instead of streamed from a sequential one (which
+    took longer than the merge), depend only on each element's position (slabs and devices
+    cannot change them), and still reproduce exactly from the seed."""
+    draws = []
+    for pair in range((count + 1) // 2):
+        h = _mix32(spread + keys[pair])
+        draws += [(h >> 16) & 0xFFFF, h & 0xFFFF]
+    return draws[:count]
 
 
 def draw_uniforms(seed: int, rows: int, numel: int, device: str | torch.device = "cpu") -> Tensor:
     """The ``[rows, numel]`` uniforms in [0, 1) a randomized method draws for a stack of ``rows``
     task vectors of ``numel`` elements from key ``seed``, so tests and users can replay a mask."""
-    index = torch.arange(rows, device=device)[:, None] * numel + torch.arange(numel, device=device)
-    return _draw_steps(index, torch.tensor(seed, device=device)).to(torch.float32) / _DRAW_STEPS
+    keys = _draw_keys(torch.tensor(seed, device=device), rows, numel)
+    grid = _Grid.of(numel, device)
+    spread = _spread(grid.columns, grid.row_step, 0, 1)[0]
+    return torch.stack(_draws(keys, rows, spread)).to(torch.float32) / _DRAW_STEPS
 
 
 @dataclass(frozen=True)
 class _KeepRule:
     """Which elements of each expert's delta survive sparsification, as tensors a kernel reads:
-    magnitude cuts ``low``/``high`` (``[K, 1]``) for TIES and breadcrumbs; a draw ``seed`` and a
-    ``[K, 1]`` ``probability`` for DARE and DELLA (DARE: the density as the integer cut
-    ``ceil(density * 2^24)`` its integer draws are compared with; DELLA: the density itself), and
-    for DELLA also ``epsilon`` (``[K, 1]``) and the in-row ``ranks`` (``[K, numel]``) of rows
-    ``width`` long."""
+    magnitude cuts ``low``/``high`` (``[K, 1]``) for TIES and breadcrumbs; draw ``keys`` (see
+    :func:`_draw_keys`) for DARE and DELLA, with, in units of draws, DARE's integer ``cut``
+    ``ceil(density * 2^16)`` or DELLA's keep-probability ramp ``cut + slope * rank`` over the
+    in-row ``ranks`` (``[K, rows, width]``), both ``[K, 1, 1]``, and the positions' ``grid``."""
 
     kind: Sparsification
     low: Tensor | None = None
     high: Tensor | None = None
-    probability: Tensor | None = None
-    epsilon: Tensor | None = None
-    seed: Tensor | None = None
+    cut: Tensor | None = None
+    slope: Tensor | None = None
+    keys: Tensor | None = None
     ranks: Tensor | None = None
-    width: int = 1
+    grid: _Grid | None = None
 
-    def slab(self, columns: slice) -> Tensor | None:
+    def slab(self, rows: slice) -> Tensor | None:
         """The ranks a slab's kernel reads (None unless DELLA)."""
-        return None if self.ranks is None else self.ranks[:, columns]
+        return None if self.ranks is None else self.ranks[:, rows]
+
+    def grid_tensors(self) -> tuple[Tensor | None, Tensor | None]:
+        return (None, None) if self.grid is None else (self.grid.columns, self.grid.row_step)
 
 
 def _keep_rule(variant: TaskArithmeticVariant, deltas: Tensor, params: MergeParams,
@@ -387,7 +446,7 @@ def _keep_rule(variant: TaskArithmeticVariant, deltas: Tensor, params: MergePara
     if kind == "magnitude":
         # mergekit keeps int(density * n) elements but at least one whenever density > 0.
         counts = [numel if d >= 1 else 0 if d <= 0 else max(1, int(d * numel)) for d in density]
-        return _KeepRule(kind, low=_magnitude_cuts(deltas, counts, stats))
+        return _KeepRule(kind, low=_magnitude_cuts(deltas, counts, stats)[:, :, None])
     if kind == "band":
         dropped_top, kept_through = [], []
         for d, g in zip(density, _expert_floats(params, "gamma", count)):
@@ -400,17 +459,30 @@ def _keep_rule(variant: TaskArithmeticVariant, deltas: Tensor, params: MergePara
             skipped_bottom = max(0, numel - target - int(g * numel))
             dropped_top.append(numel - skipped_bottom - target)
             kept_through.append(numel - skipped_bottom)
-        return _KeepRule(kind, low=_magnitude_cuts(deltas, kept_through, stats),
-                         high=_magnitude_cuts(deltas, dropped_top, stats))
+        return _KeepRule(kind, low=_magnitude_cuts(deltas, kept_through, stats)[:, :, None],
+                         high=_magnitude_cuts(deltas, dropped_top, stats)[:, :, None])
     generator = _need(generator, f"{kind} sparsification")
     seed = torch.randint(0, 1 << 32, (), generator=generator, device=generator.device).to(deltas.device)
-    column = lambda values: torch.tensor(values, dtype=torch.float32, device=deltas.device)[:, None]  # noqa: E731
+    keys = _draw_keys(seed, count, numel)
+    width = _rank_width(deltas)
+    grid = _Grid.of(width, deltas.device)
+    column = lambda values: torch.tensor(values, dtype=torch.float64, device=deltas.device)[:, None, None]  # noqa: E731
     if kind == "random":
-        cuts = torch.ceil(column(density).double() * _DRAW_STEPS).clamp(0, _DRAW_STEPS).to(torch.int64)
-        return _KeepRule(kind, probability=cuts, seed=seed)
-    return _KeepRule(kind, probability=column(density), epsilon=column(_expert_floats(params, "epsilon", count)),
-                     seed=seed, ranks=stats.row_ranks() if stats is not None else row_ranks(deltas),
-                     width=_rank_width(deltas))
+        cut = torch.ceil(column(density) * _DRAW_STEPS).clamp(0, _DRAW_STEPS).to(torch.int32)
+        return _KeepRule(kind, cut=cut, keys=keys, grid=grid)
+    # DELLA keeps where draw < density - epsilon + 2 * epsilon * rank / (width - 1); all where
+    # the density reaches 1, none where it is 0.
+    intercepts, slopes = [], []
+    for d, e in zip(density, _expert_floats(params, "epsilon", count)):
+        if d >= 1 or d <= 0:
+            intercepts.append(math.inf if d >= 1 else -math.inf)
+            slopes.append(0.0)
+        else:
+            intercepts.append((d - e) * _DRAW_STEPS)
+            slopes.append(2 * e * _DRAW_STEPS / max(width - 1, 1))
+    ranks = stats.row_ranks() if stats is not None else row_ranks(deltas)
+    return _KeepRule(kind, cut=column(intercepts).float(), slope=column(slopes).float(), keys=keys,
+                     ranks=ranks.view(count, -1, width), grid=grid)
 
 
 def _rank_width(deltas: Tensor) -> int:
@@ -458,6 +530,7 @@ class DeltaStats:
     resolution: int = 1024
     _quantiles: MagnitudeQuantiles | None = None
     _ranks: Tensor | None = None
+    _norms: Tensor | None = None
 
     def magnitude_threshold(self, expert_index: int, keep_fraction: float) -> float:
         if self._quantiles is None:
@@ -469,13 +542,22 @@ class DeltaStats:
             self._ranks = row_ranks(self.deltas)
         return self._ranks
 
+    def l1_norms(self) -> Tensor:
+        if self._norms is None:
+            self._norms = l1_norms(self.deltas)
+        return self._norms
 
-def _kept(x: Tensor, k: int, kind: str, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
-          epsilon: Tensor | None, ranks: Tensor | None, width: int, seed: Tensor | None, start: int,
-          numel: int) -> Tensor:
-    """Expert ``k``'s slab of deltas (``x``, columns ``start ..`` of ``numel``) with the dropped
-    elements zeroed; magnitudes at a cut count as above it. DELLA's keep probability rises with
-    the in-row rank from density - epsilon to density + epsilon (1 or 0 where the density is)."""
+
+def l1_norms(deltas: Tensor) -> Tensor:
+    """``[K]`` L1 norms of stacked deltas (see :meth:`MagnitudeStats.l1_norms`)."""
+    flat = deltas.reshape(deltas.shape[0], -1)
+    return flat.abs().sum(1, dtype=torch.float64).to(_work_dtype(deltas.dtype))
+
+
+def _kept(x: Tensor, k: int, kind: str, low: Tensor | None, high: Tensor | None, cut: Tensor | None,
+          slope: Tensor | None, ranks: Tensor | None, draws: list[Tensor] | None) -> Tensor:
+    """Expert ``k``'s slab of deltas (``x``) with the dropped elements zeroed; magnitudes at a cut
+    count as above it."""
     if kind == "none":
         return x
     if kind in ("magnitude", "band"):
@@ -484,14 +566,9 @@ def _kept(x: Tensor, k: int, kind: str, low: Tensor | None, high: Tensor | None,
         if kind == "band":
             keep = keep & (magnitude < high[k])
         return torch.where(keep, x, 0.0)
-    p = probability[k]
-    steps = _steps(seed, k, start, x.shape[0], numel)
-    if kind == "random":  # p holds the integer cut ceil(density * 2^24), see _DRAW_STEPS
-        return torch.where(steps < p, x, 0.0)
-    rank = ranks[k].to(torch.float32) * (1.0 / max(width - 1, 1))
-    ramp = p - epsilon[k] + 2 * epsilon[k] * rank
-    p = torch.where(p >= 1, 1.0, torch.where(p <= 0, 0.0, ramp))
-    return torch.where(steps.to(torch.float32) / _DRAW_STEPS < p, x, 0.0)
+    if kind == "random":
+        return torch.where(draws[k] < cut[k], x, 0.0)
+    return torch.where(draws[k].to(torch.float32) < cut[k] + slope[k] * ranks[k].to(torch.float32), x, 0.0)
 
 
 # The kernels below loop over the K experts in Python instead of reducing over a K axis: traced by
@@ -499,30 +576,35 @@ def _kept(x: Tensor, k: int, kind: str, low: Tensor | None, high: Tensor | None,
 # reduction over the outer axis compiled into several passes (TIES: 9x slower on the embedding).
 
 
-def _norms_slab(x: Tensor, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
-                epsilon: Tensor | None, ranks: Tensor | None, seed: Tensor | None, start: int, numel: int,
-                dtype: torch.dtype, kind: str, width: int) -> tuple[Tensor, Tensor]:
-    """Each expert's L1 norm over the slab before and after sparsifying, for rescale."""
-    before, after = [], []
-    for k in range(x.shape[0]):
-        work = x[k].to(dtype)
-        kept = _kept(work, k, kind, low, high, probability, epsilon, ranks, width, seed, start, numel)
-        before.append(work.abs().sum())
-        after.append(kept.abs().sum())
-    return torch.stack(before), torch.stack(after)
+def _slab_draws(keys: Tensor | None, count: int, columns: Tensor | None, row_step: Tensor | None,
+                first_row: int, rows: int) -> list[Tensor] | None:
+    return None if keys is None else _draws(keys, count, _spread(columns, row_step, first_row, rows))
 
 
-def _merge_slab(x: Tensor, base: Tensor, low: Tensor | None, high: Tensor | None, probability: Tensor | None,
-                epsilon: Tensor | None, ranks: Tensor | None, seed: Tensor | None, start: int, numel: int,
-                coefficient: Tensor, weight: Tensor, lam: Tensor, out: Tensor, kind: str, width: int,
-                elect: bool, normalize: bool) -> None:
+def _norms_slab(x: Tensor, low: Tensor | None, high: Tensor | None, cut: Tensor | None, slope: Tensor | None,
+                ranks: Tensor | None, keys: Tensor | None, columns: Tensor | None, row_step: Tensor | None,
+                first_row: int, kind: str) -> Tensor:
+    """``[K]`` L1 norm of each expert's slab (``[K, rows, width]``, from row ``first_row``) after
+    sparsifying, for rescale."""
+    count = x.shape[0]
+    draws = _slab_draws(keys, count, columns, row_step, first_row, x.shape[1])
+    kept = [_kept(x[k].to(_work_dtype(x.dtype)), k, kind, low, high, cut, slope, ranks, draws) for k in range(count)]
+    return torch.stack([row.abs().sum() for row in kept])
+
+
+def _merge_slab(x: Tensor, base: Tensor, low: Tensor | None, high: Tensor | None, cut: Tensor | None,
+                slope: Tensor | None, ranks: Tensor | None, keys: Tensor | None, columns: Tensor | None,
+                row_step: Tensor | None, first_row: int, coefficient: Tensor, weight: Tensor, lam: Tensor,
+                out: Tensor, kind: str, elect: bool, normalize: bool) -> None:
     """One slab of the generalized task-arithmetic merge, written into ``out``: sparsify, weight,
     combine (with TIES' sign election: keep the weighted deltas whose sign agrees with their sum's,
     +1 where the sum is 0, and with ``normalize`` divide by the weight that agreed, 1 where none
     did), scale by ``lam`` and add the base. One pass when compiled."""
     dtype = coefficient.dtype
-    rows = [_kept(x[k].to(dtype), k, kind, low, high, probability, epsilon, ranks, width, seed, start, numel)
-            * coefficient[k] for k in range(x.shape[0])]
+    count = x.shape[0]
+    draws = _slab_draws(keys, count, columns, row_step, first_row, x.shape[1])
+    rows = [_kept(x[k].to(dtype), k, kind, low, high, cut, slope, ranks, draws) * coefficient[k]
+            for k in range(count)]
     mixed = _sum(rows)
     if elect:
         positive = mixed >= 0
@@ -544,6 +626,11 @@ def _sum(rows: list[Tensor]) -> Tensor:
 _COMPILE_MIN_ELEMENTS = 1 << 16
 """Tensors this large run the slab kernels compiled (one fused loop instead of a dozen eager
 passes: 10-20x on CPU); smaller ones, like the test models', are not worth a compile."""
+_INDUCTOR_OPTIONS = {"realize_cpu_opcount_threshold": 1000, "realize_reads_threshold": 100}
+"""Keep recomputing each expert's sparsified row inside the one loop rather than storing it:
+by default inductor stores an expression above 30 ops that is read more than once (DELLA's
+rows: the election reads them twice), which split its merge into two loops through three
+temporaries (3.6x slower on the embedding)."""
 _compiled: dict[str, Callable] = {}
 _compile_failed: list[str] = []
 
@@ -559,7 +646,7 @@ def _kernel(fn: Callable, numel: int) -> Callable:
     if not _compiles(numel):
         return fn
     if fn.__name__ not in _compiled:
-        _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
+        _compiled[fn.__name__] = torch.compile(fn, dynamic=True, options=_INDUCTOR_OPTIONS)
     compiled = _compiled[fn.__name__]
 
     def run(*args, **kwargs):
@@ -575,13 +662,13 @@ def _kernel(fn: Callable, numel: int) -> Callable:
     return run
 
 
-def _kernel_slabs(count: int, numel: int) -> list[slice]:
-    """Column ranges a kernel over a ``[count, numel]`` stack runs on: the whole tensor in one
-    call when compiled (the loop is fused, and each call costs ~0.3 ms to dispatch: more than the
-    merge over 1000+ slabs), slabs of :data:`_SLAB_ELEMENTS` when eager, so temporaries stay in
-    cache."""
-    columns = numel if _compiles(count * numel) else max(1, _SLAB_ELEMENTS // count)
-    return [slice(start, min(start + columns, numel)) for start in range(0, numel, columns)]
+def _kernel_slabs(count: int, rows: int, width: int = 1) -> list[slice]:
+    """Row ranges a kernel over a ``[count, rows, width]`` stack runs on: the whole tensor in one
+    call when compiled (the loop is fused, and each call costs ~0.1 ms to dispatch: more than the
+    merge over 1000+ slabs), slabs of about :data:`_SLAB_ELEMENTS` when eager, so temporaries
+    stay in cache."""
+    step = rows if _compiles(count * rows * width) else max(1, _SLAB_ELEMENTS // (count * width))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 _COMBINE_COLUMNS = 1 << 20
@@ -614,51 +701,82 @@ def generalized_task_arithmetic(variant: TaskArithmeticVariant, base: Tensor, de
     expert's delta, optionally rescale it to its original L1 norm, weight, combine (with or
     without sign election), optionally divide by the weight that contributed, scale by lambda.
 
-    One kernel upcasts, sparsifies, combines and writes the merged tensor in the base's dtype
-    into ``out`` (the base's shape) when given: compiled and over the whole tensor at once for
-    large tensors, eagerly and slab by slab of columns for small ones (:func:`_kernel_slabs`).
-    Rescaling multiplies each expert's weight by its norm ratio, which a first pass measures by
-    sparsifying without writing anything; the merge pass sparsifies again, which costs less than
-    storing the kept deltas and reading them back because every keep rule is a pure function of
-    an element's value and position. Random
-    variants draw one counter-based uniform per element of ``deltas`` (:func:`draw_uniforms`
-    replays them) from a seed taken from ``generator``; DELLA reads in-row ranks from ``stats``
-    (or ranks the tensor here without it).
+    One kernel call upcasts, sparsifies, combines and writes the merged tensor in the base's
+    dtype into ``out`` (the base's shape) when given (:func:`_merge_whole`): compiled for large
+    tensors, eager for small ones. Rescaling multiplies each expert's weight by its norm ratio,
+    which a first loop of that kernel measures by sparsifying without writing anything; the merge
+    loop sparsifies again, which costs less than storing the kept deltas and reading them back
+    because every keep rule is a pure function of an element's value and position. Only where
+    compiling failed do large tensors run eagerly, slab by slab of columns, to bound the
+    temporaries. Random variants draw one counter-based uniform per element of ``deltas``
+    (:func:`draw_uniforms` replays them) from a seed taken from ``generator``; DELLA reads in-row
+    ranks from ``stats`` (or ranks the tensor here without it).
     """
     count = deltas.shape[0]
     work = _work_dtype(deltas.dtype)
-    flat = deltas.reshape(count, -1)
-    base_flat = base.reshape(-1)
-    numel = base_flat.numel()
+    width = _rank_width(deltas)
+    grid = deltas.reshape(count, -1, width)
+    base_grid = base.reshape(-1, width)
     rule = _keep_rule(variant, deltas, params, generator, stats)
-    slabs = _kernel_slabs(count, numel)
-    weight = torch.tensor(_expert_floats(params, "weight", count), dtype=work, device=base.device)[:, None]
-    coefficient = weight
-    if variant.default_rescale is not None and _option(params.rescale, variant.default_rescale):
-        measure = _kernel(_norms_slab, flat.numel())
-        before = torch.zeros(count, dtype=torch.float64, device=flat.device)
-        after = torch.zeros_like(before)
-        for slab in slabs:
-            norms = measure(flat[:, slab], rule.low, rule.high, rule.probability, rule.epsilon, rule.slab(slab),
-                            rule.seed, slab.start, numel, dtype=work, kind=rule.kind, width=rule.width)
-            before += norms[0]
-            after += norms[1]
-        # mergekit's rescale: original L1 norm over kept L1 norm, 1 where either is below 1e-7
-        usable = (before >= _NORM_EPS) & (after >= _NORM_EPS)
-        ratio = torch.where(usable, before / torch.where(usable, after, torch.ones_like(after)), 1.0)
-        coefficient = weight * ratio.to(work)[:, None]
-    normalize = _option(params.normalize, variant.default_normalize)
-    if normalize and not variant.elect_sign:
-        coefficient = coefficient / _weight_total(weight)
-    merged = torch.empty(base.shape, dtype=base.dtype, device=base.device) if out is None else out
-    merged_flat = merged.view(-1)
+    columns, row_step = rule.grid_tensors()
+    weight = torch.tensor(_expert_floats(params, "weight", count), dtype=work, device=base.device)[:, None, None]
     lam = torch.tensor(params.lambda_, dtype=work, device=base.device)
-    merge = _kernel(_merge_slab, flat.numel())
+    rescale = variant.default_rescale is not None and _option(params.rescale, variant.default_rescale)
+    divide = _option(params.normalize, variant.default_normalize)
+    merged = torch.empty(base.shape, dtype=base.dtype, device=base.device) if out is None else out
+    merged_grid = merged.view(-1, width)
+    options = dict(kind=rule.kind, elect=variant.elect_sign, normalize=divide)
+    before = None
+    if rescale:
+        before = stats.l1_norms() if stats is not None else l1_norms(deltas)
+    slabs = _kernel_slabs(count, grid.shape[1], width)
+    if len(slabs) == 1:
+        _kernel(_merge_whole, grid.numel())(grid, base_grid, rule.low, rule.high, rule.cut, rule.slope, rule.ranks,
+                                             rule.keys, columns, row_step, before, weight, lam, merged_grid,
+                                             **options)
+        return merged
+    coefficient = weight
+    if rescale:
+        after = sum(_norms_slab(grid[:, slab], rule.low, rule.high, rule.cut, rule.slope, rule.slab(slab), rule.keys,
+                                columns, row_step, slab.start, kind=rule.kind).double() for slab in slabs)
+        coefficient = weight * _rescale_ratio(before, after).to(work)[:, None, None]
+    coefficient = _normalized(coefficient, weight, divide and not variant.elect_sign)
     for slab in slabs:
-        merge(flat[:, slab], base_flat[slab], rule.low, rule.high, rule.probability, rule.epsilon, rule.slab(slab),
-              rule.seed, slab.start, numel, coefficient, weight, lam, merged_flat[slab], kind=rule.kind,
-              width=rule.width, elect=variant.elect_sign, normalize=normalize)
+        _merge_slab(grid[:, slab], base_grid[slab], rule.low, rule.high, rule.cut, rule.slope, rule.slab(slab),
+                    rule.keys, columns, row_step, slab.start, coefficient, weight, lam, merged_grid[slab], **options)
     return merged
+
+
+def _rescale_ratio(before: Tensor, after: Tensor) -> Tensor:
+    """mergekit's rescale: original L1 norm over kept L1 norm, 1 where either is below 1e-7."""
+    usable = (before >= _NORM_EPS) & (after >= _NORM_EPS)
+    return torch.where(usable, before / torch.where(usable, after, torch.ones_like(after)), 1.0)
+
+
+def _normalized(coefficient: Tensor, weight: Tensor, divide: bool) -> Tensor:
+    """Without sign election, normalize divides by the total weight up front."""
+    return coefficient / _weight_total(weight) if divide else coefficient
+
+
+def _merge_whole(x: Tensor, base: Tensor, low: Tensor | None, high: Tensor | None, cut: Tensor | None,
+                 slope: Tensor | None, ranks: Tensor | None, keys: Tensor | None, columns: Tensor | None,
+                 row_step: Tensor | None, before: Tensor | None, weight: Tensor, lam: Tensor, out: Tensor,
+                 kind: str, elect: bool, normalize: bool) -> Tensor:
+    """Generalized task arithmetic of a whole tensor in one call: with ``before`` (the deltas'
+    L1 norms) it rescales, measuring the kept norms in a first loop; then the coefficients and
+    the merge loop. One call instead of one per loop and a few eager ops on the norms in
+    between: each compiled call costs ~0.1 ms to dispatch, and a merge of the zoo's model makes
+    one per large tensor (211). Returning the coefficients makes inductor store them once
+    instead of recomputing the norm ratios (three scalar divisions) in every vector step of the
+    merge loop."""
+    coefficient = weight
+    if before is not None:
+        after = _norms_slab(x, low, high, cut, slope, ranks, keys, columns, row_step, 0, kind=kind)
+        coefficient = weight * _rescale_ratio(before, after)[:, None, None]
+    coefficient = _normalized(coefficient, weight, normalize and not elect)
+    _merge_slab(x, base, low, high, cut, slope, ranks, keys, columns, row_step, 0, coefficient, weight, lam, out,
+                kind=kind, elect=elect, normalize=normalize)
+    return coefficient
 
 
 # --- methods -----------------------------------------------------------------------------------
