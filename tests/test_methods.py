@@ -347,7 +347,7 @@ def test_draws_follow_the_documented_hash_in_int32_lanes() -> None:
             assert draws[expert, column].item() == reference_draw(seed, expert, 1000, column)
     width = 1 << 20  # rows 2047 and 2048 straddle position 2^31; pair offsets pass 2^32
     numel = 2049 * width
-    keys = methods._draw_keys(torch.tensor(99), 3, numel)
+    keys = methods._draw_keys(99, 3, numel, "cpu")
     grid = methods._Grid.of(width, "cpu")
     spread = methods._spread(grid.columns, grid.row_step, 2047, 2)
     far = methods._draws(keys, 3, spread)

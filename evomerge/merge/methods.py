@@ -25,6 +25,7 @@ DELLA's in-row magnitude ranks are likewise computed once per tensor (:class:`De
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -355,15 +356,14 @@ def _wrap32(value: int) -> int:
     return value - (1 << 32) if value >= _INT32_SPAN else value
 
 
-def _draw_keys(seed: Tensor, count: int, numel: int) -> Tensor:
+def _draw_keys(seed: int, count: int, numel: int, device: torch.device | str) -> Tensor:
     """``[ceil(count / 2)]`` int32 keys for a ``[count, numel]`` stack drawn from ``seed``: one
     32-bit hash of ``(seed, pair * numel + position)`` yields 16-bit draws for two experts (its
     high half for the even one, its low half for the odd one), so a merge of K experts hashes
     K/2 times per element. Key ``pair`` folds the pair's offset in, so a kernel adds it to
     ``position * 0x9E3779B1`` computed once for all pairs."""
-    pairs = torch.arange((count + 1) // 2, dtype=torch.int64, device=seed.device)
-    keys = (seed.to(torch.int64) + pairs * (_wrap32(numel * _WEYL) & 0xFFFFFFFF)) & 0xFFFFFFFF
-    return torch.where(keys >= _INT32_SPAN, keys - 2 * _INT32_SPAN, keys).to(torch.int32)
+    keys = [_wrap32(seed + pair * numel * _WEYL) for pair in range((count + 1) // 2)]
+    return torch.tensor(keys, dtype=torch.int32, device=device)
 
 
 @dataclass(frozen=True)
@@ -378,7 +378,9 @@ class _Grid:
     row_step: Tensor
 
     @classmethod
+    @functools.lru_cache(maxsize=64)
     def of(cls, width: int, device: torch.device | str) -> _Grid:
+        """The grid of rows ``width`` long, cached: a model has a handful of widths."""
         columns = torch.arange(width, dtype=torch.int64, device=device) * (_WEYL & 0xFFFFFFFF) & 0xFFFFFFFF
         columns = torch.where(columns >= _INT32_SPAN, columns - 2 * _INT32_SPAN, columns).to(torch.int32)
         return cls(columns, torch.tensor(_wrap32(width * _WEYL), dtype=torch.int32, device=device))
@@ -405,7 +407,7 @@ def _draws(keys: Tensor, count: int, spread: Tensor) -> list[Tensor]:
 def draw_uniforms(seed: int, rows: int, numel: int, device: str | torch.device = "cpu") -> Tensor:
     """The ``[rows, numel]`` uniforms in [0, 1) a randomized method draws for a stack of ``rows``
     task vectors of ``numel`` elements from key ``seed``, so tests and users can replay a mask."""
-    keys = _draw_keys(torch.tensor(seed, device=device), rows, numel)
+    keys = _draw_keys(seed, rows, numel, device)
     grid = _Grid.of(numel, device)
     spread = _spread(grid.columns, grid.row_step, 0, 1)[0]
     return torch.stack(_draws(keys, rows, spread)).to(torch.float32) / _DRAW_STEPS
@@ -462,8 +464,8 @@ def _keep_rule(variant: TaskArithmeticVariant, deltas: Tensor, params: MergePara
         return _KeepRule(kind, low=_magnitude_cuts(deltas, kept_through, stats)[:, :, None],
                          high=_magnitude_cuts(deltas, dropped_top, stats)[:, :, None])
     generator = _need(generator, f"{kind} sparsification")
-    seed = torch.randint(0, 1 << 32, (), generator=generator, device=generator.device).to(deltas.device)
-    keys = _draw_keys(seed, count, numel)
+    seed = int(torch.randint(0, 1 << 32, (), generator=generator, device=generator.device))
+    keys = _draw_keys(seed, count, numel, deltas.device)
     width = _rank_width(deltas)
     grid = _Grid.of(width, deltas.device)
     column = lambda values: torch.tensor(values, dtype=torch.float64, device=deltas.device)[:, None, None]  # noqa: E731
