@@ -39,7 +39,7 @@ from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 from evomerge.zoo.build import cache_dir
 from evomerge.zoo.card import task_arithmetic
 
-ESTIMATORS = ("random", "anchors", "irt")
+ESTIMATORS = ("random", "anchors", "irt", "margins")
 GROUP_LAYERS = 5  # layers per recipe group: 6 groups on SmolLM2's 30 layers
 
 
@@ -95,28 +95,30 @@ def score_all(recipes: dict[str, Recipe], merger: Merger, evaluator: Evaluator,
     return {label: cached[r.hash] for label, r in recipes.items()}
 
 
-def matrix(evaluations: list[Evaluation], task: str) -> np.ndarray:
+def matrix(evaluations: list[Evaluation], task: str, column: str = "correct") -> np.ndarray:
+    """Models x items of one per-item column (NaN where an evaluation lacks it)."""
     rows = []
     for e in evaluations:
-        row = np.empty(len(e.items[task]["ids"]))
-        row[e.items[task]["ids"]] = e.items[task]["correct"]
+        got = e.items[task]
+        row = np.full(len(got["ids"]), np.nan)
+        row[got["ids"]] = got.get(column, [np.nan] * len(got["ids"]))
         rows.append(row)
-    return np.array(rows)
+    return np.array(rows, dtype=float)
 
 
-def assess(name: str, budget: int, seed: int, probes: dict[str, np.ndarray],
-           recipes: dict[str, np.ndarray]) -> dict[str, float]:
+def assess(name: str, budget: int, seed: int, probes: dict[str, np.ndarray], probe_margins: dict[str, np.ndarray],
+           recipes: dict[str, np.ndarray], margins: dict[str, np.ndarray]) -> dict[str, float]:
     """One estimator at one budget and seed against the full scores of the recipes."""
     estimator = make_estimator(name, budget, seed)
-    estimator.fit(probes)
+    estimator.fit(probes, probe_margins)
     tasks = list(recipes)
     estimate = {t: [] for t in tasks}
     cost = 0
     for task in tasks:
-        y = recipes[task]
+        y, m = recipes[task], margins[task]
         ids = estimator.select(task, y.shape[1])
         cost += len(ids)
-        estimate[task] = np.array([estimator.estimate(task, ids, row[ids]) for row in y])
+        estimate[task] = np.array([estimator.estimate(task, ids, row[ids], lead[ids]) for row, lead in zip(y, m)])
     truth = {t: recipes[t].mean(1) for t in tasks}
     rhos = [spearmanr(estimate[t], truth[t])[0] for t in tasks if np.ptp(truth[t]) > 0]
     mean_est = np.mean([estimate[t] for t in tasks], axis=0)
@@ -176,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
           f"cache {cache_path}", file=sys.stderr, flush=True)
     scored = score_all(probe_recipes | judged, merger, evaluator, cache_path)
     probes = {t: matrix([scored[k] for k in probe_recipes], t) for t in tasks}
+    probe_margins = {t: matrix([scored[k] for k in probe_recipes], t, "margin") for t in tasks}
     recipes = {t: matrix([scored[k] for k in judged], t) for t in tasks}
+    margins = {t: matrix([scored[k] for k in judged], t, "margin") for t in tasks}
     full_items = sum(recipes[t].shape[1] for t in tasks)
     seconds = np.mean([scored[k].seconds for k in judged])
     print(f"\nzoo `{root.name}`, {len(judged)} random recipes, probes: base + {len(skills)} experts + "
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in ESTIMATORS:
         for budget in (int(b) for b in args.budgets.split(",")):
-            runs = [assess(name, budget, seed, probes, recipes) for seed in range(args.repeats)]
+            runs = [assess(name, budget, seed, probes, probe_margins, recipes, margins) for seed in range(args.repeats)]
             rows.append((name, budget, {k: float(np.nanmean([r[k] for r in runs])) for k in runs[0]}))
     print(table(rows))
     return 0

@@ -14,7 +14,7 @@ import torch
 from evomerge.config import compose
 from evomerge.errors import UserError
 from evomerge.fitness import Evaluation, Evaluator, FitnessConfig
-from evomerge.fitness.estimators import fit_ability, fit_irt, make_estimator
+from evomerge.fitness.estimators import fit_ability, fit_irt, make_estimator, soft_answers
 from evomerge.fitness.evaluator import expected_calibration_error
 from evomerge.fitness.native import generate, perplexity
 from evomerge.fitness.tasks import TaskSuite
@@ -83,6 +83,47 @@ def test_native_gives_lm_eval_s_per_item_results(pico, echo_tasks):
     # Only the native path has probabilities: a real number in (0, 1] per item.
     assert all(0 < c <= 1 for c in fast["zoo_echo"].confidence + fast["zoo_echo_mc"].confidence)
     assert all(math.isnan(c) for c in slow["zoo_echo"].confidence)
+
+
+def _teacher_forced_margin(model, tokenizer, prompt: str, answer: str) -> float:
+    """The margin by its definition, from one forward pass over prompt + reference answer: the
+    smallest lead of a reference token over the best other one while the argmax follows the
+    reference, and the argmax's lead over the reference token where it first leaves it."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    reference = tokenizer(" " + answer, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + reference])).logits[0]
+    margin = math.inf
+    for t, token in enumerate(reference[:12]):
+        logp = logits[len(prompt_ids) - 1 + t].float().log_softmax(-1)
+        best = int(logp.argmax())
+        if best != token:
+            return min(margin, float(logp[token] - logp[best]))
+        others = logp.clone()
+        others[token] = -math.inf
+        margin = min(margin, float(logp[token] - others.max()))
+    return margin
+
+
+def test_native_records_each_item_s_margin(pico, echo_tasks):
+    zoo, merger = pico
+    task_dir, model, n = echo_tasks
+    names = ["zoo_echo", "zoo_echo_mc"]
+    suite = TaskSuite(names, merger.tokenizer, include_path=str(task_dir))
+    results = suite.run(model, "validation", {name: list(range(n)) for name in names})
+    docs = suite.tasks("validation")["zoo_echo"].docs
+    margins = results["zoo_echo"].margin
+    expected = [_teacher_forced_margin(model, merger.tokenizer, d["prompt"], d["answer"]) for d in docs]
+    assert margins == pytest.approx(expected, abs=1e-3)
+    assert min(margins) < 0 < max(margins)
+    # Multiple choice: the reference choice's log-likelihood lead; positive exactly when right.
+    choice = results["zoo_echo_mc"]
+    assert all((m > 0) == (c == 1.0) for m, c in zip(choice.margin, choice.correct))
+    assert not any(math.isnan(m) for m in choice.margin)
+    # lm-eval's path exposes no margins.
+    slow = TaskSuite(names, merger.tokenizer, include_path=str(task_dir), native=False).run(
+        model, "validation", {"zoo_echo": [0, 1]})
+    assert all(math.isnan(m) for m in slow["zoo_echo"].margin)
 
 
 def test_native_scores_a_subset_by_document_id(pico, echo_tasks):
@@ -155,6 +196,44 @@ def test_irt_recovers_ability_order_and_predicts_unseen_items():
         error[name] = float(np.mean(runs))
     assert error["irt"] < error["anchors"] < error["random"]
     assert error["irt"] < 0.85 * error["random"], error
+
+
+def test_margins_read_anchors_softly_and_fall_back_to_anchors_without_margins():
+    # Items flip where a model's ability passes their difficulty; the margin is the distance,
+    # with noise. Probes and candidates span the abilities; 10 anchors of 100 items.
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 1, 100)
+
+    def population(abilities, seed):
+        noise = np.random.default_rng(seed).normal(0, 0.3, (len(abilities), 100))
+        margin = abilities[:, None] - difficulty[None, :] + noise
+        return (margin > 0).astype(float), margin
+
+    probes, probe_margins = population(np.linspace(-2, 2, 10), 1)
+    answers, margins = population(rng.uniform(-1.5, 1.5, 200), 2)
+    error = {}
+    for name in ("anchors", "margins"):
+        estimator = make_estimator(name, 10, 0)
+        state = estimator.fit({"t": probes}, {"t": probe_margins})
+        ids = estimator.select("t", 100)
+        error[name] = np.mean([abs(estimator.estimate("t", ids, y[ids], m[ids]) - y.mean())
+                               for y, m in zip(answers, margins)])
+    assert state["tasks"]["t"]["softness"] > 0
+    assert error["margins"] < 0.8 * error["anchors"], error  # measured: 0.044 vs 0.065
+    # No margins anywhere (lm-eval's path): softness 0, exactly the anchor estimate.
+    plain, soft = make_estimator("anchors", 10, 0), make_estimator("margins", 10, 0)
+    plain.fit({"t": probes})
+    assert soft.fit({"t": probes})["tasks"]["t"]["softness"] == 0.0
+    ids = soft.select("t", 100)
+    assert soft.estimate("t", ids, answers[0, ids]) == plain.estimate("t", ids, answers[0, ids])
+
+
+def test_soft_answers_count_contradicting_margins_as_ties():
+    values, margins = np.array([1.0, 1.0, 0.0, 0.0, 1.0]), np.array([2.0, -1.0, -2.0, 0.5, np.nan])
+    soft = soft_answers(values, margins, 1.0)
+    assert soft[:4] == pytest.approx([1 / (1 + math.exp(-2)), 0.5, 1 / (1 + math.exp(2)), 0.5])
+    assert soft[4] == 1.0
+    assert list(soft_answers(values, margins, 0.0)) == list(values)
 
 
 def test_estimator_state_round_trips_through_json():
@@ -236,14 +315,14 @@ def test_fitted_state_moves_between_evaluators(pico):
 # --- configuration and bad input ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["full", "random", "anchors", "irt"])
+@pytest.mark.parametrize("name", ["full", "random", "anchors", "irt", "margins"])
 def test_hydra_fitness_configs_compose(name):
     config = FitnessConfig.from_dict(compose([f"fitness={name}"])["fitness"])
     assert config.estimator == name and config.objectives == ("tasks",)
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"estimator": "tiny"}, "unknown fitness.estimator 'tiny'; valid: full, random, anchors, irt"),
+    ({"estimator": "tiny"}, "unknown fitness.estimator 'tiny'; valid: full, random, anchors, irt, margins"),
     ({"items_per_task": 0}, "items_per_task=0 must be an integer >= 1"),
     ({"objectives": ["tasks", "speed"]}, "unknown fitness objective 'speed'; valid: tasks, mean"),
     ({"multi_fidelity": 2}, "multi_fidelity=2 must be in"),

@@ -32,7 +32,7 @@ ECE_BINS = 10
 class FitnessConfig:
     """Mirrors ``conf/fitness/*.yaml``."""
 
-    estimator: str = "anchors"  # full | random | anchors | irt
+    estimator: str = "anchors"  # full | random | anchors | irt | margins
     items_per_task: int = 25  # the budget per task of random / anchors / irt
     objectives: tuple[str, ...] = ("tasks",)  # tasks (one per task), mean, ece, length, perplexity
     probe_merges: int = 4  # random merges added to base + experts in the probe population
@@ -168,10 +168,11 @@ class Evaluator:
         selection = {name: (list(range(len(t))) if full else self.estimator.select(name, len(t)))
                      for name, t in tasks.items()}
         results = self.suite.run(model, split, selection)
-        scores = {name: (r.mean() if full else self.estimator.estimate(name, r.ids, r.correct))
+        scores = {name: (r.mean() if full else self.estimator.estimate(name, r.ids, r.correct, r.margin))
                   for name, r in results.items()}
         objectives = self._measure(model, scores, results)
-        items = {name: {"ids": r.ids, "correct": r.correct, "confidence": r.confidence, "length": r.length}
+        items = {name: {"ids": r.ids, "correct": r.correct, "confidence": r.confidence, "length": r.length,
+                        "margin": r.margin}
                  for name, r in results.items()}
         return Evaluation(objectives, scores, items, time.perf_counter() - started)
 
@@ -200,19 +201,21 @@ class Evaluator:
         JSON-able state (store it; ``load_state`` restores it)."""
         if not probes:
             raise ValueError("fit needs at least one probe evaluation")
-        responses = {}
+        responses, margins = {}, {}
         for name, task in self.suite.tasks("validation").items():
-            rows = []
+            rows, leads = [], []
             for index, probe in enumerate(probes):
                 got = probe.items.get(name)
                 if got is None or sorted(got["ids"]) != list(range(len(task))):
                     raise ValueError(f"probe {index} has no full validation result for task {name!r}; "
                                      f"score probes with full=True")
-                row = np.empty(len(task))
+                row, lead = np.empty(len(task)), np.full(len(task), np.nan)
                 row[got["ids"]] = got["correct"]
+                lead[got["ids"]] = got.get("margin", [np.nan] * len(got["ids"]))  # older runs kept none
                 rows.append(row)
-            responses[name] = np.array(rows)
-        return self.estimator.fit(responses)
+                leads.append(lead)
+            responses[name], margins[name] = np.array(rows), np.array(leads)
+        return self.estimator.fit(responses, margins)
 
     def load_state(self, state: Mapping) -> None:
         self.estimator.load_state(state)

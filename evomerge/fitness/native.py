@@ -29,12 +29,14 @@ class Generation:
     ``text`` is cut at the first stop string; ``tokens`` counts the tokens generated before the
     one that ended the answer; ``logprob`` sums the greedy tokens' log-probabilities through that
     ending token, so ``exp(logprob)`` is the model's probability of giving exactly this answer
-    and stopping: the confidence calibration is measured on.
+    and stopping: the confidence calibration is measured on. ``margin`` is how far greedy
+    decoding was from a reference answer's tokens (see :func:`generate`); NaN without one.
     """
 
     text: str
     tokens: int
     logprob: float
+    margin: float = math.nan
 
 
 def pad_id(tokenizer) -> int:
@@ -70,6 +72,7 @@ def generate(
     until: Sequence[str] = ("\n",),
     max_new_tokens: int = 12,
     batch_size: int = 64,
+    references: Sequence[Sequence[int] | None] | None = None,
 ) -> list[Generation]:
     """Greedy-decode each prompt until a stop string (or EOS) appears, as lm-eval's HF wrapper does.
 
@@ -77,6 +80,13 @@ def generate(
     every row has stopped, which on short answers halves the cost. A row stops when its decoded
     continuation contains a stop string, so multi-token stops work and a stop inside a merged
     token (``"5\\n"``) cuts the text where lm-eval cuts it.
+
+    With ``references`` (token ids of each prompt's reference answer), each generation also gets
+    its ``margin`` in log-probability: while greedy decoding follows the reference, the smallest
+    lead of the reference token over the best other token; at the first step it leaves the
+    reference, the (negative) lead of the greedy token over the reference one. It comes free
+    with the logits decoding computes anyway, and it tells an answer that was nearly right (or
+    barely right) from one that was far off, which 0/1 exact match cannot: estimators use it.
     """
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
@@ -95,15 +105,24 @@ def generate(
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logprob = [0.0] * rows
         ended: list[int | None] = [None] * rows  # index of the token that ended each row's answer
+        wanted = list(references[start:start + batch_size]) if references is not None else [None] * rows
+        margin = [math.inf if ref else math.nan for ref in wanted]
         for step in range(max_new_tokens):
             logp = out.logits[:, -1].float().log_softmax(-1)
-            best = logp.max(-1)
+            top = logp.topk(2, dim=-1)
             for row in range(rows):
                 if ended[row] is not None:
                     continue
-                token = int(best.indices[row])
+                token = int(top.indices[row, 0])
                 tokens[row].append(token)
-                logprob[row] += float(best.values[row])
+                logprob[row] += float(top.values[row, 0])
+                reference = wanted[row]
+                if reference and step < len(reference):
+                    lead = (float(top.values[row, 0] - top.values[row, 1]) if token == reference[step]
+                            else float(logp[row, reference[step]] - top.values[row, 0]))
+                    margin[row] = min(margin[row], lead)
+                    if lead < 0:
+                        wanted[row] = None  # left the reference: later steps say nothing about it
                 if token in eos or any(s in tokenizer.decode(tokens[row]) for s in stops):
                     ended[row] = step
             if all(e is not None for e in ended) or step == max_new_tokens - 1:
@@ -119,7 +138,7 @@ def generate(
             for stop in stops:
                 text = text.split(stop)[0]
             count = len(tokens[row]) if ended[row] is None else ended[row]
-            results.append(Generation(text, count, logprob[row]))
+            results.append(Generation(text, count, logprob[row], margin[row]))
     return results
 
 

@@ -35,13 +35,17 @@ class ItemResults:
 
     ``correct`` is the task's metric on the item (0/1 for accuracy and exact match);
     ``confidence`` the model's probability for its own answer (NaN where lm-eval does not expose
-    one); ``length`` the tokens generated (0 for log-likelihood tasks, which generate nothing).
+    one); ``length`` the tokens generated (0 for log-likelihood tasks, which generate nothing);
+    ``margin`` how far the model was from flipping the item, in log-probability (the reference
+    choice's lead over the best other choice; for generation, see :func:`native.generate`), NaN
+    where the task gives no single reference or lm-eval ran it.
     """
 
     ids: list[int]
     correct: list[float]
     confidence: list[float]
     length: list[int]
+    margin: list[float]
 
     def mean(self) -> float:
         return float(np.mean(self.correct))
@@ -167,7 +171,8 @@ class Task:
                 owners.append(doc_id)
                 requests.append(request)
         if self.output_type == "generate_until":
-            generations = self._generate(model, tokenizer, requests, batch_size)
+            references = [self._reference_ids(doc_id, tokenizer) for doc_id in owners]
+            generations = self._generate(model, tokenizer, requests, batch_size, references)
             raw: list[Any] = [g.text for g in generations]
         else:
             raw = native.loglikelihoods(model, tokenizer, [r.args[:2] for r in requests], batch_size=batch_size)
@@ -179,21 +184,49 @@ class Task:
         per_doc: dict[int, list[int]] = {}
         for index, doc_id in enumerate(owners):
             per_doc.setdefault(doc_id, []).append(index)
-        results = ItemResults([], [], [], [])
+        results = ItemResults([], [], [], [], [])
         for doc_id in ids:
             rows = per_doc[doc_id]
             value = self.lm_task.process_results(self.docs[doc_id], [filtered[i] for i in rows])[self.metric]
             if self.output_type == "generate_until":
-                confidence, length = math.exp(generations[rows[0]].logprob), generations[rows[0]].tokens
+                made = generations[rows[0]]
+                confidence, length, margin = math.exp(made.logprob), made.tokens, made.margin
             else:
-                confidence, length = self._choice_confidence(doc_id, [raw[i][0] for i in rows]), 0
+                lls = [raw[i][0] for i in rows]
+                confidence, length, margin = self._choice_confidence(doc_id, lls), 0, self._choice_margin(doc_id, lls)
             results.ids.append(doc_id)
             results.correct.append(_number(self.name, self.metric, value))
             results.confidence.append(confidence)
             results.length.append(length)
+            results.margin.append(margin)
         return results
 
-    def _generate(self, model, tokenizer, requests: list, batch_size: int) -> list[native.Generation]:
+    def _reference_ids(self, doc_id: int, tokenizer) -> list[int] | None:
+        """Token ids of the answer a generation should give (target delimiter + target, as the
+        task's few-shot examples write it), or None where the task has no single string target."""
+        target = self.lm_task.doc_to_target(self.docs[doc_id])
+        if isinstance(target, list) and len(target) == 1:
+            target = target[0]
+        if not isinstance(target, str) or not target:
+            return None
+        delimiter = self.lm_task.config.target_delimiter or ""
+        return tokenizer(delimiter + target, add_special_tokens=False).input_ids
+
+    def _choice_margin(self, doc_id: int, lls: list[float]) -> float:
+        """Multiple choice: the reference choice's log-likelihood lead over the best other one."""
+        if self.output_type != "multiple_choice" or len(lls) < 2:
+            return math.nan
+        doc = self.docs[doc_id]
+        gold = self.lm_task.doc_to_target(doc)
+        if isinstance(gold, str):
+            choices = list(self.lm_task.doc_to_choice(doc))
+            gold = choices.index(gold) if gold in choices else None
+        if not isinstance(gold, int) or not 0 <= gold < len(lls):
+            return math.nan
+        return float(lls[gold] - max(ll for i, ll in enumerate(lls) if i != gold))
+
+    def _generate(self, model, tokenizer, requests: list, batch_size: int,
+                  references: list[list[int] | None]) -> list[native.Generation]:
         """Requests grouped by generation settings (a task may vary them per document)."""
         out: list[native.Generation | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -205,7 +238,8 @@ class Task:
             until = [until] if isinstance(until, str) else list(until)
             limit = int(kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", 256)))
             made = native.generate(model, tokenizer, [requests[i].args[0] for i in indices],
-                                   until=until, max_new_tokens=limit, batch_size=batch_size)
+                                   until=until, max_new_tokens=limit, batch_size=batch_size,
+                                   references=[references[i] for i in indices])
             for i, generation in zip(indices, made):
                 out[i] = generation
         return out  # type: ignore[return-value]
@@ -223,7 +257,7 @@ class Task:
     def from_samples(self, samples: list[dict], tokenizer, ids: Sequence[int]) -> ItemResults:
         """Per-item results from lm-eval's logged samples (the non-native path)."""
         mine = {s["doc_id"]: s for s in samples if s["filter"] == self.filter.name}
-        results = ItemResults([], [], [], [])
+        results = ItemResults([], [], [], [], [])
         for doc_id in ids:
             sample = mine[doc_id]
             length = 0
@@ -233,6 +267,7 @@ class Task:
             results.correct.append(_number(self.name, self.metric, sample[self.metric]))
             results.confidence.append(math.nan)
             results.length.append(length)
+            results.margin.append(math.nan)
         return results
 
 
