@@ -293,10 +293,11 @@ def test_evaluator_scores_every_objective(pico):
     assert Evaluation.from_dict(json.loads(json.dumps(cheap.to_dict()))).scores == cheap.scores
 
 
-def test_fitted_state_moves_between_evaluators(pico):
+@pytest.mark.parametrize("estimator", ["irt", "margins"])
+def test_fitted_state_moves_between_evaluators(pico, estimator):
     zoo, merger = pico
     tasks = _tasks(zoo)
-    config = FitnessConfig(estimator="irt", items_per_task=4)
+    config = FitnessConfig(estimator=estimator, items_per_task=4)
     lead = Evaluator(config, tasks, merger.tokenizer, include_path=str(zoo.task_dir))
     probes = [lead.score(_model(merger, c), full=True)
               for c in [{}, *({s: 1.0} for s in zoo.config.skills), {s: 0.5 for s in zoo.config.skills}]]
@@ -310,6 +311,12 @@ def test_fitted_state_moves_between_evaluators(pico):
     assert mine.scores == theirs.scores
     assert all(len(mine.items[t]["ids"]) == 4 for t in tasks)
     assert all(0 <= v <= 1 for v in mine.scores.values())
+    if estimator == "margins":  # the candidate's margins reach the estimate, read softly
+        for t in tasks:
+            fitted, got = state["tasks"][t], mine.items[t]
+            soft = soft_answers(np.array(got["correct"]), np.array(got["margin"]), fitted["softness"])
+            assert mine.scores[t] == pytest.approx(float(soft @ np.array(fitted["weights"])))
+            assert not any(math.isnan(m) for m in got["margin"])
 
 
 # --- configuration and bad input ----------------------------------------------------------------
