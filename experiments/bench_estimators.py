@@ -5,17 +5,25 @@ validation split of every skill's generate-until task (the cross-skill probe tas
 no model in the zoo solves it, so it ranks nothing). Then, for each estimator and item budget,
 the estimator picks its items, estimates every recipe's per-task score from the cached per-item
 results, and the estimates are compared with the full scores: Spearman rank correlation (per
-task over recipes, then averaged over tasks; and of the mean over tasks), mean absolute error in
-points, and the cost ratio (items run / items in the split). Anchors and IRT are fitted on a
-probe population built the way a search builds it (base, experts, a few random merges from a
-different seed), never on the recipes they are judged on. Random subsets and anchor choices
-depend on the seed, so every number is a mean over ``--repeats`` seeds.
+task over recipes, then averaged over tasks; and of the mean over tasks) and mean absolute
+error in points. Anchors and IRT are fitted on a probe population built the way a search builds
+it (base, experts, a few random merges from a different seed), never on the recipes they are
+judged on. Random subsets and anchor choices depend on the seed, so every number is a mean
+over ``--repeats`` seeds.
+
+Each estimator runs twice: its items decoded (what the full score does), and teacher-forced
+(``fitness.teacher_forcing=true``: one forward pass over prompt + reference per item, right when
+greedy decoding would reproduce the reference). A teacher-forced answer is the sign of the
+margin the decoded run recorded (the two compute the same margin: tested), and the first
+``--timed`` recipes are re-run teacher-forced to check that on every item. The cost column is
+measured, not counted: seconds to run an estimator's items (decoded or teacher-forced, on the
+timed recipes, in this process) over seconds of the full decoded validation split.
 
 Per-item results are cached in ``$EVOMERGE_CACHE/bench_estimators/<zoo>.jsonl`` keyed by recipe
 hash, so a rerun (or a larger ``--recipes``) only scores what is missing.
 
     python experiments/bench_estimators.py --quick        # 8 recipes, 2 probe merges
-    python experiments/bench_estimators.py                # 100 recipes: 25-60 s each on 2 shared cores
+    python experiments/bench_estimators.py                # 100 recipes: 15-35 s each on 2 cores
     python experiments/bench_estimators.py --zoo ~/.cache/evomerge/zoo/smollm2-c69aec97bfdd
 """
 
@@ -39,7 +47,8 @@ from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 from evomerge.zoo.build import cache_dir
 from evomerge.zoo.card import task_arithmetic
 
-ESTIMATORS = ("random", "anchors", "irt", "margins")
+ESTIMATORS = ("random", "anchors", "irt")
+MODES = ("decoded", "teacher-forced")
 GROUP_LAYERS = 5  # layers per recipe group: 6 groups on SmolLM2's 30 layers
 
 
@@ -106,37 +115,86 @@ def matrix(evaluations: list[Evaluation], task: str, column: str = "correct") ->
     return np.array(rows, dtype=float)
 
 
-def assess(name: str, budget: int, seed: int, probes: dict[str, np.ndarray], probe_margins: dict[str, np.ndarray],
-           recipes: dict[str, np.ndarray], margins: dict[str, np.ndarray]) -> dict[str, float]:
-    """One estimator at one budget and seed against the full scores of the recipes."""
+def assess(name: str, budget: int, seed: int, probes: dict[str, np.ndarray], answers: dict[str, np.ndarray],
+           truth: dict[str, np.ndarray]) -> dict[str, float]:
+    """One estimator at one budget and seed: estimates from ``answers`` (the recipes' per-item
+    answers as the estimator's scoring mode gives them) against the full decoded scores."""
     estimator = make_estimator(name, budget, seed)
-    estimator.fit(probes, probe_margins)
-    tasks = list(recipes)
-    estimate = {t: [] for t in tasks}
-    cost = 0
+    estimator.fit(probes)
+    tasks = list(truth)
+    estimate = {}
     for task in tasks:
-        y, m = recipes[task], margins[task]
-        ids = estimator.select(task, y.shape[1])
-        cost += len(ids)
-        estimate[task] = np.array([estimator.estimate(task, ids, row[ids], lead[ids]) for row, lead in zip(y, m)])
-    truth = {t: recipes[t].mean(1) for t in tasks}
-    rhos = [spearmanr(estimate[t], truth[t])[0] for t in tasks if np.ptp(truth[t]) > 0]
+        ids = estimator.select(task, truth[task].shape[1])
+        estimate[task] = np.array([estimator.estimate(task, ids, row[ids]) for row in answers[task]])
+    full = {t: truth[t].mean(1) for t in tasks}
+    rhos = [spearmanr(estimate[t], full[t])[0] for t in tasks if np.ptp(full[t]) > 0]
     mean_est = np.mean([estimate[t] for t in tasks], axis=0)
-    mean_true = np.mean([truth[t] for t in tasks], axis=0)
+    mean_true = np.mean([full[t] for t in tasks], axis=0)
     return {
-        "cost": cost / sum(recipes[t].shape[1] for t in tasks),
         "rho_task": float(np.nanmean(rhos)) if rhos else float("nan"),
         "rho_mean": float(spearmanr(mean_est, mean_true)[0]),
-        "mae_task": 100 * float(np.mean([np.abs(estimate[t] - truth[t]).mean() for t in tasks])),
+        "mae_task": 100 * float(np.mean([np.abs(estimate[t] - full[t]).mean() for t in tasks])),
         "mae_mean": 100 * float(np.abs(mean_est - mean_true).mean()),
     }
 
 
-def table(rows: list[tuple[str, int, dict[str, float]]]) -> str:
-    lines = ["| estimator | items/task | cost | ρ per task | ρ of mean | MAE per task (pts) | MAE of mean (pts) |",
-             "|---|---|---|---|---|---|---|"]
-    for name, budget, r in rows:
-        lines.append(f"| {name} | {budget} | {r['cost']:.2f} | {r['rho_task']:.3f} | {r['rho_mean']:.3f} "
+def forced_answers(evaluations: list[Evaluation], task: str) -> np.ndarray:
+    """Teacher-forced answers: right where the decoded run's margin was positive (the decoded
+    answer where an item has no margin)."""
+    margins, decoded = matrix(evaluations, task, "margin"), matrix(evaluations, task)
+    return np.where(np.isnan(margins), decoded, (margins > 0).astype(float))
+
+
+def measure_costs(merger: Merger, evaluator: Evaluator, timed: list[Recipe], cached: list[Evaluation],
+                  probes: dict[str, np.ndarray], budgets: list[int]) -> tuple[dict, str]:
+    """Seconds of each (estimator items, scoring mode) over seconds of the full decoded split,
+    summed over the ``timed`` recipes, all run here and now; and how often a teacher-forced
+    re-run agrees with the cached decoded run. IRT runs the anchors' items, so it costs what
+    anchors cost."""
+    suite = evaluator.suite
+    sizes = {t: len(task) for t, task in suite.tasks("validation").items()}
+    selections = {}
+    for name in ("random", "anchors"):
+        for budget in budgets:
+            estimator = make_estimator(name, budget, 0)
+            estimator.fit(probes)
+            selections[name, budget] = {t: estimator.select(t, n) for t, n in sizes.items()}
+    spent = {key: 0.0 for key in [(n, b, m) for (n, b) in selections for m in MODES]}
+    full_seconds = 0.0
+    agree_margin = agree_decoded = total = 0
+    for recipe, evaluation in zip(timed, cached):
+        model = merger.materialize(recipe)
+        started = time.perf_counter()
+        suite.run(model, "validation", {t: list(range(n)) for t, n in sizes.items()})
+        full_seconds += time.perf_counter() - started
+        forced = suite.run(model, "validation", {t: list(range(n)) for t, n in sizes.items()}, teacher_forcing=True)
+        for t, result in forced.items():
+            cached_margin = np.array(evaluation.items[t]["margin"])[np.argsort(evaluation.items[t]["ids"])]
+            cached_right = np.array(evaluation.items[t]["correct"])[np.argsort(evaluation.items[t]["ids"])]
+            agree_margin += int(((np.array(result.margin) > 0) == (cached_margin > 0)).sum())
+            agree_decoded += int((np.array(result.correct) == cached_right).sum())
+            total += len(result.correct)
+        for (name, budget), selection in selections.items():
+            for mode in MODES:
+                started = time.perf_counter()
+                suite.run(model, "validation", selection, teacher_forcing=mode == "teacher-forced")
+                spent[name, budget, mode] += time.perf_counter() - started
+    costs = {(n, b, m): seconds / full_seconds for (n, b, m), seconds in spent.items()}
+    for budget in budgets:
+        for mode in MODES:
+            costs["irt", budget, mode] = costs["anchors", budget, mode]
+    note = (f"Teacher-forced re-runs of {len(timed)} recipes ({total} items): the margin's sign agreed with the "
+            f"decoded run's on {agree_margin}/{total} items, the answer with decoded exact match on "
+            f"{agree_decoded}/{total}; the full decoded split took {full_seconds / len(timed):.1f} s per recipe here.")
+    return costs, note
+
+
+def table(rows: list[tuple[str, str, int, float, dict[str, float]]]) -> str:
+    lines = ["| estimator | items scored | items/task | cost (measured) | ρ per task | ρ of mean "
+             "| MAE per task (pts) | MAE of mean (pts) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, mode, budget, cost, r in rows:
+        lines.append(f"| {name} | {mode} | {budget} | {cost:.3f} | {r['rho_task']:.3f} | {r['rho_mean']:.3f} "
                      f"| {r['mae_task']:.2f} | {r['mae_mean']:.2f} |")
     return "\n".join(lines)
 
@@ -146,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoo", type=Path, help="a built zoo folder (default: the configured zoo)")
     parser.add_argument("--recipes", type=int, default=100, help="random recipes to judge on (default 100)")
     parser.add_argument("--probe-merges", type=int, default=4, help="random merges in the probe population")
-    parser.add_argument("--budgets", default="10,25,50", help="items per task, comma-separated")
+    parser.add_argument("--budgets", default="10,25,35,50", help="items per task, comma-separated")
+    parser.add_argument("--timed", type=int, default=5, help="recipes re-run to measure costs (default 5)")
     parser.add_argument("--repeats", type=int, default=5, help="estimator seeds averaged per number")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="8 recipes and 2 probe merges: shows it works")
@@ -178,21 +237,26 @@ def main(argv: list[str] | None = None) -> int:
           f"cache {cache_path}", file=sys.stderr, flush=True)
     scored = score_all(probe_recipes | judged, merger, evaluator, cache_path)
     probes = {t: matrix([scored[k] for k in probe_recipes], t) for t in tasks}
-    probe_margins = {t: matrix([scored[k] for k in probe_recipes], t, "margin") for t in tasks}
-    recipes = {t: matrix([scored[k] for k in judged], t) for t in tasks}
-    margins = {t: matrix([scored[k] for k in judged], t, "margin") for t in tasks}
-    full_items = sum(recipes[t].shape[1] for t in tasks)
-    seconds = np.mean([scored[k].seconds for k in judged])
+    truth = {t: matrix([scored[k] for k in judged], t) for t in tasks}
+    answers = {"decoded": truth,
+               "teacher-forced": {t: forced_answers([scored[k] for k in judged], t) for t in tasks}}
+    budgets = [int(b) for b in args.budgets.split(",")]
+    timed = list(judged)[:args.timed]
+    costs, note = measure_costs(merger, evaluator, [judged[k] for k in timed], [scored[k] for k in timed],
+                                probes, budgets)
+    full_items = sum(truth[t].shape[1] for t in tasks)
     print(f"\nzoo `{root.name}`, {len(judged)} random recipes, probes: base + {len(skills)} experts + "
-          f"{args.probe_merges} random merges; full validation = {full_items} items, {seconds:.0f} s per recipe "
-          f"on this machine. Mean of {args.repeats} estimator seeds.")
-    spread = ", ".join(f"{t} {recipes[t].mean(1).min():.2f}–{recipes[t].mean(1).max():.2f}" for t in tasks)
-    print(f"Full-score range over the recipes: {spread}.\n")
+          f"{args.probe_merges} random merges; full validation = {full_items} items. Mean of {args.repeats} "
+          f"estimator seeds; costs measured on {len(timed)} recipes.")
+    spread = ", ".join(f"{t} {truth[t].mean(1).min():.2f}–{truth[t].mean(1).max():.2f}" for t in tasks)
+    print(f"Full-score range over the recipes: {spread}. {note}\n")
     rows = []
-    for name in ESTIMATORS:
-        for budget in (int(b) for b in args.budgets.split(",")):
-            runs = [assess(name, budget, seed, probes, probe_margins, recipes, margins) for seed in range(args.repeats)]
-            rows.append((name, budget, {k: float(np.nanmean([r[k] for r in runs])) for k in runs[0]}))
+    for mode in MODES:
+        for name in ESTIMATORS:
+            for budget in budgets:
+                runs = [assess(name, budget, seed, probes, answers[mode], truth) for seed in range(args.repeats)]
+                rows.append((name, mode, budget, costs[name, budget, mode],
+                             {k: float(np.nanmean([r[k] for r in runs])) for k in runs[0]}))
     print(table(rows))
     return 0
 

@@ -14,7 +14,7 @@ import torch
 from evomerge.config import compose
 from evomerge.errors import UserError
 from evomerge.fitness import Evaluation, Evaluator, FitnessConfig
-from evomerge.fitness.estimators import fit_ability, fit_irt, make_estimator, soft_answers
+from evomerge.fitness.estimators import fit_ability, fit_irt, make_estimator
 from evomerge.fitness.evaluator import expected_calibration_error
 from evomerge.fitness.native import generate, perplexity
 from evomerge.fitness.tasks import TaskSuite
@@ -116,6 +116,11 @@ def test_native_records_each_item_s_margin(pico, echo_tasks):
     expected = [_teacher_forced_margin(model, merger.tokenizer, d["prompt"], d["answer"]) for d in docs]
     assert margins == pytest.approx(expected, abs=1e-3)
     assert min(margins) < 0 < max(margins)
+    # Teacher forcing finds the same margins in one forward pass, and judges the items as
+    # decoding did (the echo answers are the expert's own spellings).
+    forced = suite.run(model, "validation", {"zoo_echo": list(range(n))}, teacher_forcing=True)["zoo_echo"]
+    assert forced.margin == pytest.approx(margins, abs=1e-3)
+    assert forced.correct == results["zoo_echo"].correct
     # Multiple choice: the reference choice's log-likelihood lead; positive exactly when right.
     choice = results["zoo_echo_mc"]
     assert all((m > 0) == (c == 1.0) for m, c in zip(choice.margin, choice.correct))
@@ -198,44 +203,6 @@ def test_irt_recovers_ability_order_and_predicts_unseen_items():
     assert error["irt"] < 0.85 * error["random"], error
 
 
-def test_margins_read_anchors_softly_and_fall_back_to_anchors_without_margins():
-    # Items flip where a model's ability passes their difficulty; the margin is the distance,
-    # with noise. Probes and candidates span the abilities; 10 anchors of 100 items.
-    rng = np.random.default_rng(0)
-    difficulty = rng.normal(0, 1, 100)
-
-    def population(abilities, seed):
-        noise = np.random.default_rng(seed).normal(0, 0.3, (len(abilities), 100))
-        margin = abilities[:, None] - difficulty[None, :] + noise
-        return (margin > 0).astype(float), margin
-
-    probes, probe_margins = population(np.linspace(-2, 2, 10), 1)
-    answers, margins = population(rng.uniform(-1.5, 1.5, 200), 2)
-    error = {}
-    for name in ("anchors", "margins"):
-        estimator = make_estimator(name, 10, 0)
-        state = estimator.fit({"t": probes}, {"t": probe_margins})
-        ids = estimator.select("t", 100)
-        error[name] = np.mean([abs(estimator.estimate("t", ids, y[ids], m[ids]) - y.mean())
-                               for y, m in zip(answers, margins)])
-    assert state["tasks"]["t"]["softness"] > 0
-    assert error["margins"] < 0.8 * error["anchors"], error  # measured: 0.044 vs 0.065
-    # No margins anywhere (lm-eval's path): softness 0, exactly the anchor estimate.
-    plain, soft = make_estimator("anchors", 10, 0), make_estimator("margins", 10, 0)
-    plain.fit({"t": probes})
-    assert soft.fit({"t": probes})["tasks"]["t"]["softness"] == 0.0
-    ids = soft.select("t", 100)
-    assert soft.estimate("t", ids, answers[0, ids]) == plain.estimate("t", ids, answers[0, ids])
-
-
-def test_soft_answers_count_contradicting_margins_as_ties():
-    values, margins = np.array([1.0, 1.0, 0.0, 0.0, 1.0]), np.array([2.0, -1.0, -2.0, 0.5, np.nan])
-    soft = soft_answers(values, margins, 1.0)
-    assert soft[:4] == pytest.approx([1 / (1 + math.exp(-2)), 0.5, 1 / (1 + math.exp(2)), 0.5])
-    assert soft[4] == 1.0
-    assert list(soft_answers(values, margins, 0.0)) == list(values)
-
-
 def test_estimator_state_round_trips_through_json():
     y = _irt_responses(np.linspace(-2, 2, 10), np.ones(60), np.linspace(-2, 2, 60), 3)
     fitted = make_estimator("irt", 12, 0)
@@ -293,11 +260,29 @@ def test_evaluator_scores_every_objective(pico):
     assert Evaluation.from_dict(json.loads(json.dumps(cheap.to_dict()))).scores == cheap.scores
 
 
-@pytest.mark.parametrize("estimator", ["irt", "margins"])
-def test_fitted_state_moves_between_evaluators(pico, estimator):
+def test_teacher_forcing_judges_estimator_items_without_decoding(pico):
+    zoo, merger = pico
+    config = FitnessConfig(estimator="random", items_per_task=6, teacher_forcing=True)
+    evaluator = Evaluator(config, _tasks(zoo), merger.tokenizer, include_path=str(zoo.task_dir))
+    model = _model(merger, {zoo.config.skills[0]: 1.0})
+    cheap, full = evaluator.score(model), evaluator.score(model, full=True)
+    for name in _tasks(zoo):
+        got, every = cheap.items[name], full.items[name]
+        assert len(got["ids"]) == 6
+        if name.endswith("_mc"):  # multiple choice is scored as before
+            assert got["correct"] == [every["correct"][i] for i in got["ids"]]
+            continue
+        assert all(math.isnan(c) for c in got["confidence"])  # no decoded answer behind these
+        assert not any(math.isnan(c) for c in every["confidence"])  # full evaluations decode
+        assert got["correct"] == [float(m > 0) for m in got["margin"]]
+        # The forward pass finds the margins the decoding loop found on the same items.
+        assert got["margin"] == pytest.approx([every["margin"][i] for i in got["ids"]], abs=1e-3)
+
+
+def test_fitted_state_moves_between_evaluators(pico):
     zoo, merger = pico
     tasks = _tasks(zoo)
-    config = FitnessConfig(estimator=estimator, items_per_task=4)
+    config = FitnessConfig(estimator="irt", items_per_task=4)
     lead = Evaluator(config, tasks, merger.tokenizer, include_path=str(zoo.task_dir))
     probes = [lead.score(_model(merger, c), full=True)
               for c in [{}, *({s: 1.0} for s in zoo.config.skills), {s: 0.5 for s in zoo.config.skills}]]
@@ -311,29 +296,25 @@ def test_fitted_state_moves_between_evaluators(pico, estimator):
     assert mine.scores == theirs.scores
     assert all(len(mine.items[t]["ids"]) == 4 for t in tasks)
     assert all(0 <= v <= 1 for v in mine.scores.values())
-    if estimator == "margins":  # the candidate's margins reach the estimate, read softly
-        for t in tasks:
-            fitted, got = state["tasks"][t], mine.items[t]
-            soft = soft_answers(np.array(got["correct"]), np.array(got["margin"]), fitted["softness"])
-            assert mine.scores[t] == pytest.approx(float(soft @ np.array(fitted["weights"])))
-            assert not any(math.isnan(m) for m in got["margin"])
+
 
 
 # --- configuration and bad input ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["full", "random", "anchors", "irt", "margins"])
+@pytest.mark.parametrize("name", ["full", "random", "anchors", "irt"])
 def test_hydra_fitness_configs_compose(name):
     config = FitnessConfig.from_dict(compose([f"fitness={name}"])["fitness"])
     assert config.estimator == name and config.objectives == ("tasks",)
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"estimator": "tiny"}, "unknown fitness.estimator 'tiny'; valid: full, random, anchors, irt, margins"),
+    ({"estimator": "tiny"}, "unknown fitness.estimator 'tiny'; valid: full, random, anchors, irt"),
     ({"items_per_task": 0}, "items_per_task=0 must be an integer >= 1"),
     ({"objectives": ["tasks", "speed"]}, "unknown fitness objective 'speed'; valid: tasks, mean"),
     ({"multi_fidelity": 2}, "multi_fidelity=2 must be in"),
     ({"budget": 3}, "unknown fitness setting 'budget'; valid: batch_size"),
+    ({"teacher_forcing": True, "objectives": ["tasks", "length"]}, "teacher_forcing=true scores answers without"),
 ])
 def test_bad_fitness_settings_fail_in_one_line(settings, message):
     with pytest.raises(UserError, match=re.escape(message)) as caught:

@@ -19,13 +19,6 @@ terms) and turns the candidate's answers on it into an estimate of the full scor
   the probes' answers; a candidate's ability theta is fitted from its answers on the anchors, and
   the unseen items' scores are predicted from it (p-IRT). The estimate blends p-IRT with the
   anchor estimate (gp-IRT), with the blend weight chosen by leave-one-out on the probes.
-- ``margins``: the anchors, each read by how far the candidate was from flipping it (its
-  log-probability margin, which the native scorer records at no extra cost) rather than as
-  0/1. An anchor stands for its stratum, and an anchor answered right by a hair says its
-  stratum's items are a coin toss for this candidate, where 0/1 would count them all right.
-  The soft answer is sigmoid(margin / softness), right answers with negative margins and wrong
-  ones with positive margins counted as 0 (a tie); the softness is fitted on the probes (0
-  gives back ``anchors``). Items without a margin (lm-eval's path) count 0/1.
 
 The probe population of a search is small (base, experts and a few random merges, about ten
 models), so every fit is regularized: clustering runs on the distinct answer patterns (often
@@ -42,11 +35,10 @@ import numpy as np
 
 from evomerge.errors import UserError
 
-ESTIMATORS = ("full", "random", "anchors", "irt", "margins")
+ESTIMATORS = ("full", "random", "anchors", "irt")
 THETA_GRID = np.linspace(-6.0, 6.0, 1201)
 PRIOR_LOG_A = 0.5  # std of log discrimination: a stays within ~[0.4, 2.7]
 PRIOR_D = 3.0  # std of item easiness d
-SOFTNESS_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # nats
 
 
 def task_rng(seed: int, task: str) -> np.random.Generator:
@@ -68,24 +60,15 @@ class Estimator:
     def select(self, task: str, n: int) -> list[int]:
         return list(range(n))
 
-    def estimate(self, task: str, ids: Sequence[int], values: Sequence[float],
-                 margins: Sequence[float] | None = None) -> float:
-        """The full-split score of ``task`` from the answers (``values``) and, where the scorer
-        recorded them, ``margins`` on the items ``ids``."""
+    def estimate(self, task: str, ids: Sequence[int], values: Sequence[float]) -> float:
         return float(np.mean(values))
 
-    def fit(self, responses: Mapping[str, np.ndarray], margins: Mapping[str, np.ndarray] | None = None) -> dict:
-        """Fit on probe responses (task -> models x items, values in [0, 1]) and their margins
-        (same shape, NaN where none); returns the state."""
-        margins = margins or {}
-        self.tasks = {}
-        for task, y in responses.items():
-            y = np.asarray(y, dtype=float)
-            m = np.asarray(margins[task], dtype=float) if task in margins else np.full(y.shape, np.nan)
-            self.tasks[task] = self._fit_task(task, y, m)
+    def fit(self, responses: Mapping[str, np.ndarray]) -> dict:
+        """Fit on probe responses (task -> models x items, values in [0, 1]); returns the state."""
+        self.tasks = {task: self._fit_task(task, np.asarray(y, dtype=float)) for task, y in responses.items()}
         return self.state()
 
-    def _fit_task(self, task: str, y: np.ndarray, margins: np.ndarray) -> dict:
+    def _fit_task(self, task: str, y: np.ndarray) -> dict:
         return {"n": int(y.shape[1]), "items": self.select(task, y.shape[1])}
 
     def state(self) -> dict:
@@ -128,13 +111,12 @@ class Anchors(Estimator):
     def select(self, task: str, n: int) -> list[int]:
         return list(self._fitted(task, n)["items"])
 
-    def estimate(self, task: str, ids: Sequence[int], values: Sequence[float],
-                 margins: Sequence[float] | None = None) -> float:
+    def estimate(self, task: str, ids: Sequence[int], values: Sequence[float]) -> float:
         state = self.tasks[task]
         weight = dict(zip(state["items"], state["weights"]))
         return float(sum(weight[i] * v for i, v in zip(ids, values)))
 
-    def _fit_task(self, task: str, y: np.ndarray, margins: np.ndarray) -> dict:
+    def _fit_task(self, task: str, y: np.ndarray) -> dict:
         items, weights = anchor_points(y, self.budget, task_rng(self.seed, task))
         return {"n": int(y.shape[1]), "items": items, "weights": weights}
 
@@ -144,39 +126,20 @@ class Irt(Anchors):
 
     name = "irt"
 
-    def estimate(self, task: str, ids: Sequence[int], values: Sequence[float],
-                 margins: Sequence[float] | None = None) -> float:
+    def estimate(self, task: str, ids: Sequence[int], values: Sequence[float]) -> float:
         state = self.tasks[task]
         anchor = super().estimate(task, ids, values)
         p_irt = irt_predict(np.array(state["a"]), np.array(state["d"]), list(ids), np.array(values, dtype=float))
         return float(state["beta"] * anchor + (1 - state["beta"]) * p_irt)
 
-    def _fit_task(self, task: str, y: np.ndarray, margins: np.ndarray) -> dict:
-        state = super()._fit_task(task, y, margins)
+    def _fit_task(self, task: str, y: np.ndarray) -> dict:
+        state = super()._fit_task(task, y)
         a, d, _ = fit_irt(y)
         state.update(a=a.tolist(), d=d.tolist(), beta=_loo_beta(y, state["items"], state["weights"]))
         return state
 
 
-class Margins(Anchors):
-    """The anchor items, each counted by its soft answer ``sigmoid(margin / softness)``."""
-
-    name = "margins"
-
-    def estimate(self, task: str, ids: Sequence[int], values: Sequence[float],
-                 margins: Sequence[float] | None = None) -> float:
-        soft = soft_answers(np.asarray(values, dtype=float),
-                            np.full(len(values), np.nan) if margins is None else np.asarray(margins, dtype=float),
-                            self.tasks[task]["softness"])
-        return super().estimate(task, ids, soft)
-
-    def _fit_task(self, task: str, y: np.ndarray, margins: np.ndarray) -> dict:
-        state = super()._fit_task(task, y, margins)
-        state["softness"] = fit_softness(y, margins, state["items"], state["weights"])
-        return state
-
-
-ESTIMATOR_CLASSES: dict[str, type[Estimator]] = {c.name: c for c in (Estimator, RandomSubset, Anchors, Irt, Margins)}
+ESTIMATOR_CLASSES: dict[str, type[Estimator]] = {c.name: c for c in (Estimator, RandomSubset, Anchors, Irt)}
 
 
 def make_estimator(name: str, budget: int, seed: int) -> Estimator:
@@ -261,31 +224,6 @@ def weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, rng: np.ran
             if member.any():
                 centres_arr[c] = np.average(points[member], axis=0, weights=weights[member])
     return labels, centres_arr
-
-
-# --- margins -------------------------------------------------------------------------------------
-
-
-def soft_answers(values: np.ndarray, margins: np.ndarray, softness: float) -> np.ndarray:
-    """Answers in [0, 1] from 0/1 ``values`` and their ``margins`` (NaN: none): a margin that
-    contradicts its answer (a right answer reached off the reference tokens, a reference followed
-    but not stopped) counts as a tie; softness 0 or a missing margin keeps the 0/1 answer."""
-    if softness <= 0:
-        return values
-    right = values >= 0.5
-    signed = np.where(right, np.maximum(margins, 0.0), np.minimum(margins, 0.0))
-    soft = 1.0 / (1.0 + np.exp(-np.clip(signed / softness, -50, 50)))
-    return np.where(np.isnan(margins), values, soft)
-
-
-def fit_softness(y: np.ndarray, margins: np.ndarray, items: list[int], weights: list[float]) -> float:
-    """The softness (from :data:`SOFTNESS_GRID`) whose anchor estimates of the probes come
-    closest to their full scores, in mean absolute error; the smallest on ties, so probes
-    without margins (or whose anchors all sit far from a flip) keep 0/1 answers."""
-    w = np.asarray(weights)
-    truth = y.mean(1)
-    errors = [np.abs(soft_answers(y[:, items], margins[:, items], t) @ w - truth).mean() for t in SOFTNESS_GRID]
-    return float(SOFTNESS_GRID[int(np.argmin(np.round(errors, 12)))])
 
 
 # --- IRT -----------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ ECE_BINS = 10
 class FitnessConfig:
     """Mirrors ``conf/fitness/*.yaml``."""
 
-    estimator: str = "anchors"  # full | random | anchors | irt | margins
+    estimator: str = "anchors"  # full | random | anchors | irt
     items_per_task: int = 25  # the budget per task of random / anchors / irt
     objectives: tuple[str, ...] = ("tasks",)  # tasks (one per task), mean, ece, length, perplexity
     probe_merges: int = 4  # random merges added to base + experts in the probe population
@@ -40,6 +40,7 @@ class FitnessConfig:
     seed: int = 0
     multi_fidelity: float = 0.0  # 0 = off; else the share of a generation re-scored on the full split
     native: bool = True  # batched native scoring where a task allows it; false: everything via lm-eval
+    teacher_forcing: bool = False  # estimator items of exact-match generation tasks: one forward pass each
     perplexity_text: str = ""  # a UTF-8 text file; empty: Python standard-library docstrings
     perplexity_tokens: int = 1024  # tokens of that text scored per candidate
 
@@ -62,6 +63,12 @@ class FitnessConfig:
                 raise UserError(f"unknown fitness objective {name!r}; valid: {', '.join(OBJECTIVES)}")
         if len(set(self.objectives)) != len(self.objectives):
             raise UserError(f"fitness.objectives lists one twice: {list(self.objectives)}")
+        decoded = [o for o in self.objectives if o in ("ece", "length")]
+        if self.teacher_forcing and decoded:
+            raise UserError(f"fitness.teacher_forcing=true scores answers without decoding them, so objective "
+                            f"{decoded[0]} has nothing to measure; set teacher_forcing=false or drop {decoded[0]}")
+        if self.teacher_forcing and not self.native:
+            raise UserError("fitness.teacher_forcing=true needs native scoring; set native=true or teacher_forcing=false")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FitnessConfig":
@@ -167,8 +174,8 @@ class Evaluator:
         tasks = self.suite.tasks(split)
         selection = {name: (list(range(len(t))) if full else self.estimator.select(name, len(t)))
                      for name, t in tasks.items()}
-        results = self.suite.run(model, split, selection)
-        scores = {name: (r.mean() if full else self.estimator.estimate(name, r.ids, r.correct, r.margin))
+        results = self.suite.run(model, split, selection, teacher_forcing=self.config.teacher_forcing and not full)
+        scores = {name: (r.mean() if full else self.estimator.estimate(name, r.ids, r.correct))
                   for name, r in results.items()}
         objectives = self._measure(model, scores, results)
         items = {name: {"ids": r.ids, "correct": r.correct, "confidence": r.confidence, "length": r.length,
@@ -201,21 +208,19 @@ class Evaluator:
         JSON-able state (store it; ``load_state`` restores it)."""
         if not probes:
             raise ValueError("fit needs at least one probe evaluation")
-        responses, margins = {}, {}
+        responses = {}
         for name, task in self.suite.tasks("validation").items():
-            rows, leads = [], []
+            rows = []
             for index, probe in enumerate(probes):
                 got = probe.items.get(name)
                 if got is None or sorted(got["ids"]) != list(range(len(task))):
                     raise ValueError(f"probe {index} has no full validation result for task {name!r}; "
                                      f"score probes with full=True")
-                row, lead = np.empty(len(task)), np.full(len(task), np.nan)
+                row = np.empty(len(task))
                 row[got["ids"]] = got["correct"]
-                lead[got["ids"]] = got.get("margin", [np.nan] * len(got["ids"]))  # older runs kept none
                 rows.append(row)
-                leads.append(lead)
-            responses[name], margins[name] = np.array(rows), np.array(leads)
-        return self.estimator.fit(responses, margins)
+            responses[name] = np.array(rows)
+        return self.estimator.fit(responses)
 
     def load_state(self, state: Mapping) -> None:
         self.estimator.load_state(state)

@@ -142,6 +142,56 @@ def generate(
     return results
 
 
+@torch.no_grad()
+def reference_margins(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    references: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 12,
+    batch_size: int = 64,
+) -> list[float]:
+    """The ``margin`` :func:`generate` records against each reference, from one forward pass over
+    prompt + reference instead of a decoding loop (teacher forcing): greedy decoding reproduces
+    the reference's first ``max_new_tokens`` tokens exactly when it is positive.
+
+    Rows are left-padded so every reference ends in the last column and the LM head runs on the
+    reference positions only; the leads are logit differences (log-softmax cancels in them)."""
+    device = next(model.parameters()).device
+    margins: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        wanted = [list(r)[:max_new_tokens] for r in references[start:start + batch_size]]
+        if not all(wanted):
+            raise ValueError("reference_margins needs a non-empty reference per prompt")
+        rows = [tokenizer(p, add_special_tokens=False).input_ids + r
+                for p, r in zip(prompts[start:start + batch_size], wanted)]
+        width, keep = max(map(len, rows)), max(map(len, wanted)) + 1
+        ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        target = torch.zeros((len(rows), keep - 1), dtype=torch.long)
+        scored = torch.zeros((len(rows), keep - 1), dtype=torch.bool)
+        for row, (seq, ref) in enumerate(zip(rows, wanted)):
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+            target[row, keep - 1 - len(ref):] = torch.tensor(ref)
+            scored[row, keep - 1 - len(ref):] = True
+        ids, mask, target, scored = ids.to(device), mask.to(device), target.to(device), scored.to(device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                       logits_to_keep=keep).logits[:, :-1].float()  # position t predicts t + 1
+        top = logits.topk(2, dim=-1)
+        chosen = logits.gather(-1, target[..., None])[..., 0]
+        follows = top.indices[..., 0] == target
+        lead = torch.where(follows, chosen - top.values[..., 1], chosen - top.values[..., 0])
+        lead = torch.where(scored, lead, math.inf)
+        # Up to the first step that leaves the reference (later steps would follow another prefix).
+        left = (lead < 0).cumsum(-1)
+        counted = (left == 0) | ((left == 1) & (lead < 0))
+        margins += torch.where(counted, lead, math.inf).amin(-1).tolist()
+    return margins
+
+
 def generate_exact_match(
     model,
     tokenizer,

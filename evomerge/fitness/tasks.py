@@ -201,6 +201,27 @@ class Task:
             results.margin.append(margin)
         return results
 
+    @property
+    def teacher_forceable(self) -> bool:
+        """Whether an item can be judged from its reference alone: exact match on a greedy
+        generation, where the answer is right when decoding reproduces the reference."""
+        return self.native and self.output_type == "generate_until" and self.metric == "exact_match"
+
+    def run_teacher_forced(self, model, tokenizer, ids: Sequence[int], batch_size: int) -> ItemResults:
+        """Each item judged by one forward pass over prompt + reference: right when greedy
+        decoding would reproduce the reference's tokens (:func:`native.reference_margins`).
+        It skips the decoding loop (the stop string, other spellings of the same text and the
+        task's filters are not checked, so it estimates exact match rather than computing it);
+        a document without a single string reference is generated as usual."""
+        references = [self._reference_ids(doc_id, tokenizer) for doc_id in ids]
+        if not all(r and len(r) <= self.max_gen_toks for r in references):
+            return self.run_native(model, tokenizer, ids, batch_size)
+        prompts = [self.requests(doc_id)[0].args[0] for doc_id in ids]
+        margins = native.reference_margins(model, tokenizer, prompts, references,  # type: ignore[arg-type]
+                                           max_new_tokens=self.max_gen_toks, batch_size=batch_size)
+        return ItemResults(list(ids), [float(m > 0) for m in margins], [math.nan] * len(ids),
+                           [len(r) for r in references], margins)  # type: ignore[arg-type]
+
     def _reference_ids(self, doc_id: int, tokenizer) -> list[int] | None:
         """Token ids of the answer a generation should give (target delimiter + target, as the
         task's few-shot examples write it), or None where the task has no single string target."""
@@ -302,14 +323,19 @@ class TaskSuite:
                                    for name, t in loaded.items()}
         return self._splits[split]
 
-    def run(self, model, split: str, selection: dict[str, Sequence[int]]) -> dict[str, ItemResults]:
-        """Run the selected items (document ids, per task) of ``split`` on ``model``."""
+    def run(self, model, split: str, selection: dict[str, Sequence[int]], *,
+            teacher_forcing: bool = False) -> dict[str, ItemResults]:
+        """Run the selected items (document ids, per task) of ``split`` on ``model``; with
+        ``teacher_forcing``, exact-match generation tasks are judged against their references
+        (:meth:`Task.run_teacher_forced`) instead of decoded."""
         tasks = self.tasks(split)
         results: dict[str, ItemResults] = {}
         via_lm_eval = {}
         for name, ids in selection.items():
             ids = sorted(ids)  # lm-eval maps ``samples`` back to ids assuming sorted order
-            if tasks[name].native:
+            if teacher_forcing and tasks[name].teacher_forceable:
+                results[name] = tasks[name].run_teacher_forced(model, self.tokenizer, ids, self.batch_size)
+            elif tasks[name].native:
                 results[name] = tasks[name].run_native(model, self.tokenizer, ids, self.batch_size)
             else:
                 via_lm_eval[name] = ids
