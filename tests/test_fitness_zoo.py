@@ -39,3 +39,20 @@ def test_native_matches_lm_eval_on_a_real_merge(zoo, zoo_merger):
     for name in names:
         assert fast[name].correct == slow[name].correct, name
     assert any(any(r.correct) for r in fast.values())
+
+
+def test_teacher_forcing_judges_real_items_as_decoding_does(zoo, zoo_merger):
+    """On a real BPE tokenizer, the reference's tokens are what the experts learned to emit: a
+    forward pass over prompt + reference must call right exactly the items decoding gets right,
+    on a merge that half keeps each skill (both kinds of answer occur)."""
+    names = [task_name(s) for s in zoo.config.skills]
+    model = _model(zoo_merger, {s: 0.4 for s in zoo.config.skills})
+    suite = TaskSuite(names, zoo_merger.tokenizer, include_path=str(zoo.task_dir), batch_size=64)
+    selection = {name: list(range(0, 100, 4)) for name in names}
+    decoded = suite.run(model, "validation", selection)
+    forced = suite.run(model, "validation", selection, teacher_forcing=True)
+    for name in names:
+        assert forced[name].correct == decoded[name].correct, name
+        assert forced[name].margin == pytest.approx(decoded[name].margin, abs=1e-3), name
+    right = sum(sum(r.correct) for r in decoded.values())
+    assert 0 < right < sum(len(r.correct) for r in decoded.values())
