@@ -232,7 +232,8 @@ def test_expected_calibration_error_by_hand():
 def test_evaluator_scores_every_objective(pico):
     zoo, merger = pico
     config = FitnessConfig(estimator="random", items_per_task=5,
-                           objectives=("tasks", "mean", "ece", "length", "perplexity"), perplexity_tokens=256)
+                           objectives=("tasks", "mean", "ece", "length", "perplexity"), perplexity_tokens=256,
+                           teacher_forcing=False)
     evaluator = Evaluator(config, _tasks(zoo), merger.tokenizer, include_path=str(zoo.task_dir))
     names = [o.name for o in evaluator.objectives]
     assert names == _tasks(zoo) + ["mean", "ece", "length", "perplexity"]
@@ -330,10 +331,10 @@ def test_bad_task_input_fails_before_any_scoring(pico, tmp_path):
     with pytest.raises(UserError, match="is not a folder"):
         Evaluator(FitnessConfig(), [generating], merger.tokenizer, include_path=str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="ece needs per-item confidence"):
-        Evaluator(FitnessConfig(objectives=("ece",), native=False), [generating], merger.tokenizer,
+        Evaluator(FitnessConfig(objectives=("ece",), native=False, teacher_forcing=False), [generating], merger.tokenizer,
                   include_path=str(zoo.task_dir))
     with pytest.raises(UserError, match="length needs a generate_until task"):
-        Evaluator(FitnessConfig(objectives=("length",)), [choosing], merger.tokenizer,
+        Evaluator(FitnessConfig(objectives=("length",), teacher_forcing=False), [choosing], merger.tokenizer,
                   include_path=str(zoo.task_dir))
     evaluator = Evaluator(FitnessConfig(estimator="random"), [generating], merger.tokenizer,
                           include_path=str(zoo.task_dir))

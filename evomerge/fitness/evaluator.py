@@ -40,7 +40,7 @@ class FitnessConfig:
     seed: int = 0
     multi_fidelity: float = 0.0  # 0 = off; else the share of a generation re-scored on the full split
     native: bool = True  # batched native scoring where a task allows it; false: everything via lm-eval
-    teacher_forcing: bool = False  # estimator items of exact-match generation tasks: one forward pass each
+    teacher_forcing: bool = True  # estimator items of exact-match generation tasks: one forward pass each
     perplexity_text: str = ""  # a UTF-8 text file; empty: Python standard-library docstrings
     perplexity_tokens: int = 1024  # tokens of that text scored per candidate
 
