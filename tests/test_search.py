@@ -132,6 +132,27 @@ def test_resume_refuses_an_edited_search_config(reference_run, pico_cache, tmp_p
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+def test_a_run_made_before_teacher_forcing_resumes_decoding(reference_run, pico_cache, tmp_path, monkeypatch):
+    """A run folder whose config predates ``fitness.teacher_forcing`` decoded its estimator
+    items: resuming it must not switch to the new default halfway through."""
+    import shutil
+
+    from evomerge.search import loop
+    from evomerge.search.settings import search_fingerprint
+
+    run = tmp_path / "old"
+    shutil.copytree(reference_run[0], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["fitness"].pop("teacher_forcing") is True  # today's runs record it
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (run / "run.json").write_text(json.dumps({"fingerprint": search_fingerprint(config), "config": config}))
+    seen = []
+    monkeypatch.setattr(loop.Search, "run", lambda self, folder: seen.append(self.settings.fitness))
+    monkeypatch.setenv("EVOMERGE_CACHE", str(pico_cache))
+    loop.resume(run, log=lambda *a, **k: None)
+    assert seen and seen[0]["teacher_forcing"] is False
+
+
 @pytest.mark.reliability("bad input", "resuming a folder that is not a run")
 def test_resume_of_a_folder_that_is_not_a_run_fails_clearly(tmp_path, pico_cache):
     done = cli("resume", str(tmp_path), cache=pico_cache)

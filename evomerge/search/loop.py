@@ -60,6 +60,10 @@ def resume(folder: str | Path, log: Log = _stderr) -> RunDir:
         raise UserError(f"{run.config_path} was edited in a way that changes the search "
                         f"({', '.join(keys) or 'structure'}); only {', '.join(('runtime.*', 'algorithm.generations'))} "
                         f"may change on resume. Start a new run instead")
+    if isinstance(config.get("fitness"), dict):
+        # Runs made before teacher forcing existed decoded their estimator items (their
+        # fingerprint has no such key): a resumed run goes on estimating as it began.
+        config["fitness"].setdefault("teacher_forcing", False)
     Search(read_settings(config, log=log), log).run(run)
     return run
 
