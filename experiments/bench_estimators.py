@@ -162,17 +162,16 @@ def measure_costs(merger: Merger, evaluator: Evaluator, timed: list[Recipe], cac
     spent = {key: 0.0 for key in [(n, b, m) for (n, b) in selections for m in MODES]}
     full_seconds = 0.0
     agree_margin = agree_decoded = total = 0
+    everything = {t: list(range(n)) for t, n in sizes.items()}
     for recipe, evaluation in zip(timed, cached):
         model = merger.materialize(recipe)
         started = time.perf_counter()
-        suite.run(model, "validation", {t: list(range(n)) for t, n in sizes.items()})
+        suite.run(model, "validation", everything)
         full_seconds += time.perf_counter() - started
-        forced = suite.run(model, "validation", {t: list(range(n)) for t, n in sizes.items()}, teacher_forcing=True)
+        forced = suite.run(model, "validation", everything, teacher_forcing=True)
         for t, result in forced.items():
-            cached_margin = np.array(evaluation.items[t]["margin"])[np.argsort(evaluation.items[t]["ids"])]
-            cached_right = np.array(evaluation.items[t]["correct"])[np.argsort(evaluation.items[t]["ids"])]
-            agree_margin += int(((np.array(result.margin) > 0) == (cached_margin > 0)).sum())
-            agree_decoded += int((np.array(result.correct) == cached_right).sum())
+            agree_margin += int(((np.array(result.margin) > 0) == (matrix([evaluation], t, "margin")[0] > 0)).sum())
+            agree_decoded += int((np.array(result.correct) == matrix([evaluation], t)[0]).sum())
             total += len(result.correct)
         for (name, budget), selection in selections.items():
             for mode in MODES:

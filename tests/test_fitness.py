@@ -299,7 +299,6 @@ def test_fitted_state_moves_between_evaluators(pico):
     assert all(0 <= v <= 1 for v in mine.scores.values())
 
 
-
 # --- configuration and bad input ----------------------------------------------------------------
 
 

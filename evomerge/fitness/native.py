@@ -52,13 +52,14 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(i for i in ids if i is not None)
 
 
-def _left_padded(tokenizer, prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+def _left_padded(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-aligned in one batch, with their attention mask: every row's last token
+    sits in the last column, where the next-token logits are read."""
     width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for row, seq in enumerate(rows):
-        ids[row, width - len(seq):] = torch.tensor(seq)
+        ids[row, width - len(seq):] = torch.tensor(list(seq))
         mask[row, width - len(seq):] = 1
     return ids.to(device), mask.to(device)
 
@@ -85,8 +86,9 @@ def generate(
     its ``margin`` in log-probability: while greedy decoding follows the reference, the smallest
     lead of the reference token over the best other token; at the first step it leaves the
     reference, the (negative) lead of the greedy token over the reference one. It comes free
-    with the logits decoding computes anyway, and it tells an answer that was nearly right (or
-    barely right) from one that was far off, which 0/1 exact match cannot: estimators use it.
+    with the logits decoding computes anyway, is kept with each item, and is what
+    :func:`reference_margins` computes without decoding: the check that teacher forcing judges
+    items as decoding does.
     """
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
@@ -94,7 +96,8 @@ def generate(
     pad = pad_id(tokenizer)
     results: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = _left_padded(tokenizer, prompts[start:start + batch_size], device)
+        ids, mask = _left_padded([tokenizer(p, add_special_tokens=False).input_ids
+                                  for p in prompts[start:start + batch_size]], pad, device)
         rows = len(ids)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         # Only the last position's logits are needed: the LM head over every prompt token cost a
@@ -166,17 +169,10 @@ def reference_margins(
             raise ValueError("reference_margins needs a non-empty reference per prompt")
         rows = [tokenizer(p, add_special_tokens=False).input_ids + r
                 for p, r in zip(prompts[start:start + batch_size], wanted)]
-        width, keep = max(map(len, rows)), max(map(len, wanted)) + 1
-        ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        target = torch.zeros((len(rows), keep - 1), dtype=torch.long)
-        scored = torch.zeros((len(rows), keep - 1), dtype=torch.bool)
-        for row, (seq, ref) in enumerate(zip(rows, wanted)):
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-            target[row, keep - 1 - len(ref):] = torch.tensor(ref)
-            scored[row, keep - 1 - len(ref):] = True
-        ids, mask, target, scored = ids.to(device), mask.to(device), target.to(device), scored.to(device)
+        keep = max(map(len, wanted)) + 1
+        ids, mask = _left_padded(rows, pad_id(tokenizer), device)
+        target, scored = _left_padded(wanted, 0, device)  # the references, aligned with the last logits
+        scored = scored.bool()
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                        logits_to_keep=keep).logits[:, :-1].float()  # position t predicts t + 1

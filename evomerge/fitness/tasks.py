@@ -147,6 +147,7 @@ class Task:
         self.max_gen_toks = int(kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", 256))) \
             if self.output_type == "generate_until" else 0
         self._requests: dict[int, list] = {}
+        self._references: dict[int, list[int] | None] = {}
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -224,14 +225,16 @@ class Task:
 
     def _reference_ids(self, doc_id: int, tokenizer) -> list[int] | None:
         """Token ids of the answer a generation should give (target delimiter + target, as the
-        task's few-shot examples write it), or None where the task has no single string target."""
-        target = self.lm_task.doc_to_target(self.docs[doc_id])
-        if isinstance(target, list) and len(target) == 1:
-            target = target[0]
-        if not isinstance(target, str) or not target:
-            return None
-        delimiter = self.lm_task.config.target_delimiter or ""
-        return tokenizer(delimiter + target, add_special_tokens=False).input_ids
+        task's few-shot examples write it), or None where the task has no single string target.
+        Built once per document and kept, as the requests are."""
+        if doc_id not in self._references:
+            target = self.lm_task.doc_to_target(self.docs[doc_id])
+            if isinstance(target, list) and len(target) == 1:
+                target = target[0]
+            delimiter = self.lm_task.config.target_delimiter or ""
+            self._references[doc_id] = (tokenizer(delimiter + target, add_special_tokens=False).input_ids
+                                        if isinstance(target, str) and target else None)
+        return self._references[doc_id]
 
     def _choice_margin(self, doc_id: int, lls: list[float]) -> float:
         """Multiple choice: the reference choice's log-likelihood lead over the best other one."""
