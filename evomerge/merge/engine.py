@@ -138,6 +138,9 @@ class _ExpertSubset:
     def l1_norms(self) -> Tensor:
         return self._select(self.stats.l1_norms())
 
+    def ranked_l1_norms(self) -> Tensor:
+        return self._select(self.stats.ranked_l1_norms())
+
     def _select(self, per_expert: Tensor) -> Tensor:
         return per_expert.index_select(0, torch.tensor(self.indices, device=per_expert.device))
 
