@@ -404,6 +404,15 @@ def test_compiled_kernels_merge_like_eager_ones(method: str, monkeypatch) -> Non
                                atol=1e-6, rtol=1e-5)
 
 
+def test_every_task_arithmetic_variant_keeps_its_compiled_graph() -> None:
+    """Each variant, with and without normalize and rescale, is a graph of the one merge kernel;
+    past dynamo's limit on graphs per function it would merge eagerly, 25-60x slower."""
+    base, deltas = tensors(3, seed=2, shape=(256, 384))
+    merge_tensor("ties", base, deltas, params_for("ties", 3))
+    graphs = len(methods.TASK_ARITHMETIC_VARIANTS) * 2 * 2
+    assert torch._dynamo.config.recompile_limit >= methods._KERNEL_VARIANTS >= graphs
+
+
 @pytest.mark.parametrize("t", [0.0, 1.0])
 def test_slerp_endpoints(t: float) -> None:
     base, deltas = tensors(1)
