@@ -404,6 +404,21 @@ def test_compiled_kernels_merge_like_eager_ones(method: str, monkeypatch) -> Non
                                atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["della", "magmax"])
+def test_small_tensors_merge_compiled_like_eager_ones_within_a_large_model(method: str) -> None:
+    """A model's 1-D norm weights run the compiled kernels when its large tensors do."""
+    base, deltas = tensors(3, seed=4, shape=(576,))
+    p = params_for(method, 3)
+    generator = lambda: torch.Generator().manual_seed(9)  # noqa: E731
+    eager = merge_tensor(method, base, deltas, p, generator=generator())
+    assert not methods.compiles(deltas.numel())
+    with methods.compiling_every_tensor():
+        assert methods.compiles(deltas.numel())
+        compiled = merge_tensor(method, base, deltas, p, generator=generator())
+    assert not methods.compiles(deltas.numel())
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
+
+
 def test_every_task_arithmetic_variant_keeps_its_compiled_graph() -> None:
     """Each variant, with and without normalize and rescale, is a graph of the one merge kernel;
     past dynamo's limit on graphs per function it would merge eagerly, 25-60x slower."""

@@ -193,6 +193,7 @@ class Merger:
         layers = [layer for layer, _ in self._where.values() if layer is not None]
         self.num_layers = max(layers) + 1 if layers else 0
         self._stats: dict[str, DeltaStats] = {}
+        self._compile_all = any(methods.compiles(stack.numel()) for stack in self._stacks.values())
 
     def _take(self, pool: ModelPool, name: str) -> None:
         """Move one tensor's base and task vectors onto the device, stacked; the pool's entries
@@ -241,7 +242,7 @@ class Merger:
         model = self.model if into is None else into
         plans = self._plans(recipe)
         targets = self._targets(model)
-        with torch.no_grad():
+        with torch.no_grad(), methods.compiling_every_tensor(self._compile_all):
             for name, target in targets.items():
                 layer, component = self._where[name]
                 plan = plans[recipe.config_for(layer, component)]
