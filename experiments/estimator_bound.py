@@ -22,24 +22,22 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from bench_estimators import forced_answers, matrix  # this folder: run as a script
 
+from evomerge.fitness import Evaluation
 from evomerge.zoo.build import cache_dir
 
 PROBES = 9  # base, 4 experts, 4 probe merges: the cache's first rows, as bench_estimators writes them
 
 
-def load(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Labels and, per task, the models x items matrix of teacher-forced answers (the margin's
-    sign; the decoded answer where an item has no margin)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    tasks = list(rows[0]["evaluation"]["items"])
-    answers = {}
-    for task in tasks:
-        correct = np.array([r["evaluation"]["items"][task]["correct"] for r in rows], dtype=float)
-        margin = np.array([r["evaluation"]["items"][task].get("margin", [np.nan] * correct.shape[1])
-                           for r in rows], dtype=float)
-        answers[task] = np.where(np.isnan(margin), correct, (margin > 0).astype(float))
-    return [r["label"] for r in rows], answers
+def load(path: Path) -> tuple[list[str], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Labels in cache order and, per task, models x items of teacher-forced answers (what an
+    estimator reads) and of decoded answers (what the full score counts), as the bench reads them."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    evaluations = [Evaluation.from_dict(row["evaluation"]) for row in rows]
+    tasks = list(evaluations[0].items)
+    return ([row["label"] for row in rows], {t: forced_answers(evaluations, t) for t in tasks},
+            {t: matrix(evaluations, t) for t in tasks})
 
 
 def fit(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
@@ -74,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         args.cache = cache_dir() / "bench_estimators" / f"{Zoo.at(zoo_config()).root.name}.jsonl"
     if not args.cache.exists():
         sys.exit(f"{args.cache} does not exist; run experiments/bench_estimators.py first")
-    labels, answers = load(args.cache)
+    labels, answers, decoded = load(args.cache)
     judged = np.arange(PROBES, len(labels))
     rng = np.random.default_rng(0)
     print(f"{args.cache.name}: {PROBES} probes ({', '.join(labels[:PROBES])}), {len(judged)} judged recipes; "
@@ -88,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 train = np.r_[np.arange(PROBES), order[:extra]]
                 test = order[len(judged) // 2:]
                 estimates, truths = [], []
-                for x in answers.values():
-                    y = x.mean(1)
+                for task, x in answers.items():
+                    y = decoded[task].mean(1)
                     items = greedy_items(x[train], y[train], budget)
                     estimates.append(predict(fit(x[train][:, items], y[train]), x[test][:, items]))
                     truths.append(y[test])
