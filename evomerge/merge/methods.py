@@ -657,9 +657,10 @@ _INDUCTOR_OPTIONS = {"realize_cpu_opcount_threshold": 1000, "realize_reads_thres
 by default inductor stores an expression above 30 ops that is read more than once (DELLA's
 rows: the election reads them twice), which split its merge into two loops through three
 temporaries (3.6x slower on the embedding)."""
-_KERNEL_VARIANTS = 64
+_KERNEL_VARIANTS = 128
 """Compiled graphs dynamo may keep per kernel function. Each static choice a kernel is called
-with (sparsification, sign election, normalize, rescale or not) is one graph of the same code
+with (sparsification, sign election, normalize, rescale or not), and each shape class (many
+rows, or the one row of a 1-D tensor, which dynamo specializes), is one graph of the same code
 object, and a search that lets the method vary meets more than dynamo's default of 8: past it,
 dynamo ran the kernel eagerly on the whole tensor (DELLA and breadcrumbs-TIES 5-12 s per
 candidate instead of 0.2-0.3 s)."""
