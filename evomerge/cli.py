@@ -44,11 +44,12 @@ def _zoo_build(args: argparse.Namespace) -> int:
 
 def _zoo_info(args: argparse.Namespace) -> int:
     from evomerge.config import zoo_config
-    from evomerge.zoo.build import Zoo
+    from evomerge.zoo.build import Zoo, write_validation_tasks
     from evomerge.zoo.card import card_markdown
 
     zoo = Zoo.at(zoo_config(args.overrides))
     card = zoo.card()
+    write_validation_tasks(zoo, log=lambda line: None)
     if args.json:
         print(json.dumps({**card, "root": str(zoo.root), "base_path": str(zoo.base),
                           "experts": {k: str(v) for k, v in zoo.experts.items()},

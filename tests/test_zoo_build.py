@@ -80,3 +80,57 @@ def test_config_changes_name_a_new_zoo(tmp_path):
 def test_bad_zoo_settings_are_named(overrides, named):
     with pytest.raises(UserError, match=named):
         zoo_config(overrides)
+
+
+def _prompts(path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in open(path)]
+
+
+def test_a_larger_validation_split_reuses_the_built_experts(pico_zoo):
+    from evomerge.config import compose
+    from evomerge.zoo.build import ZooConfig, write_validation_tasks
+
+    size = 3 * pico_zoo.config.eval_size
+    config = zoo_config(["zoo=pico", f"zoo.validation_size={size}"])
+    assert config.fingerprint() == pico_zoo.config.fingerprint()  # same zoo, same experts: no rebuild
+    zoo = Zoo(config, pico_zoo.root)
+    assert write_validation_tasks(zoo, log=lambda _: None) == zoo.task_dir != zoo.data_dir
+    files = yaml.safe_load((zoo.task_dir / "zoo_add.yaml").read_text())["dataset_kwargs"]["data_files"]
+    assert set(files) == {"validation", "test"}
+    grown = _prompts(files["validation"])
+    built = {split: _prompts(pico_zoo.data_dir / "add" / f"{split}.jsonl") for split in ("train", "validation", "test")}
+    assert len(grown) == len(set(grown)) == size
+    assert grown[:pico_zoo.config.eval_size] == built["validation"]  # what the experts early-stopped on
+    assert not set(grown) & (set(built["train"]) | set(built["test"]))  # held out from training and test
+    assert _prompts(files["test"]) == built["test"]
+    assert _prompts(zoo.task_dir / "shout" / "validation.jsonl")[:pico_zoo.config.eval_size] == \
+        _prompts(pico_zoo.data_dir / "shout" / "validation.jsonl")
+    # Deterministic: written again from nothing, the same items.
+    (zoo.task_dir / "done").unlink()
+    write_validation_tasks(zoo, log=lambda _: None)
+    assert _prompts(files["validation"]) == grown
+    # A smaller size is the built split's first items; the zoo's own size is the built folder.
+    small = Zoo(ZooConfig.from_dict({**compose(["zoo=pico"])["zoo"], "validation_size": 5}), pico_zoo.root)
+    write_validation_tasks(small, log=lambda _: None)
+    assert _prompts(small.task_dir / "add" / "validation.jsonl") == built["validation"][:5]
+    same = zoo_config(["zoo=pico", f"zoo.validation_size={pico_zoo.config.eval_size}"])
+    assert Zoo(same, pico_zoo.root).task_dir == pico_zoo.data_dir == pico_zoo.task_dir
+
+
+def test_a_search_scores_the_validation_split_its_zoo_config_names(pico_zoo, pico_cache, monkeypatch):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from evomerge.config import compose
+    from evomerge.search.settings import read_settings
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(pico_cache))
+    settings = read_settings(compose(["zoo=pico", "zoo.validation_size=24"]), build_zoo=False, log=lambda _: None)
+    assert settings.include_path == str(pico_zoo.root / "tasks-validation24")
+    tasks = get_task_dict(["zoo_add"], TaskManager(include_path=settings.include_path))
+    assert len(list(tasks["zoo_add"].validation_docs())) == 24
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "many"])
+def test_a_bad_validation_size_is_named(value):
+    with pytest.raises(UserError, match=f"zoo.validation_size={value!r}.*integer >= 1"):
+        zoo_config(["zoo=pico", f"zoo.validation_size={value}"])

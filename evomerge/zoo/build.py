@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,8 @@ from typing import Callable
 from evomerge.errors import UserError, check_keys
 from evomerge.fitness.native import generate_exact_match
 from evomerge.zoo.finetune import FinetuneConfig, finetune
-from evomerge.zoo.skills import SKILLS, make_splits
-from evomerge.zoo.tasks import read_jsonl, task_name, write_task_files
+from evomerge.zoo.skills import SKILLS, extend_split, make_splits
+from evomerge.zoo.tasks import SPLITS, read_jsonl, task_name, write_task_files
 
 DEV_ITEMS = 50  # validation items an expert's early stopping looks at
 ZOO_FORMAT = 3  # bump when a change to the build code changes what a config produces
@@ -37,6 +38,10 @@ class ZooConfig:
     probes: tuple[str, ...] = ("shout",)
     train_size: int = 2400
     eval_size: int = 100
+    # Validation items per task that searches score; None: eval_size. Not part of the zoo's
+    # identity: the extra items are drawn after the build, disjoint from every split, so the
+    # same experts serve any size (see Zoo.task_dir).
+    validation_size: int | None = None
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     merge_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
 
@@ -54,6 +59,11 @@ class ZooConfig:
             raise UserError(f"a zoo needs at least 2 skills to merge, got {list(self.skills)}")
         if min(self.train_size, self.eval_size, self.finetune.steps) < 1:
             raise UserError("train_size, eval_size and finetune.steps must all be at least 1")
+        if self.validation_size is not None and (
+                not isinstance(self.validation_size, int) or isinstance(self.validation_size, bool)
+                or self.validation_size < 1):
+            raise UserError(f"zoo.validation_size={self.validation_size!r} must be an integer >= 1, "
+                            f"or null for the zoo's eval_size ({self.eval_size})")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ZooConfig":
@@ -70,8 +80,16 @@ class ZooConfig:
                 values[key] = tuple(values[key])
         return cls(**values)
 
+    @property
+    def scored_validation_size(self) -> int:
+        return self.eval_size if self.validation_size is None else self.validation_size
+
+    def built_fields(self) -> dict:
+        """What the built zoo depends on: every field but the scored validation size."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "validation_size"}
+
     def fingerprint(self) -> str:
-        blob = json.dumps({"format": ZOO_FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
+        blob = json.dumps({"format": ZOO_FORMAT, **self.built_fields()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -108,8 +126,16 @@ class Zoo:
         return {skill: self.expert(skill) for skill in self.config.skills}
 
     @property
-    def task_dir(self) -> Path:
+    def data_dir(self) -> Path:
+        """The splits and task files the zoo was built with (experts trained and early-stopped on them)."""
         return self.root / "tasks"
+
+    @property
+    def task_dir(self) -> Path:
+        """The lm-eval tasks a search scores: the built ones, or a sibling folder whose validation
+        split has ``config.validation_size`` items (:func:`write_validation_tasks` writes it)."""
+        size = self.config.scored_validation_size
+        return self.data_dir if size == self.config.eval_size else self.root / f"tasks-validation{size}"
 
     @property
     def tasks(self) -> list[str]:
@@ -124,7 +150,7 @@ class Zoo:
         return self.card_path.exists()
 
     def items(self, skill: str, split: str) -> list[dict]:
-        return read_jsonl(self.task_dir / skill / f"{split}.jsonl")
+        return read_jsonl(self.data_dir / skill / f"{split}.jsonl")
 
     def card(self) -> dict:
         """The card, with its assessment recomputed from the scores so criteria never go stale."""
@@ -142,10 +168,11 @@ def build_zoo(config: ZooConfig, cache: Path | None = None,
     """Build whatever of the zoo is missing and return it; a no-op on a finished zoo."""
     zoo = Zoo.at(config, cache)
     if zoo.is_built():
+        write_validation_tasks(zoo, log)
         return zoo
     started = time.perf_counter()
     zoo.root.mkdir(parents=True, exist_ok=True)
-    (zoo.root / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    (zoo.root / "config.json").write_text(json.dumps(config.built_fields(), indent=2))
     _build_base(zoo, log)
     _write_data(zoo, log)
     training = {}
@@ -154,6 +181,7 @@ def build_zoo(config: ZooConfig, cache: Path | None = None,
     from evomerge.zoo.card import write_card
 
     write_card(zoo, training, started=started, log=log)
+    write_validation_tasks(zoo, log)
     return zoo
 
 
@@ -178,8 +206,31 @@ def _write_data(zoo: Zoo, log: Callable[[str], None]) -> None:
     sizes_eval = {"validation": zoo.config.eval_size, "test": zoo.config.eval_size}
     for skill in (*zoo.config.skills, *zoo.config.probes):
         sizes = {"train": zoo.config.train_size, **sizes_eval} if SKILLS[skill].trained else sizes_eval
-        write_task_files(skill, make_splits(SKILLS[skill], sizes, zoo.config.seed), zoo.task_dir)
-    log(f"data: {len(zoo.config.skills)} skills + {len(zoo.config.probes)} probes written to {zoo.task_dir}")
+        write_task_files(skill, make_splits(SKILLS[skill], sizes, zoo.config.seed), zoo.data_dir)
+    log(f"data: {len(zoo.config.skills)} skills + {len(zoo.config.probes)} probes written to {zoo.data_dir}")
+
+
+def write_validation_tasks(zoo: Zoo, log: Callable[[str], None] = print) -> Path:
+    """The task folder with ``validation_size`` validation items per task, written if missing.
+
+    A larger split makes the full score a sharper reference and gives estimators room (a tenth of
+    400 items is 40; of 100 it is 10, which no estimator turns into a 2-point estimate). The built
+    items come first, then fresh ones disjoint from every split; the test split is the built one.
+    """
+    target = zoo.task_dir
+    if target == zoo.data_dir or (target / "done").exists():
+        return target
+    size = zoo.config.scored_validation_size
+    shutil.rmtree(target, ignore_errors=True)  # an interrupted write has no marker: start over
+    for skill in (*zoo.config.skills, *zoo.config.probes):
+        built = {split: zoo.items(skill, split) for split in SPLITS
+                 if (zoo.data_dir / skill / f"{split}.jsonl").exists()}
+        splits = {"validation": extend_split(SKILLS[skill], built, "validation", size, zoo.config.seed),
+                  "test": built["test"]}
+        write_task_files(skill, splits, target)
+    (target / "done").write_text("")
+    log(f"data: {size} validation items per task written to {target}")
+    return target
 
 
 def _build_expert(zoo: Zoo, skill: str, index: int, log: Callable[[str], None]) -> dict:

@@ -152,6 +152,22 @@ SKILLS: dict[str, Skill] = {
 }
 
 
+def _draw(skill: Skill, rng: random.Random, seen: set[str], size: int, split: str) -> list[Item]:
+    """``size`` items whose prompts are not in ``seen`` (which they join)."""
+    items: list[Item] = []
+    attempts = 0
+    while len(items) < size:
+        attempts += 1
+        if attempts > 50 * size + 1000:
+            raise ValueError(f"skill {skill.name!r} cannot produce {size} distinct {split} items")
+        item = skill.item(rng)
+        if item["prompt"] in seen:
+            continue
+        seen.add(str(item["prompt"]))
+        items.append(item)
+    return items
+
+
 def make_splits(skill: Skill, sizes: dict[str, int], seed: int) -> dict[str, list[Item]]:
     """Disjoint splits by prompt, deterministic for (skill, sizes, seed).
 
@@ -160,19 +176,20 @@ def make_splits(skill: Skill, sizes: dict[str, int], seed: int) -> dict[str, lis
     """
     rng = random.Random(f"{seed}:{skill.name}")
     seen: set[str] = set()
-    splits: dict[str, list[Item]] = {}
     order = sorted(sizes, key=lambda name: name == "train")
-    for split in order:
-        items: list[Item] = []
-        attempts = 0
-        while len(items) < sizes[split]:
-            attempts += 1
-            if attempts > 50 * sizes[split] + 1000:
-                raise ValueError(f"skill {skill.name!r} cannot produce {sizes[split]} distinct {split} items")
-            item = skill.item(rng)
-            if item["prompt"] in seen:
-                continue
-            seen.add(str(item["prompt"]))
-            items.append(item)
-        splits[split] = items
-    return splits
+    return {split: _draw(skill, rng, seen, sizes[split], split) for split in order}
+
+
+def extend_split(skill: Skill, splits: dict[str, list[Item]], split: str, size: int, seed: int) -> list[Item]:
+    """``splits[split]`` grown to ``size`` items (or cut to its first ``size``).
+
+    The new items come from a stream of their own and avoid every prompt of every split, so
+    a larger evaluation split needs no change to the training data: experts fine-tuned on
+    ``splits`` stay valid, and the first items are exactly the split they were built with.
+    """
+    have = splits[split]
+    if size <= len(have):
+        return have[:size]
+    seen = {str(item["prompt"]) for items in splits.values() for item in items}
+    rng = random.Random(f"{seed}:{skill.name}:{split}:extension")
+    return have + _draw(skill, rng, seen, size - len(have), split)
