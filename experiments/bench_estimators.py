@@ -20,10 +20,14 @@ measured, not counted: seconds to run an estimator's items (decoded or teacher-f
 timed recipes, in this process) over seconds of the full decoded validation split.
 
 Per-item results are cached in ``$EVOMERGE_CACHE/bench_estimators/<zoo>.jsonl`` keyed by recipe
-hash, so a rerun (or a larger ``--recipes``) only scores what is missing.
+hash, so a rerun (or a larger ``--recipes``) only scores what is missing. ``--validation-size``
+scores a larger validation split (``zoo.validation_size``: the built items first, then fresh
+ones; no rebuild) and caches it beside the first (``<zoo>-validation<N>.jsonl``); a recipe the
+smaller split already scored runs only its new items.
 
     python experiments/bench_estimators.py --quick        # 8 recipes, 2 probe merges
     python experiments/bench_estimators.py                # 100 recipes: 15-35 s each on 2 cores
+    python experiments/bench_estimators.py --validation-size 400   # 400 items per task
     python experiments/bench_estimators.py --zoo ~/.cache/evomerge/zoo/smollm2-c69aec97bfdd
 """
 
@@ -85,14 +89,30 @@ def load_cache(path: Path) -> dict[str, Evaluation]:
     return {row["hash"]: Evaluation.from_dict(row["evaluation"]) for row in rows}
 
 
+def extend(evaluation: Evaluation, model, evaluator: Evaluator) -> Evaluation:
+    """``evaluation`` of the first items of each validation task, completed with the rest."""
+    started = time.perf_counter()
+    sizes = {t: len(task) for t, task in evaluator.suite.tasks("validation").items()}
+    have = {t: len(cols["ids"]) for t, cols in evaluation.items.items()}
+    results = evaluator.suite.run(model, "validation", {t: range(have[t], n) for t, n in sizes.items()})
+    items = {t: {k: list(evaluation.items[t][k]) + list(getattr(results[t], k)) for k in evaluation.items[t]}
+             for t in sizes}
+    scores = {t: float(np.mean(cols["correct"])) for t, cols in items.items()}
+    # The bench's evaluator has one objective per task (asserted in main), so objectives are the scores.
+    return Evaluation(dict(scores), scores, items, evaluation.seconds + time.perf_counter() - started)
+
+
 def score_all(recipes: dict[str, Recipe], merger: Merger, evaluator: Evaluator,
-              cache_path: Path) -> dict[str, Evaluation]:
+              cache_path: Path, prefix_cache: Path | None = None) -> dict[str, Evaluation]:
     cached = load_cache(cache_path)
+    prefix = load_cache(prefix_cache) if prefix_cache else {}
     missing = [label for label, r in recipes.items() if r.hash not in cached]
     started = time.perf_counter()
     with open(cache_path, "a") as out:
         for done, label in enumerate(missing, 1):
-            evaluation = evaluator.score(merger.materialize(recipes[label]), full=True)
+            model = merger.materialize(recipes[label])
+            known = prefix.get(recipes[label].hash)
+            evaluation = (extend(known, model, evaluator) if known else evaluator.score(model, full=True))
             cached[recipes[label].hash] = evaluation
             out.write(json.dumps({"hash": recipes[label].hash, "label": label,
                                   "evaluation": evaluation.to_dict()}) + "\n")
@@ -201,6 +221,7 @@ def table(rows: list[tuple[str, str, int, float, dict[str, float]]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", type=Path, help="a built zoo folder (default: the configured zoo)")
+    parser.add_argument("--validation-size", type=int, help="validation items per task (default: the zoo's)")
     parser.add_argument("--recipes", type=int, default=100, help="random recipes to judge on (default 100)")
     parser.add_argument("--probe-merges", type=int, default=4, help="random merges in the probe population")
     parser.add_argument("--budgets", default="10,25,35,50", help="items per task, comma-separated")
@@ -218,11 +239,23 @@ def main(argv: list[str] | None = None) -> int:
         args.zoo = Zoo.at(zoo_config()).root
     root = args.zoo.expanduser()
     skills, task_dir = zoo_layout(root)
+    cache_path = cache_dir() / "bench_estimators" / f"{root.name}.jsonl"
+    prefix_cache = None
+    if args.validation_size is not None:
+        from evomerge.zoo.build import Zoo, ZooConfig, write_validation_tasks
+
+        built = json.loads((root / "config.json").read_text())
+        zoo = Zoo(ZooConfig.from_dict({**built, "validation_size": args.validation_size}), root)
+        task_dir = write_validation_tasks(zoo)
+        if task_dir != zoo.data_dir:
+            prefix_cache = cache_path
+            cache_path = cache_path.with_name(f"{root.name}-validation{args.validation_size}.jsonl")
     tasks = [f"zoo_{s}" for s in skills]
     pool = ModelPool(str(root / "models" / "base"), {s: str(root / "models" / s) for s in skills})
     merger = Merger(pool)
     evaluator = Evaluator(FitnessConfig(estimator="full", batch_size=args.batch_size), tasks, merger.tokenizer,
                           include_path=str(task_dir))
+    assert evaluator.config.objectives == ("tasks",)  # extend() relies on it
     probe_recipes = {"base": task_arithmetic(merger.experts, merger.num_layers, {})}
     probe_recipes |= {f"expert {s}": task_arithmetic(merger.experts, merger.num_layers, {s: 1.0}) for s in skills}
     rng = random.Random(10_000)  # probes' merges come from their own stream, never the judged recipes'
@@ -230,11 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                       for i in range(args.probe_merges)}
     rng = random.Random(0)
     judged = {f"recipe {i}": random_recipe(rng, merger.experts, merger.num_layers) for i in range(args.recipes)}
-    cache_path = cache_dir() / "bench_estimators" / f"{root.name}.jsonl"
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"zoo {root.name}: tasks {', '.join(tasks)}; {len(probe_recipes)} probes, {len(judged)} recipes; "
           f"cache {cache_path}", file=sys.stderr, flush=True)
-    scored = score_all(probe_recipes | judged, merger, evaluator, cache_path)
+    scored = score_all(probe_recipes | judged, merger, evaluator, cache_path, prefix_cache)
     probes = {t: matrix([scored[k] for k in probe_recipes], t) for t in tasks}
     truth = {t: matrix([scored[k] for k in judged], t) for t in tasks}
     answers = {"decoded": truth,
