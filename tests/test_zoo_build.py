@@ -87,8 +87,7 @@ def _prompts(path) -> list[str]:
 
 
 def test_a_larger_validation_split_reuses_the_built_experts(pico_zoo):
-    from evomerge.config import compose
-    from evomerge.zoo.build import ZooConfig, write_validation_tasks
+    from evomerge.zoo.build import write_validation_tasks
 
     size = 3 * pico_zoo.config.eval_size
     config = zoo_config(["zoo=pico", f"zoo.validation_size={size}"])
@@ -110,7 +109,7 @@ def test_a_larger_validation_split_reuses_the_built_experts(pico_zoo):
     write_validation_tasks(zoo, log=lambda _: None)
     assert _prompts(files["validation"]) == grown
     # A smaller size is the built split's first items; the zoo's own size is the built folder.
-    small = Zoo(ZooConfig.from_dict({**compose(["zoo=pico"])["zoo"], "validation_size": 5}), pico_zoo.root)
+    small = Zoo(zoo_config(["zoo=pico", "zoo.validation_size=5"]), pico_zoo.root)
     write_validation_tasks(small, log=lambda _: None)
     assert _prompts(small.task_dir / "add" / "validation.jsonl") == built["validation"][:5]
     same = zoo_config(["zoo=pico", f"zoo.validation_size={pico_zoo.config.eval_size}"])

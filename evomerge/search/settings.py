@@ -98,7 +98,7 @@ def read_settings(config: Mapping[str, Any], *, build_zoo: bool = True, log=prin
 
 
 def _zoo_models(zoo_config: Mapping[str, Any], build: bool, log) -> tuple[str, dict[str, str], list[str], str]:
-    from evomerge.zoo.build import Zoo, ZooConfig, build_zoo, write_validation_tasks
+    from evomerge.zoo.build import Zoo, ZooConfig, build_zoo
     from evomerge.zoo.tasks import task_name
 
     config = ZooConfig.from_dict(dict(zoo_config))
@@ -107,8 +107,7 @@ def _zoo_models(zoo_config: Mapping[str, Any], build: bool, log) -> tuple[str, d
         if not build:
             raise UserError(f"the zoo {zoo.root} is not built; run `evomerge zoo build`")
         log(f"the zoo is not cached yet: building it ({zoo.root})")
-        zoo = build_zoo(config, log=log)
-    write_validation_tasks(zoo, log)
+    zoo = build_zoo(config, log=log)  # on a built zoo: only the scored task folder, if missing
     tasks = [task_name(skill) for skill in config.skills]
     return str(zoo.base), {k: str(v) for k, v in zoo.experts.items()}, tasks, str(zoo.task_dir)
 
