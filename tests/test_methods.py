@@ -10,17 +10,17 @@ import torch
 from scipy import stats
 
 from evomerge.errors import UserError
-from evomerge.merge import methods
+from evomerge.merge import kernels, methods
+from evomerge.merge.draws import Grid, draw_keys, draw_uniforms, integer_draws
 from evomerge.merge.methods import (
     METHODS,
     PARAM_RANGES,
-    MagnitudeQuantiles,
     MergeParamError,
     MergeParams,
-    draw_uniforms,
     merge_tensor,
     validate,
 )
+from evomerge.merge.stats import MagnitudeQuantiles, row_ranks
 
 torch.set_num_threads(1)
 
@@ -370,10 +370,9 @@ def test_draws_follow_the_documented_hash_in_int32_lanes() -> None:
             assert draws[expert, column].item() == reference_draw(seed, expert, 1000, column)
     width = 1 << 20  # rows 2047 and 2048 straddle position 2^31; pair offsets pass 2^32
     numel = 2049 * width
-    keys = methods._draw_keys(99, 3, numel, "cpu")
-    grid = methods._Grid.of(width, "cpu")
-    spread = methods._spread(grid.columns, grid.row_step, 2047, 2)
-    far = methods._draws(keys, 3, spread)
+    keys = draw_keys(99, 3, numel, "cpu")
+    spread = Grid.of(width, "cpu").spread(2047, 2)
+    far = integer_draws(keys, 3, spread)
     for expert in range(3):
         for row, column in [(0, 0), (0, width - 1), (1, 0), (1, 12345)]:
             position = (2047 + row) * width + column
@@ -385,7 +384,7 @@ def test_random_masks_do_not_depend_on_how_a_tensor_is_sliced(method: str, monke
     base, deltas = tensors(3, shape=(40, 32))
     p = params_for(method, 3)
     whole = merge_tensor(method, base, deltas, p, generator=torch.Generator().manual_seed(5))
-    monkeypatch.setattr(methods, "_SLAB_ELEMENTS", 3 * 64)  # 2 rows per slab instead of all 40
+    monkeypatch.setattr(kernels, "_SLAB_ELEMENTS", 3 * 64)  # 2 rows per slab instead of all 40
     sliced = merge_tensor(method, base, deltas, p, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(sliced, whole, atol=1e-6, rtol=1e-6)
 
@@ -394,12 +393,12 @@ def test_random_masks_do_not_depend_on_how_a_tensor_is_sliced(method: str, monke
 def test_compiled_kernels_merge_like_eager_ones(method: str, monkeypatch) -> None:
     """Large tensors run the slab kernels through torch.compile (the CPU path a search takes)."""
     base, deltas = tensors(3, seed=2, shape=(256, 384))  # above the compile threshold
-    assert deltas.numel() >= methods._COMPILE_MIN_ELEMENTS
+    assert deltas.numel() >= kernels._COMPILE_MIN_ELEMENTS
     p = params_for(method, 3)
     generator = lambda: torch.Generator().manual_seed(9)  # noqa: E731
     compiled = merge_tensor(method, base, deltas, p, generator=generator())
-    assert methods._compile_failed == [] and methods._compiled, "the kernels ran eagerly"
-    monkeypatch.setattr(methods, "_COMPILE_MIN_ELEMENTS", 1 << 62)
+    assert kernels.COMPILATION.failure is None and kernels.COMPILATION.compiled, "the kernels ran eagerly"
+    monkeypatch.setattr(kernels, "_COMPILE_MIN_ELEMENTS", 1 << 62)
     torch.testing.assert_close(compiled, merge_tensor(method, base, deltas, p, generator=generator()),
                                atol=1e-6, rtol=1e-5)
 
@@ -411,11 +410,11 @@ def test_small_tensors_merge_compiled_like_eager_ones_within_a_large_model(metho
     p = params_for(method, 3)
     generator = lambda: torch.Generator().manual_seed(9)  # noqa: E731
     eager = merge_tensor(method, base, deltas, p, generator=generator())
-    assert not methods.compiles(deltas.numel())
-    with methods.compiling_every_tensor():
-        assert methods.compiles(deltas.numel())
+    assert not kernels.compiles(deltas.numel())
+    with kernels.compiling_every_tensor():
+        assert kernels.compiles(deltas.numel())
         compiled = merge_tensor(method, base, deltas, p, generator=generator())
-    assert not methods.compiles(deltas.numel())
+    assert not kernels.compiles(deltas.numel())
     torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
 
 
@@ -426,7 +425,7 @@ def test_every_task_arithmetic_variant_keeps_its_compiled_graph() -> None:
     base, deltas = tensors(3, seed=2, shape=(256, 384))
     merge_tensor("ties", base, deltas, params_for("ties", 3))
     graphs = len(methods.TASK_ARITHMETIC_VARIANTS) * 2 * 2 * 2
-    assert torch._dynamo.config.recompile_limit >= methods._KERNEL_VARIANTS >= graphs
+    assert torch._dynamo.config.recompile_limit >= kernels._KERNEL_VARIANTS >= graphs
 
 
 @pytest.mark.parametrize("t", [0.0, 1.0])
@@ -611,9 +610,9 @@ def test_combine_adds_the_weighted_stack_to_the_scaled_base(dtype: torch.dtype, 
     base, deltas = tensors(3, seed=4, shape=(256, 384))
     base = base.to(dtype)
     stack = deltas.reshape(3, -1).to(torch.bfloat16)
-    monkeypatch.setattr(methods, "_COMBINE_COLUMNS", 1000)
+    monkeypatch.setattr(kernels, "_COMBINE_COLUMNS", 1000)
     out = torch.empty(base.numel(), dtype=dtype)
-    methods.combine(base.reshape(-1), stack, 0.7, [0.5, -0.25, 1.5], out)
+    kernels.combine(base.reshape(-1), stack, 0.7, [0.5, -0.25, 1.5], out)
     expected = 0.7 * base.reshape(-1).float() + stack.float().t() @ torch.tensor([0.5, -0.25, 1.5])
     torch.testing.assert_close(out, expected.to(dtype), atol=1e-6, rtol=1e-6)
 
@@ -624,7 +623,7 @@ def test_row_ranks_are_exact_in_their_storage_dtype(width: int, dtype: torch.dty
     exactly, as int32 beyond; ties go by position (a stable sort), as in mergekit."""
     deltas = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(1))
     deltas[0, 0, :4] = 0.5  # a tie
-    ranks = methods.row_ranks(deltas)
+    ranks = row_ranks(deltas)
     assert ranks.dtype == dtype and ranks.shape == (2, 3 * width)
     expected = deltas.abs().argsort(dim=-1, stable=True).argsort(dim=-1).reshape(2, -1)
     assert torch.equal(ranks.long(), expected)

@@ -21,12 +21,13 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import UserError
-from evomerge.merge import methods
-from evomerge.merge.methods import DeltaStats, MergeParams
+from evomerge.merge import kernels, methods
+from evomerge.merge.methods import MergeParams
+from evomerge.merge.stats import DeltaStats
 from evomerge.pool import ModelPool, layer_index, unique_parameters
 from evomerge.recipe import MethodConfig, Recipe, component_of
 
-# Methods that are base plus a fixed combination of task vectors: one BLAS pass (methods.combine).
+# Methods that are base plus a fixed combination of task vectors: one BLAS pass (kernels.combine).
 _LINEAR_METHODS = frozenset({"linear", "task_arithmetic"})
 
 # --- memory --------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ class Merger:
         layers = [layer for layer, _ in self._where.values() if layer is not None]
         self.num_layers = max(layers) + 1 if layers else 0
         self._stats: dict[str, DeltaStats] = {}
-        self._compile_all = any(methods.compiles(stack.numel()) for stack in self._stacks.values())
+        self._compile_all = any(kernels.compiles(stack.numel()) for stack in self._stacks.values())
 
     def _take(self, pool: ModelPool, name: str) -> None:
         """Move one tensor's base and task vectors onto the device, stacked; the pool's entries
@@ -242,7 +243,7 @@ class Merger:
         model = self.model if into is None else into
         plans = self._plans(recipe)
         targets = self._targets(model)
-        with torch.no_grad(), methods.compiling_every_tensor(self._compile_all):
+        with torch.no_grad(), kernels.compiling_every_tensor(self._compile_all):
             for name, target in targets.items():
                 layer, component = self._where[name]
                 plan = plans[recipe.config_for(layer, component)]
@@ -305,7 +306,7 @@ class Merger:
     def _write_combination(self, name: str, scale: float, coefficients: list[float],
                            target: Tensor) -> None:
         """target = scale * base + stack^T c."""
-        methods.combine(self._base[name].view(-1), self._stacks[name], scale, coefficients, target)
+        kernels.combine(self._base[name].view(-1), self._stacks[name], scale, coefficients, target)
 
     def _stats_of(self, name: str) -> DeltaStats:
         """Made the first time a sparsifying method merges ``name``; it fills itself on use."""
