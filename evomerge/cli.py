@@ -87,15 +87,21 @@ def _export(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from evomerge.config import compose
     from evomerge.search.loop import start
+    from evomerge.search.settings import build_zoo_for
 
-    run = start(compose(args.overrides), log=_log)
+    config = compose(args.overrides)
+    build_zoo_for(config, log=_log)
+    run = start(config, log=_log)
     print(f"done: {run.root}\n  evomerge inspect {run.root}\n  evomerge export {run.root} --pick knee")
     return 0
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from evomerge.search.loop import resume
+    from evomerge.run import RunDir
+    from evomerge.search.loop import resume, resumed_config
+    from evomerge.search.settings import build_zoo_for
 
+    build_zoo_for(resumed_config(RunDir.open(args.run_dir)), log=_log)
     run = resume(args.run_dir, log=_log)
     print(f"done: {run.root}\n  evomerge inspect {run.root}")
     return 0

@@ -1,17 +1,296 @@
-"""Composes evomerge's hydra configs (``conf/``, shipped as ``evomerge.conf``) with overrides.
+"""evomerge's config: its schema (the one home of every default), composing it, reading it.
 
-The CLI and the tests go through here, so a setting means the same wherever it is given, and a
-bad override fails with hydra's own message turned into a one-line UserError.
+The dataclasses below are hydra structured configs: registered in hydra's ConfigStore and first
+in ``conf/config.yaml``'s defaults list, so they hold every default and type, and a group file
+in ``conf/<group>/`` holds only what choosing it changes (tests/test_config.py keeps it so).
+A composed config is plain data (what a run folder's ``config.yaml`` holds); ``read_config``
+turns such data into typed objects, the one way any config becomes a ``Config``. Each dataclass
+checks its own values in ``__post_init__``; a bad key, type or value is a one-line UserError
+naming it and what would be valid.
+
+Reading is pure: nothing here builds, loads or writes anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
 from evomerge.errors import UserError
 
+SCHEMA = "evomerge_schema"  # the root dataclass's name in hydra's ConfigStore
+ZOO_KINDS = ("smollm2", "pico")
+DTYPES = ("float32", "bfloat16", "float16")
 
+T = TypeVar("T")
+
+
+# --- the schema ------------------------------------------------------------------------------
+@dataclass
+class ModelsConfig:
+    """The models to merge; ``base`` None merges the zoo's base and experts."""
+
+    base: str | None = None  # a folder, .gguf file or hub id
+    experts: Any = None  # a list of references, or a mapping name: reference
+    allow_pickle: bool = False  # refuse pytorch_model.bin (pickle can run code); safetensors only
+    trust_remote_code: bool = False
+
+
+@dataclass
+class SpaceConfig:
+    """What a genome holds (see ``evomerge.space``)."""
+
+    granularity: int = 5  # layers per group; 0 = one group for all layers
+    split_components: bool = False  # separate genes for attention and MLP tensors
+    methods: list[str] = field(default_factory=lambda: ["task_arithmetic"])  # >1 adds a method gene per group
+    weight: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    density: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    # Known recipes in the first population, besides random ones (see ``SearchSpace.initial_recipes``).
+    initial: list[Any] = field(default_factory=lambda: [{"method": "task_arithmetic", "weight": 0.3},
+                                                        {"method": "task_arithmetic", "weight": 0.5}])
+
+    def __post_init__(self) -> None:
+        from evomerge.merge.registry import METHODS
+
+        if not isinstance(self.granularity, int) or self.granularity < 0:
+            raise UserError(f"space.granularity={self.granularity!r} must be an integer >= 0 "
+                            f"(layers per group; 0 = one global group)")
+        if not self.methods:
+            raise UserError("space.methods is empty; name at least one merge method")
+        usable = sorted(n for n, s in METHODS.items() if any(p.name == "weight" for p in s.expert_params))
+        for name in self.methods:
+            if name not in usable:
+                raise UserError(f"space.methods names {name!r}, which is not a merge method the "
+                                f"search can weight; valid: {', '.join(usable)}")
+        for key, limit in (("weight", None), ("density", (0.0, 1.0))):
+            bounds = getattr(self, key)
+            if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+                raise UserError(f"space.{key}={bounds!r} must be [low, high]")
+            low, high = bounds
+            if not low < high:
+                raise UserError(f"space.{key} bounds [{low}, {high}] are inverted or empty; need low < high")
+            if limit and not (limit[0] <= low and high <= limit[1]):
+                raise UserError(f"space.{key} bounds [{low}, {high}] leave the valid range "
+                                f"[{limit[0]}, {limit[1]}]")
+
+
+@dataclass
+class AlgorithmConfig:
+    """Which pymoo algorithm searches, and for how long (see ``evomerge.search.algorithms``)."""
+
+    name: str = "nsga2"
+    pop_size: int = 16
+    generations: int = 7
+    sigma: float = 0.2  # CMA-ES initial step size, in units of the gene range
+
+    def __post_init__(self) -> None:
+        from evomerge.search.algorithms import ANY, MULTI, SINGLE
+
+        if self.name not in SINGLE + MULTI + ANY:
+            raise UserError(f"algorithm {self.name!r} is unknown; valid: {', '.join(SINGLE + MULTI + ANY)}")
+        if not isinstance(self.pop_size, int) or self.pop_size < 2:
+            raise UserError(f"algorithm.pop_size={self.pop_size!r} must be an integer >= 2")
+        if not isinstance(self.generations, int) or self.generations < 1:
+            raise UserError(f"algorithm.generations={self.generations!r} must be an integer >= 1")
+
+    def check_objectives(self, count: int) -> None:
+        from evomerge.search.algorithms import MULTI, SINGLE
+
+        if self.name in SINGLE and count != 1:
+            raise UserError(f"algorithm={self.name} optimizes one objective, but the fitness config "
+                            f"defines {count}; use fitness.objectives=[mean] or a multi-objective "
+                            f"algorithm ({', '.join(MULTI)})")
+
+
+@dataclass
+class FitnessConfig:
+    """How a candidate is scored (see ``evomerge.fitness``)."""
+
+    estimator: str = "anchors"  # full | random | anchors | irt
+    items_per_task: int = 10  # the budget per task of random / anchors / irt
+    objectives: list[str] = field(default_factory=lambda: ["tasks"])  # tasks (one per task), mean, ece, length, perplexity
+    probe_merges: int = 4  # random merges added to base + experts in the probe population
+    batch_size: int = 32
+    seed: int = 0
+    multi_fidelity: float = 0.0  # 0 = off; else the share of a generation re-scored on the full split
+    native: bool = True  # batched native scoring where a task allows it; false: everything via lm-eval
+    # Estimator items of exact-match generation tasks: one forward pass over prompt + reference,
+    # not decoded (false for ece/length).
+    teacher_forcing: bool = True
+    perplexity_text: str = ""  # a UTF-8 text file; empty: Python standard-library docstrings
+    perplexity_tokens: int = 1024  # tokens of that text scored per candidate
+
+    def __post_init__(self) -> None:
+        from evomerge.fitness.estimators import ESTIMATORS
+        from evomerge.fitness.evaluator import OBJECTIVES
+
+        if self.estimator not in ESTIMATORS:
+            raise UserError(f"unknown fitness.estimator {self.estimator!r}; valid: {', '.join(ESTIMATORS)}")
+        for key in ("items_per_task", "batch_size", "perplexity_tokens"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"fitness.{key}={value!r} must be an integer >= 1")
+        if not isinstance(self.probe_merges, int) or self.probe_merges < 0:
+            raise UserError(f"fitness.probe_merges={self.probe_merges!r} must be an integer >= 0")
+        if not 0.0 <= self.multi_fidelity <= 1.0:
+            raise UserError(f"fitness.multi_fidelity={self.multi_fidelity:g} must be in [0, 1] "
+                            f"(the share of a generation re-scored on the full split; 0 = off)")
+        if not self.objectives:
+            raise UserError(f"fitness.objectives is empty; choose from {', '.join(OBJECTIVES)}")
+        for name in self.objectives:
+            if name not in OBJECTIVES:
+                raise UserError(f"unknown fitness objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise UserError(f"fitness.objectives lists one twice: {list(self.objectives)}")
+        decoded = [o for o in self.objectives if o in ("ece", "length")]
+        if self.teacher_forcing and decoded:
+            raise UserError(f"fitness.teacher_forcing=true scores answers without decoding them, so objective "
+                            f"{decoded[0]} has nothing to measure; set teacher_forcing=false or drop {decoded[0]}")
+        if self.teacher_forcing and not self.native:
+            raise UserError("fitness.teacher_forcing=true needs native scoring; set native=true or teacher_forcing=false")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the merge workers run (see ``evomerge.search.workers``)."""
+
+    workers: int = 2
+    threads_per_worker: int = 1
+    address: str | None = None  # join an existing Ray cluster ("auto" or "host:port"); None: local Ray
+    device: str = "auto"  # auto: cuda when available (one GPU per worker), else cpu
+    dtype: str = "float32"
+    delta_dtype: str | None = None  # e.g. bfloat16 to halve the task vectors' memory
+    max_retries: int = 2  # per candidate, when its worker dies
+    memory_limit_gb: float | None = None  # refuse to start a worker whose memory plan exceeds this
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise UserError(f"runtime.workers={self.workers!r} must be an integer >= 1")
+        if not isinstance(self.threads_per_worker, int) or self.threads_per_worker < 1:
+            raise UserError(f"runtime.threads_per_worker={self.threads_per_worker!r} must be an integer >= 1")
+        if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
+            raise UserError(f"runtime.device={self.device!r} is not auto, cpu or cuda[:N]")
+        for key in ("dtype", "delta_dtype"):
+            value = getattr(self, key)
+            if value is not None and value not in DTYPES:
+                raise UserError(f"runtime.{key}={value!r} is not one of {', '.join(DTYPES)}")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class FinetuneConfig:
+    """How each zoo expert is fine-tuned from the base (see ``evomerge.zoo.finetune``)."""
+
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    # Stop once the expert masters its skill: every extra step only grows the task vector, and
+    # larger task vectors interfere more when merged (over-trained experts made every uniform
+    # merge of the zoo score ~0). ``check_every`` = 0 trains all ``steps``.
+    check_every: int = 10
+    target_accuracy: float = 0.98
+
+
+@dataclass
+class ZooConfig:
+    """What a zoo is made of; its hash names the cache folder (see ``evomerge.zoo.build``)."""
+
+    kind: str = "smollm2"
+    seed: int = 0
+    skills: list[str] = field(default_factory=lambda: ["add", "reverse", "sort", "upper"])
+    probes: list[str] = field(default_factory=lambda: ["shout"])  # scored, never trained
+    train_size: int = 2400
+    eval_size: int = 100
+    # Validation items per task that searches score; None: eval_size. Not part of the zoo's
+    # identity: the extra items are drawn after the build, disjoint from every split, so the
+    # same experts serve any size (see Zoo.task_dir).
+    validation_size: int | None = None
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    merge_scales: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0])
+
+    def __post_init__(self) -> None:
+        from evomerge.zoo.skills import SKILLS
+
+        if self.kind not in ZOO_KINDS:
+            raise UserError(f"zoo kind {self.kind!r} is unknown; valid: {', '.join(ZOO_KINDS)}")
+        for name in (*self.skills, *self.probes):
+            if name not in SKILLS:
+                raise UserError(f"skill {name!r} is unknown; valid: {', '.join(SKILLS)}")
+        for name in self.skills:
+            if not SKILLS[name].trained:
+                raise UserError(f"skill {name!r} is a cross-skill probe and cannot train an expert; "
+                                f"list it under probes")
+        if len(self.skills) < 2:
+            raise UserError(f"a zoo needs at least 2 skills to merge, got {list(self.skills)}")
+        if min(self.train_size, self.eval_size, self.finetune.steps) < 1:
+            raise UserError("train_size, eval_size and finetune.steps must all be at least 1")
+        if self.validation_size is not None and (
+                not isinstance(self.validation_size, int) or isinstance(self.validation_size, bool)
+                or self.validation_size < 1):
+            raise UserError(f"zoo.validation_size={self.validation_size!r} must be an integer >= 1, "
+                            f"or null for the zoo's eval_size ({self.eval_size})")
+
+    @property
+    def scored_validation_size(self) -> int:
+        return self.eval_size if self.validation_size is None else self.validation_size
+
+    def built_fields(self) -> dict:
+        """What the built zoo depends on: every field but the scored validation size."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "validation_size"}
+
+    def fingerprint(self) -> str:
+        from evomerge.zoo.build import ZOO_FORMAT
+
+        blob = json.dumps({"format": ZOO_FORMAT, **self.built_fields()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Config:
+    """A whole search config, as ``evomerge search`` composes it and a run folder records it."""
+
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    fitness: FitnessConfig = field(default_factory=FitnessConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    name: str | None = None  # run folder name under runs_dir; None: the start time
+    runs_dir: str = "runs"
+    seed: int = 0
+    tasks: list[str] | None = None  # lm-eval task names to optimize; None: the zoo's skill tasks
+    include_path: str | None = None  # folder of extra lm-eval task YAMLs; None: the zoo's task folder
+
+    @property
+    def searches_zoo(self) -> bool:
+        return self.models.base is None
+
+
+# Where each dataclass sits in the root config, for messages: "unknown zoo.finetune setting".
+def _places(cls: type, prefix: str = "") -> dict[type, str]:
+    places = {cls: prefix}
+    for f in dataclasses.fields(cls):
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            places.update(_places(f.default_factory, f"{prefix}{f.name}."))
+    return places
+
+
+_PLACES = _places(Config)
+
+
+# --- composing and reading -------------------------------------------------------------------
 def conf_dir() -> Path:
     import evomerge.conf
 
@@ -22,21 +301,66 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> dict:
     """The composed config as plain containers, with ``overrides`` in hydra syntax."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    ConfigStore.instance().store(name=SCHEMA, node=Config)
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as error:
-        first = str(error).strip().splitlines()[0]
-        raise UserError(f"bad config override in {list(overrides)}: {first}") from None
+        raise UserError(f"bad config override in {list(overrides)}: {_explain(error)}") from None
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def zoo_config(overrides: Sequence[str] = ()):
-    """The ZooConfig that ``overrides`` select, e.g. ``["zoo=pico", "zoo.seed=3"]``."""
-    from evomerge.zoo.build import ZooConfig
+def parse(cls: type[T], data: Mapping[str, Any]) -> T:
+    """``data`` (plain containers) as a ``cls`` (a dataclass of the schema): unset keys take the
+    dataclass defaults, then every check runs."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    return ZooConfig.from_dict(compose(overrides)["zoo"])
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), dict(data)))
+    except OmegaConfBaseException as error:
+        raise UserError(_explain(error)) from None
+
+
+def read_config(data: Mapping[str, Any]) -> Config:
+    """A composed config (or a run folder's ``config.yaml``) as typed objects."""
+    return parse(Config, data)
+
+
+def zoo_config(overrides: Sequence[str] = ()) -> ZooConfig:
+    """The ZooConfig that ``overrides`` select, e.g. ``["zoo=pico", "zoo.seed=3"]``."""
+    return read_config(compose(overrides)).zoo
+
+
+def _explain(error: BaseException) -> str:
+    """One line for what hydra or OmegaConf refused, in the words the dataclasses use."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    place = _PLACES.get(getattr(cause, "object_type", None))
+    if place is None:
+        return str(cause or error).strip().splitlines()[0]
+    fields = {f.name: f for f in dataclasses.fields(cause.object_type)}
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        where = f"{place[:-1]} setting" if place else "config key"
+        return f"unknown {where} {cause.key!r}; valid: {', '.join(sorted(fields))}"
+    key = f"{place}{cause.key}"
+    if isinstance(cause, ValidationError) and cause.key in fields:
+        if "list[" in str(fields[cause.key].type) and not isinstance(cause.value, (list, tuple)):
+            return f"{key}={cause.value!r} must be a list, e.g. {key}=[{cause.value}]"
+        # The schema knows only the type; the dataclass's own check says what is valid.
+        try:
+            dataclasses.replace(OmegaConf.to_object(cause.parent_node), **{cause.key: cause.value})
+        except UserError as refused:
+            return str(refused)
+        except Exception:  # the check could not run on a value of the wrong type: name the type
+            pass
+    return f"{key}={cause.value!r}: {str(cause.msg).strip().splitlines()[0]}"

@@ -88,19 +88,18 @@ def pool_for(arguments: Sequence[str]) -> ModelPool:
             raise UserError(f"got only {refs[0]}; pass a base and at least one expert: "
                             f"evomerge pool BASE EXPERT [EXPERT...]")
         return ModelPool(refs[0], refs[1:])
-    from evomerge.config import compose
-    from evomerge.zoo.build import Zoo, ZooConfig
+    from evomerge.config import compose, read_config
+    from evomerge.zoo.build import Zoo
 
-    config = compose(overrides)
-    models = config.get("models") or {}
-    if models.get("base"):
-        if not models.get("experts"):
-            raise UserError(f"models.base={models['base']} is set but models.experts is empty; "
+    config = read_config(compose(overrides))
+    models = config.models
+    if models.base:
+        if not models.experts:
+            raise UserError(f"models.base={models.base} is set but models.experts is empty; "
                             f"list the fine-tuned models, e.g. models.experts=[PATH,PATH]")
-        return ModelPool(str(models["base"]), models["experts"],
-                         allow_pickle=bool(models.get("allow_pickle")),
-                         trust_remote_code=bool(models.get("trust_remote_code")))
-    zoo = Zoo.at(ZooConfig.from_dict(config["zoo"]))
+        return ModelPool(models.base, models.experts, allow_pickle=models.allow_pickle,
+                         trust_remote_code=models.trust_remote_code)
+    zoo = Zoo.at(config.zoo)
     if not zoo.is_built():
         build = " ".join(["evomerge zoo build", *overrides])
         raise UserError(f"the {zoo.config.kind} zoo is not built at {zoo.root}; run '{build}' "

@@ -17,57 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from evomerge.errors import UserError, check_keys
+from evomerge.config import SpaceConfig
+from evomerge.errors import UserError
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 
 Genome = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class SpaceConfig:
-    """Mirrors ``conf/space/*.yaml``."""
-
-    granularity: int = 1  # layers per group; 0 = one group for all layers
-    split_components: bool = False  # separate genes for attention and MLP tensors
-    methods: tuple[str, ...] = ("task_arithmetic",)  # more than one adds a method gene per group
-    weight: tuple[float, float] = (0.0, 1.0)
-    density: tuple[float, float] = (0.1, 1.0)
-    initial: tuple[Any, ...] = ()  # known recipes for the first population (see ``initial_recipes``)
-
-    def __post_init__(self) -> None:
-        from evomerge.merge.methods import METHODS
-
-        if not isinstance(self.granularity, int) or self.granularity < 0:
-            raise UserError(f"space.granularity={self.granularity!r} must be an integer >= 0 "
-                            f"(layers per group; 0 = one global group)")
-        if not self.methods:
-            raise UserError("space.methods is empty; name at least one merge method")
-        usable = sorted(n for n, s in METHODS.items() if "weight" in s.per_expert_params)
-        for name in self.methods:
-            if name not in usable:
-                raise UserError(f"space.methods names {name!r}, which is not a merge method the "
-                                f"search can weight; valid: {', '.join(usable)}")
-        for key, (low, high), limit in (("weight", self.weight, None), ("density", self.density, (0.0, 1.0))):
-            if not low < high:
-                raise UserError(f"space.{key} bounds [{low}, {high}] are inverted or empty; need low < high")
-            if limit and not (limit[0] <= low and high <= limit[1]):
-                raise UserError(f"space.{key} bounds [{low}, {high}] leave the valid range "
-                                f"[{limit[0]}, {limit[1]}]")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SpaceConfig":
-        check_keys(data, cls, "space")
-        values = dict(data)
-        for key in ("methods", "initial"):
-            if key in values:
-                values[key] = tuple(values[key])
-        for key in ("weight", "density"):
-            if key in values:
-                bounds = values[key]
-                if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
-                    raise UserError(f"space.{key}={bounds!r} must be [low, high]")
-                values[key] = (float(bounds[0]), float(bounds[1]))
-        return cls(**values)
 
 
 @dataclass(frozen=True)

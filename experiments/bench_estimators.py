@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from evomerge.fitness import Evaluation, Evaluator, FitnessConfig
+from evomerge.config import FitnessConfig
+from evomerge.fitness import Evaluation, Evaluator
 from evomerge.fitness.estimators import make_estimator
 from evomerge.merge.engine import Merger
 from evomerge.pool import ModelPool
@@ -242,10 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     cache_path = cache_dir() / "bench_estimators" / f"{root.name}.jsonl"
     prefix_cache = None
     if args.validation_size is not None:
-        from evomerge.zoo.build import Zoo, ZooConfig, write_validation_tasks
+        from evomerge.config import ZooConfig, parse
+        from evomerge.zoo.build import Zoo, write_validation_tasks
 
         built = json.loads((root / "config.json").read_text())
-        zoo = Zoo(ZooConfig.from_dict({**built, "validation_size": args.validation_size}), root)
+        zoo = Zoo(parse(ZooConfig, {**built, "validation_size": args.validation_size}), root)
         task_dir = write_validation_tasks(zoo)
         if task_dir != zoo.data_dir:
             prefix_cache = cache_path
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     merger = Merger(pool)
     evaluator = Evaluator(FitnessConfig(estimator="full", batch_size=args.batch_size), tasks, merger.tokenizer,
                           include_path=str(task_dir))
-    assert evaluator.config.objectives == ("tasks",)  # extend() relies on it
+    assert evaluator.config.objectives == ["tasks"]  # extend() relies on it
     probe_recipes = {"base": task_arithmetic(merger.experts, merger.num_layers, {})}
     probe_recipes |= {f"expert {s}": task_arithmetic(merger.experts, merger.num_layers, {s: 1.0}) for s in skills}
     rng = random.Random(10_000)  # probes' merges come from their own stream, never the judged recipes'

@@ -17,12 +17,13 @@ torch thread. Printed, measured in this one run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import time
 
 from evomerge.config import compose
-from evomerge.search.settings import read_settings
-from evomerge.search.workers import RuntimeConfig, WorkerPool
+from evomerge.search.settings import build_zoo_for, read_settings
+from evomerge.search.workers import WorkerPool
 from evomerge.space import SearchSpace
 
 
@@ -30,7 +31,7 @@ def measure(settings, recipes: list[dict], workers: int) -> dict[str, float]:
     import ray
 
     spec = settings.worker_spec()
-    spec.runtime = RuntimeConfig(**{**spec.runtime.__dict__, "workers": workers, "threads_per_worker": 1})
+    spec.runtime = dataclasses.replace(spec.runtime, workers=workers, threads_per_worker=1)
     pool = WorkerPool(spec, log=lambda _: None)
     try:
         warm: dict = {}  # each worker's first candidate pays one-time set-up (lm-eval task objects)
@@ -59,14 +60,16 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=24)
     parser.add_argument("overrides", nargs="*", help="hydra overrides of the search config")
     args = parser.parse_args()
-    settings = read_settings(compose(args.overrides))
+    config = compose(args.overrides)
+    build_zoo_for(config)
+    settings = read_settings(config)
     space = SearchSpace(settings.space, settings.base, tuple(settings.experts), settings.num_layers,
                         expert_refs=dict(settings.experts))
     rng = random.Random(0)
     recipes = [space.decode(space.random(rng)).to_dict() for _ in range(args.candidates)]
     rows = [measure(settings, recipes, w) for w in (1, 2)]
-    print(f"{args.candidates} random candidates, estimator {settings.fitness.get('estimator')} "
-          f"({settings.fitness.get('items_per_task')} items/task), tasks {', '.join(settings.tasks)}\n")
+    print(f"{args.candidates} random candidates, estimator {settings.fitness.estimator} "
+          f"({settings.fitness.items_per_task} items/task), tasks {', '.join(settings.tasks)}\n")
     print("| workers | candidates/min | wall s | in forward passes | merging | outside forward passes |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -54,7 +54,8 @@ def test_exported_model_scores_what_the_archive_says(zoo_run, zoo, tmp_path):
     assert {p.name for p in (tmp_path / "merge").iterdir()} >= {"recipe.yaml", "mergekit.yaml", "model"}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.fitness import Evaluator, FitnessConfig
+    from evomerge.config import FitnessConfig
+    from evomerge.fitness import Evaluator
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merge" / "model")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merge" / "model")

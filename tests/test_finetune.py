@@ -3,7 +3,8 @@ import dataclasses
 import torch
 
 from evomerge.pool import load_model
-from evomerge.zoo.finetune import FinetuneConfig, encode_items, finetune
+from evomerge.config import FinetuneConfig
+from evomerge.zoo.finetune import encode_items, finetune
 
 
 def test_answer_tokens_follow_the_prompt_tokens_exactly(pico_zoo):

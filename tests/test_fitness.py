@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.config import compose
+from evomerge.config import FitnessConfig, compose, parse, read_config
 from evomerge.errors import UserError
-from evomerge.fitness import Evaluation, Evaluator, FitnessConfig
+from evomerge.fitness import Evaluation, Evaluator
 from evomerge.fitness.estimators import fit_ability, fit_irt, make_estimator
 from evomerge.fitness.evaluator import expected_calibration_error
 from evomerge.fitness.native import generate, perplexity
@@ -304,8 +304,8 @@ def test_fitted_state_moves_between_evaluators(pico):
 
 @pytest.mark.parametrize("name", ["full", "random", "anchors", "irt"])
 def test_hydra_fitness_configs_compose(name):
-    config = FitnessConfig.from_dict(compose([f"fitness={name}"])["fitness"])
-    assert config.estimator == name and config.objectives == ("tasks",)
+    config = read_config(compose([f"fitness={name}"])).fitness
+    assert config.estimator == name and config.objectives == ["tasks"]
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -318,7 +318,7 @@ def test_hydra_fitness_configs_compose(name):
 ])
 def test_bad_fitness_settings_fail_in_one_line(settings, message):
     with pytest.raises(UserError, match=re.escape(message)) as caught:
-        FitnessConfig.from_dict(settings)
+        parse(FitnessConfig, settings)
     assert "\n" not in str(caught.value)
 
 

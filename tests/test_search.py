@@ -150,7 +150,7 @@ def test_a_run_made_before_teacher_forcing_resumes_decoding(reference_run, pico_
     monkeypatch.setattr(loop.Search, "run", lambda self, folder: seen.append(self.settings.fitness))
     monkeypatch.setenv("EVOMERGE_CACHE", str(pico_cache))
     loop.resume(run, log=lambda *a, **k: None)
-    assert seen and seen[0]["teacher_forcing"] is False
+    assert seen and seen[0].teacher_forcing is False
 
 
 @pytest.mark.reliability("bad input", "resuming a folder that is not a run")

@@ -5,16 +5,19 @@ import random
 import numpy as np
 import pytest
 
+from evomerge.config import AlgorithmConfig, SpaceConfig, parse
 from evomerge.errors import UserError
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
-from evomerge.search.algorithms import AlgorithmConfig, make_algorithm, make_problem
-from evomerge.space import SearchSpace, SpaceConfig
+from evomerge.search.algorithms import make_algorithm, make_problem
+from evomerge.space import SearchSpace
 
 EXPERTS = ("a", "b", "c")
 
 
 def space(**kw) -> SearchSpace:
-    return SearchSpace(SpaceConfig.from_dict(kw), "base", EXPERTS, 30)
+    # One layer per group and no known recipes unless a test says otherwise (the numbers below
+    # count on it), whatever the search's defaults are.
+    return SearchSpace(parse(SpaceConfig, {"granularity": 1, "initial": [], **kw}), "base", EXPERTS, 30)
 
 
 def test_gene_count_follows_granularity_components_and_methods():
@@ -145,7 +148,7 @@ def test_initial_genomes_open_the_first_population():
 ])
 def test_bad_algorithm_settings_fail_in_one_line(settings, message):
     with pytest.raises(UserError, match=message):
-        AlgorithmConfig.from_dict(settings)
+        parse(AlgorithmConfig, settings)
 
 
 def test_single_objective_algorithm_with_several_objectives_is_refused():
@@ -184,7 +187,7 @@ def test_random_search_asks_fresh_genomes_each_generation_after_the_initial_ones
 
 
 def test_random_search_is_a_known_algorithm_for_any_objective_count():
-    config = AlgorithmConfig.from_dict({"name": "random"})
+    config = parse(AlgorithmConfig, {"name": "random"})
     config.check_objectives(1)
     config.check_objectives(4)
 

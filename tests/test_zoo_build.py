@@ -120,10 +120,12 @@ def test_a_search_scores_the_validation_split_its_zoo_config_names(pico_zoo, pic
     from lm_eval.tasks import TaskManager, get_task_dict
 
     from evomerge.config import compose
-    from evomerge.search.settings import read_settings
+    from evomerge.search.settings import build_zoo_for, read_settings
 
     monkeypatch.setenv("EVOMERGE_CACHE", str(pico_cache))
-    settings = read_settings(compose(["zoo=pico", "zoo.validation_size=24"]), build_zoo=False, log=lambda _: None)
+    config = compose(["zoo=pico", "zoo.validation_size=24"])
+    build_zoo_for(config, log=lambda _: None)  # on the built zoo: writes only the 24-item task folder
+    settings = read_settings(config)
     assert settings.include_path == str(pico_zoo.root / "tasks-validation24")
     tasks = get_task_dict(["zoo_add"], TaskManager(include_path=settings.include_path))
     assert len(list(tasks["zoo_add"].validation_docs())) == 24

@@ -9,7 +9,6 @@ it to every worker (``load_state``), so all workers and a resumed run estimate a
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,8 +16,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from evomerge.errors import UserError, check_keys
-from evomerge.fitness.estimators import ESTIMATORS, make_estimator
+from evomerge.config import FitnessConfig
+from evomerge.errors import UserError
+from evomerge.fitness.estimators import make_estimator
 from evomerge.fitness.native import pad_id, perplexity
 from evomerge.fitness.objectives import Objective
 from evomerge.fitness.tasks import ItemResults, TaskSuite
@@ -26,61 +26,6 @@ from evomerge.fitness.text import heldout_text, token_windows
 
 OBJECTIVES = ("tasks", "mean", "ece", "length", "perplexity")
 ECE_BINS = 10
-
-
-@dataclass(frozen=True)
-class FitnessConfig:
-    """Mirrors ``conf/fitness/*.yaml``."""
-
-    estimator: str = "anchors"  # full | random | anchors | irt
-    items_per_task: int = 25  # the budget per task of random / anchors / irt
-    objectives: tuple[str, ...] = ("tasks",)  # tasks (one per task), mean, ece, length, perplexity
-    probe_merges: int = 4  # random merges added to base + experts in the probe population
-    batch_size: int = 32
-    seed: int = 0
-    multi_fidelity: float = 0.0  # 0 = off; else the share of a generation re-scored on the full split
-    native: bool = True  # batched native scoring where a task allows it; false: everything via lm-eval
-    teacher_forcing: bool = True  # estimator items of exact-match generation tasks: one forward pass each
-    perplexity_text: str = ""  # a UTF-8 text file; empty: Python standard-library docstrings
-    perplexity_tokens: int = 1024  # tokens of that text scored per candidate
-
-    def __post_init__(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise UserError(f"unknown fitness.estimator {self.estimator!r}; valid: {', '.join(ESTIMATORS)}")
-        for key in ("items_per_task", "batch_size", "perplexity_tokens"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"fitness.{key}={value!r} must be an integer >= 1")
-        if not isinstance(self.probe_merges, int) or self.probe_merges < 0:
-            raise UserError(f"fitness.probe_merges={self.probe_merges!r} must be an integer >= 0")
-        if not 0.0 <= self.multi_fidelity <= 1.0:
-            raise UserError(f"fitness.multi_fidelity={self.multi_fidelity!r} must be in [0, 1] "
-                            f"(the share of a generation re-scored on the full split; 0 = off)")
-        if not self.objectives:
-            raise UserError(f"fitness.objectives is empty; choose from {', '.join(OBJECTIVES)}")
-        for name in self.objectives:
-            if name not in OBJECTIVES:
-                raise UserError(f"unknown fitness objective {name!r}; valid: {', '.join(OBJECTIVES)}")
-        if len(set(self.objectives)) != len(self.objectives):
-            raise UserError(f"fitness.objectives lists one twice: {list(self.objectives)}")
-        decoded = [o for o in self.objectives if o in ("ece", "length")]
-        if self.teacher_forcing and decoded:
-            raise UserError(f"fitness.teacher_forcing=true scores answers without decoding them, so objective "
-                            f"{decoded[0]} has nothing to measure; set teacher_forcing=false or drop {decoded[0]}")
-        if self.teacher_forcing and not self.native:
-            raise UserError("fitness.teacher_forcing=true needs native scoring; set native=true or teacher_forcing=false")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "FitnessConfig":
-        check_keys(data, cls, "fitness")
-        values = dict(data)
-        if "objectives" in values:
-            listed = values["objectives"]
-            values["objectives"] = (listed,) if isinstance(listed, str) else tuple(listed)
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "objectives": list(self.objectives)}
 
 
 @dataclass

@@ -8,46 +8,16 @@ vector-only ones (DE, CMA-ES) refuse it with a clear message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 
-from evomerge.errors import UserError, check_keys
+from evomerge.config import AlgorithmConfig
 from evomerge.space import SearchSpace
 
 SINGLE = ("ga", "de", "cmaes")
 MULTI = ("nsga2", "nsga3", "smsemoa", "agemoea", "moead")
 ANY = ("random",)  # any number of objectives: the baseline every other algorithm must beat
-
-
-@dataclass(frozen=True)
-class AlgorithmConfig:
-    """Mirrors ``conf/algorithm/*.yaml``."""
-
-    name: str = "nsga2"
-    pop_size: int = 16
-    generations: int = 8
-    sigma: float = 0.2  # CMA-ES initial step size, in units of the gene range
-
-    def __post_init__(self) -> None:
-        if self.name not in SINGLE + MULTI + ANY:
-            raise UserError(f"algorithm {self.name!r} is unknown; valid: {', '.join(SINGLE + MULTI + ANY)}")
-        if not isinstance(self.pop_size, int) or self.pop_size < 2:
-            raise UserError(f"algorithm.pop_size={self.pop_size!r} must be an integer >= 2")
-        if not isinstance(self.generations, int) or self.generations < 1:
-            raise UserError(f"algorithm.generations={self.generations!r} must be an integer >= 1")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "AlgorithmConfig":
-        check_keys(data, cls, "algorithm")
-        return cls(**data)
-
-    def check_objectives(self, count: int) -> None:
-        if self.name in SINGLE and count != 1:
-            raise UserError(f"algorithm={self.name} optimizes one objective, but the fitness config "
-                            f"defines {count}; use fitness.objectives=[mean] or a multi-objective "
-                            f"algorithm ({', '.join(MULTI)})")
 
 
 def make_problem(space: SearchSpace, n_obj: int):

@@ -39,7 +39,7 @@ def _stderr(message: str) -> None:
 
 def start(config: dict[str, Any], log: Log = _stderr) -> RunDir:
     """Check ``config``, create its run folder and search; returns the folder."""
-    search = Search(read_settings(config, log=log), log)  # every check passes before a file is written
+    search = Search(read_settings(config), log)  # every check passes before a file is written
     name = config.get("name") or datetime.now().strftime("%Y%m%d-%H%M%S")
     run = RunDir.create(Path(config.get("runs_dir") or "runs") / str(name), config)
     run.write_json(run.root / RUN_STATE, {"fingerprint": search_fingerprint(config), "config": config})
@@ -51,6 +51,12 @@ def start(config: dict[str, Any], log: Log = _stderr) -> RunDir:
 def resume(folder: str | Path, log: Log = _stderr) -> RunDir:
     """Continue the run in ``folder`` from its archive and newest checkpoint."""
     run = RunDir.open(folder)
+    Search(read_settings(resumed_config(run)), log).run(run)
+    return run
+
+
+def resumed_config(run: RunDir) -> dict[str, Any]:
+    """``run``'s config as it resumes; refused when edited in a way that changes the search."""
     config = run.config()
     state = run.read_json(run.root / RUN_STATE)
     if state is None:
@@ -64,13 +70,12 @@ def resume(folder: str | Path, log: Log = _stderr) -> RunDir:
         # Runs made before teacher forcing existed decoded their estimator items (their
         # fingerprint has no such key): a resumed run goes on estimating as it began.
         config["fitness"].setdefault("teacher_forcing", False)
-    Search(read_settings(config, log=log), log).run(run)
-    return run
+    return config
 
 
 class Search:
     def __init__(self, settings: Settings, log: Log = _stderr) -> None:
-        from evomerge.fitness import Evaluator, FitnessConfig
+        from evomerge.fitness import Evaluator
 
         self.settings = settings
         self.log = log
@@ -78,7 +83,7 @@ class Search:
         self.space = SearchSpace(settings.space, settings.base, tuple(settings.experts), settings.num_layers,
                                  expert_refs=dict(settings.experts))
         # A driver-side evaluator validates the tasks and names the objectives before workers start.
-        self.evaluator = Evaluator(FitnessConfig.from_dict(settings.fitness), settings.tasks, _tokenizer(settings.base),
+        self.evaluator = Evaluator(settings.fitness, settings.tasks, _tokenizer(settings.base),
                                    include_path=settings.include_path)
         self.objectives: list[Objective] = list(self.evaluator.objectives)
         settings.algorithm.check_objectives(len(self.objectives))
@@ -228,7 +233,7 @@ class Search:
             return
         recipes = self._probe_recipes()
         self.log(f"probe population: {len(recipes)} models on the full validation split "
-                 f"(fits the {self.settings.fitness.get('estimator', 'anchors')} estimator)")
+                 f"(fits the {self.settings.fitness.estimator} estimator)")
         results: dict[str, dict[str, Any]] = {}
         self.pool.run([(name, (r.to_dict(),), {"full": True}) for name, r in recipes.items()],
                       lambda name, result: results.__setitem__(name, result))
@@ -257,9 +262,7 @@ class Search:
         recipes = {"base": weights({})}
         recipes.update({f"expert:{e}": weights({e: 1.0}) for e in experts})
         rng = random.Random(self.settings.seed)
-        from evomerge.fitness import FitnessConfig
-
-        for i in range(FitnessConfig.from_dict(self.settings.fitness).probe_merges):
+        for i in range(self.settings.fitness.probe_merges):
             recipes[f"random:{i}"] = self.space.decode(self.space.random(rng))
         return recipes
 

@@ -1,41 +1,38 @@
 """The composed config of a search, read and checked before anything expensive starts.
 
-Every group of ``conf/`` becomes its dataclass here; a bad value fails with one line naming it.
-Models are inspected (config, tensor names and shapes, vocabulary, no weights) and tasks resolved
-so a typo in an expert path or a task name costs a second, not a worker start-up.
+``read_config`` turns the plain data into typed groups (a bad key or value fails with one line
+naming it); here the models are inspected (config, tensor names and shapes, vocabulary, no
+weights) and the tasks resolved, so a typo in an expert path or a task name costs a second, not
+a worker start-up. Reading builds and writes nothing: a search of the zoo needs the zoo built
+first, the explicit step ``build_zoo_for`` the CLI takes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from evomerge.config import AlgorithmConfig, FitnessConfig, RuntimeConfig, SpaceConfig, ZooConfig, read_config
 from evomerge.errors import UserError
-from evomerge.search.algorithms import AlgorithmConfig
-from evomerge.search.workers import RuntimeConfig, WorkerSpec
-from evomerge.space import SpaceConfig
+from evomerge.search.workers import WorkerSpec
 
-TOP_LEVEL = ("name", "runs_dir", "seed", "models", "tasks", "include_path", "space", "algorithm",
-             "fitness", "runtime", "zoo")
-MODEL_KEYS = ("base", "experts", "allow_pickle", "trust_remote_code")
 # Settings that may change between a run and its resume without changing what it searches.
 RESUMABLE = ("name", "runs_dir", "runtime", "algorithm.generations")
 
 
 @dataclass
 class Settings:
-    config: dict[str, Any]
+    config: dict[str, Any]  # as composed, plain data: what the run folder's config.yaml holds
     base: str
     experts: dict[str, str]
     tasks: list[str]
     include_path: str | None
     space: SpaceConfig
     algorithm: AlgorithmConfig
-    fitness: dict[str, Any]
+    fitness: FitnessConfig
     runtime: RuntimeConfig
     seed: int
     allow_pickle: bool
@@ -43,71 +40,68 @@ class Settings:
     num_layers: int
 
     def worker_spec(self) -> WorkerSpec:
-        # EVOMERGE_TEST_FAULT lets the fault tests make workers die or merges go NaN on purpose.
-        fault = json.loads(os.environ.get("EVOMERGE_TEST_FAULT") or "{}")
-        return WorkerSpec(self.base, dict(self.experts), list(self.tasks), self.include_path,
-                          dict(self.fitness), self.runtime, self.allow_pickle, self.trust_remote_code,
-                          fault=fault)
+        return WorkerSpec(base=self.base, experts=dict(self.experts), tasks=list(self.tasks),
+                          include_path=self.include_path, fitness=self.fitness, runtime=self.runtime,
+                          allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
 
 
-def read_settings(config: Mapping[str, Any], *, build_zoo: bool = True, log=print) -> Settings:
-    """Check ``config`` top to bottom and resolve models and tasks; builds the zoo when the
-    config searches it and it is not cached yet (``build_zoo``)."""
-    unknown = sorted(set(config) - set(TOP_LEVEL))
-    if unknown:
-        raise UserError(f"unknown config key {unknown[0]!r}; valid: {', '.join(TOP_LEVEL)}")
-    models = dict(config.get("models") or {})
-    bad = sorted(set(models) - set(MODEL_KEYS))
-    if bad:
-        raise UserError(f"unknown models setting {bad[0]!r}; valid: {', '.join(MODEL_KEYS)}")
-    space = SpaceConfig.from_dict(config.get("space") or {})
-    algorithm = AlgorithmConfig.from_dict(config.get("algorithm") or {})
-    runtime = RuntimeConfig.from_dict(config.get("runtime") or {})
-    fitness = dict(config.get("fitness") or {})
-    from evomerge.fitness import FitnessConfig
+def build_zoo_for(config: Mapping[str, Any], log: Callable[[str], None] = print) -> None:
+    """When ``config`` searches the zoo: build it if it is not (fine-tuning included; minutes to
+    build the real one) and write its scored task folder. Checks the whole config first, so a
+    typo never waits for a build."""
+    from evomerge.zoo.build import Zoo, build_zoo
 
-    FitnessConfig.from_dict(fitness)  # fails early on a bad key or value
-    seed = config.get("seed", 0)
-    if not isinstance(seed, int):
-        raise UserError(f"seed={seed!r} must be an integer")
+    typed = read_config(config)
+    if not typed.searches_zoo:
+        return
+    if not Zoo.at(typed.zoo).is_built():
+        log(f"the zoo is not cached yet: building it ({Zoo.at(typed.zoo).root})")
+    build_zoo(typed.zoo, log=log)  # on a built zoo: only the scored task folder, if missing
 
-    tasks = config.get("tasks")
-    include_path = config.get("include_path")
-    if models.get("base") is None:
-        if models.get("experts"):
+
+def read_settings(config: Mapping[str, Any]) -> Settings:
+    """Check ``config`` top to bottom and resolve models and tasks; reads files, writes none."""
+    typed = read_config(config)
+    models = typed.models
+    tasks, include_path = typed.tasks, typed.include_path
+    if typed.searches_zoo:
+        if models.experts:
             raise UserError("models.experts is set but models.base is not; give the model the "
                             "experts were fine-tuned from as models.base=PATH_OR_HUB_ID")
-        base, experts, zoo_tasks, zoo_path = _zoo_models(config.get("zoo") or {}, build_zoo, log)
+        base, experts, zoo_tasks, zoo_path = _zoo_models(typed.zoo)
         tasks = tasks if tasks is not None else zoo_tasks
         include_path = include_path if include_path is not None else zoo_path
     else:
-        base = str(models["base"])
+        base = str(models.base)
         from evomerge.pool import resolve
 
-        resolve(base, allow_pickle=bool(models.get("allow_pickle")))  # a bad path fails before anything else
-        experts = _named_experts(models.get("experts"))
+        resolve(base, allow_pickle=models.allow_pickle)  # a bad path fails before anything else
+        experts = _named_experts(models.experts)
         if not tasks:
             raise UserError("tasks is empty; with your own models name the lm-eval tasks to "
                             "optimize, e.g. tasks=[arc_easy,hellaswag]")
-    if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)) or not tasks:
+    if not tasks:
         raise UserError(f"tasks={tasks!r} must be a non-empty list of lm-eval task names")
-    layers = _check_models(base, experts, bool(models.get("allow_pickle")), bool(models.get("trust_remote_code")))
-    return Settings(dict(config), base, experts, [str(t) for t in tasks], include_path, space, algorithm,
-                    fitness, runtime, seed, bool(models.get("allow_pickle")), bool(models.get("trust_remote_code")),
-                    layers)
+    layers = _check_models(base, experts, models.allow_pickle, models.trust_remote_code)
+    return Settings(config=dict(config), base=base, experts=experts, tasks=[str(t) for t in tasks],
+                    include_path=include_path, space=typed.space, algorithm=typed.algorithm,
+                    fitness=typed.fitness, runtime=typed.runtime, seed=typed.seed,
+                    allow_pickle=models.allow_pickle, trust_remote_code=models.trust_remote_code,
+                    num_layers=layers)
 
 
-def _zoo_models(zoo_config: Mapping[str, Any], build: bool, log) -> tuple[str, dict[str, str], list[str], str]:
-    from evomerge.zoo.build import Zoo, ZooConfig, build_zoo
+def _zoo_models(config: ZooConfig) -> tuple[str, dict[str, str], list[str], str]:
+    from evomerge.zoo.build import Zoo
     from evomerge.zoo.tasks import task_name
 
-    config = ZooConfig.from_dict(dict(zoo_config))
     zoo = Zoo.at(config)
     if not zoo.is_built():
-        if not build:
-            raise UserError(f"the zoo {zoo.root} is not built; run `evomerge zoo build`")
-        log(f"the zoo is not cached yet: building it ({zoo.root})")
-    zoo = build_zoo(config, log=log)  # on a built zoo: only the scored task folder, if missing
+        raise UserError(f"the zoo {zoo.root} is not built; run `evomerge zoo build` with the same zoo "
+                        f"settings (`evomerge search` builds it itself)")
+    if not zoo.has_task_dir():
+        raise UserError(f"the zoo's task folder {zoo.task_dir} (zoo.validation_size="
+                        f"{config.validation_size}) is not written; run `evomerge zoo build` with the "
+                        f"same zoo settings")
     tasks = [task_name(skill) for skill in config.skills]
     return str(zoo.base), {k: str(v) for k, v in zoo.experts.items()}, tasks, str(zoo.task_dir)
 

@@ -17,48 +17,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from evomerge.errors import UserError, check_keys
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """Mirrors ``conf/runtime/*.yaml``."""
-
-    workers: int = 1
-    threads_per_worker: int = 1
-    address: str | None = None  # join an existing Ray cluster ("auto" or "host:port"); None: local Ray
-    device: str = "auto"  # auto: cuda when available (one GPU per worker), else cpu
-    dtype: str = "float32"
-    delta_dtype: str | None = None  # e.g. bfloat16 to halve the task vectors' memory
-    max_retries: int = 2  # per candidate, when its worker dies
-    memory_limit_gb: float | None = None  # refuse to start a worker whose memory plan exceeds this
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise UserError(f"runtime.workers={self.workers!r} must be an integer >= 1")
-        if not isinstance(self.threads_per_worker, int) or self.threads_per_worker < 1:
-            raise UserError(f"runtime.threads_per_worker={self.threads_per_worker!r} must be an integer >= 1")
-        if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
-            raise UserError(f"runtime.device={self.device!r} is not auto, cpu or cuda[:N]")
-        for key in ("dtype", "delta_dtype"):
-            value = getattr(self, key)
-            if value is not None and value not in _DTYPES:
-                raise UserError(f"runtime.{key}={value!r} is not one of {', '.join(_DTYPES)}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RuntimeConfig":
-        check_keys(data, cls, "runtime")
-        return cls(**data)
-
-    def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-_DTYPES = ("float32", "bfloat16", "float16")
+from evomerge.config import FitnessConfig, RuntimeConfig
+from evomerge.errors import UserError
 
 
 @dataclass
@@ -69,7 +29,7 @@ class WorkerSpec:
     experts: dict[str, str]
     tasks: list[str]
     include_path: str | None
-    fitness: dict[str, Any]
+    fitness: FitnessConfig
     runtime: RuntimeConfig
     allow_pickle: bool = False
     trust_remote_code: bool = False
@@ -83,7 +43,7 @@ class MergeWorker:
     def __init__(self, spec: WorkerSpec, name: str) -> None:
         import torch
 
-        from evomerge.fitness import Evaluator, FitnessConfig
+        from evomerge.fitness import Evaluator
         from evomerge.merge.engine import Merger
         from evomerge.pool import ModelPool
 
@@ -101,7 +61,7 @@ class MergeWorker:
             raise UserError(f"a worker needs {self.merger.memory_plan().summary()}, more than "
                             f"runtime.memory_limit_gb={spec.runtime.memory_limit_gb}; lower "
                             f"runtime.workers, set runtime.delta_dtype=bfloat16, or raise the limit")
-        self.evaluator = Evaluator(FitnessConfig.from_dict(spec.fitness), spec.tasks, pool.tokenizer,
+        self.evaluator = Evaluator(spec.fitness, spec.tasks, pool.tokenizer,
                                    include_path=spec.include_path, device=device)
         if spec.estimator_state is not None:
             self.evaluator.load_state(spec.estimator_state)

@@ -7,90 +7,23 @@ changed recipe (steps, learning rate, skills) never mixes with an old one.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from evomerge.errors import UserError, check_keys
+from evomerge.config import ZooConfig
+from evomerge.errors import UserError
 from evomerge.fitness.native import generate_exact_match
-from evomerge.zoo.finetune import FinetuneConfig, finetune
+from evomerge.zoo.finetune import finetune
 from evomerge.zoo.skills import SKILLS, extend_split, make_splits
 from evomerge.zoo.tasks import SPLITS, read_jsonl, task_name, write_task_files
 
 DEV_ITEMS = 50  # validation items an expert's early stopping looks at
 ZOO_FORMAT = 3  # bump when a change to the build code changes what a config produces
-KINDS = ("smollm2", "pico")
-
-
-@dataclass(frozen=True)
-class ZooConfig:
-    """What a zoo is made of; its hash names the cache folder."""
-
-    kind: str = "smollm2"
-    seed: int = 0
-    skills: tuple[str, ...] = ("add", "reverse", "sort", "upper")
-    probes: tuple[str, ...] = ("shout",)
-    train_size: int = 2400
-    eval_size: int = 100
-    # Validation items per task that searches score; None: eval_size. Not part of the zoo's
-    # identity: the extra items are drawn after the build, disjoint from every split, so the
-    # same experts serve any size (see Zoo.task_dir).
-    validation_size: int | None = None
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    merge_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise UserError(f"zoo kind {self.kind!r} is unknown; valid: {', '.join(KINDS)}")
-        for name in (*self.skills, *self.probes):
-            if name not in SKILLS:
-                raise UserError(f"skill {name!r} is unknown; valid: {', '.join(SKILLS)}")
-        for name in self.skills:
-            if not SKILLS[name].trained:
-                raise UserError(f"skill {name!r} is a cross-skill probe and cannot train an expert; "
-                                f"list it under probes")
-        if len(self.skills) < 2:
-            raise UserError(f"a zoo needs at least 2 skills to merge, got {list(self.skills)}")
-        if min(self.train_size, self.eval_size, self.finetune.steps) < 1:
-            raise UserError("train_size, eval_size and finetune.steps must all be at least 1")
-        if self.validation_size is not None and (
-                not isinstance(self.validation_size, int) or isinstance(self.validation_size, bool)
-                or self.validation_size < 1):
-            raise UserError(f"zoo.validation_size={self.validation_size!r} must be an integer >= 1, "
-                            f"or null for the zoo's eval_size ({self.eval_size})")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ZooConfig":
-        check_keys(data, cls, "zoo")
-        values = dict(data)
-        if "finetune" in values:
-            fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-            bad = sorted(set(values["finetune"]) - fields)
-            if bad:
-                raise UserError(f"unknown zoo.finetune setting {bad[0]!r}; valid: {', '.join(sorted(fields))}")
-            values["finetune"] = FinetuneConfig(**values["finetune"])
-        for key in ("skills", "probes", "merge_scales"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
-
-    @property
-    def scored_validation_size(self) -> int:
-        return self.eval_size if self.validation_size is None else self.validation_size
-
-    def built_fields(self) -> dict:
-        """What the built zoo depends on: every field but the scored validation size."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "validation_size"}
-
-    def fingerprint(self) -> str:
-        blob = json.dumps({"format": ZOO_FORMAT, **self.built_fields()}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def cache_dir() -> Path:
@@ -148,6 +81,10 @@ class Zoo:
 
     def is_built(self) -> bool:
         return self.card_path.exists()
+
+    def has_task_dir(self) -> bool:
+        """Whether ``task_dir`` is complete (:func:`write_validation_tasks` marks it done last)."""
+        return self.task_dir == self.data_dir or (self.task_dir / "done").exists()
 
     def items(self, skill: str, split: str) -> list[dict]:
         return read_jsonl(self.data_dir / skill / f"{split}.jsonl")
@@ -218,7 +155,7 @@ def write_validation_tasks(zoo: Zoo, log: Callable[[str], None] = print) -> Path
     items come first, then fresh ones disjoint from every split; the test split is the built one.
     """
     target = zoo.task_dir
-    if target == zoo.data_dir or (target / "done").exists():
+    if zoo.has_task_dir():
         return target
     size = zoo.config.scored_validation_size
     shutil.rmtree(target, ignore_errors=True)  # an interrupted write has no marker: start over

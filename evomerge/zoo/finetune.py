@@ -11,28 +11,14 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from evomerge.config import FinetuneConfig
 from evomerge.fitness.native import pad_id
 from evomerge.zoo.skills import Item
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    steps: int = 150
-    batch_size: int = 16
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    # Stop once the expert masters its skill: every extra step only grows the task vector, and
-    # larger task vectors interfere more when merged (over-trained experts made every uniform
-    # merge of the zoo score ~0). ``check_every`` = 0 trains all ``steps``.
-    check_every: int = 10
-    target_accuracy: float = 0.98
 
 
 def encode_items(tokenizer, items: Sequence[Item]) -> list[tuple[list[int], int]]:

@@ -56,6 +56,7 @@ measured and summed over the invocations that built the results.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -152,13 +153,11 @@ class Scorer:
     def _pool(self, split: str):
         if self.pool_split != split:  # one pool at a time: the workers take every core
             self.close()
-            from evomerge.fitness import FitnessConfig
-            from evomerge.search.workers import WorkerPool, WorkerSpec
+            from evomerge.search.workers import WorkerPool
 
             s = self.settings
-            fitness = FitnessConfig.from_dict({**s.fitness, "estimator": "full", "objectives": ["tasks"]})
-            spec = WorkerSpec(s.base, dict(s.experts), list(self.tasks[split]), s.include_path, fitness.to_dict(),
-                              s.runtime, s.allow_pickle, s.trust_remote_code)
+            fitness = dataclasses.replace(s.fitness, estimator="full", objectives=["tasks"])
+            spec = dataclasses.replace(s.worker_spec(), tasks=list(self.tasks[split]), fitness=fitness)
             self.pool, self.pool_split = WorkerPool(spec, log=self.log), split
         return self.pool
 
@@ -242,7 +241,7 @@ def probe_population(settings, scorer: Scorer, path: Path, log: Log) -> None:
         return
     from transformers import AutoTokenizer
 
-    from evomerge.fitness import Evaluation, Evaluator, FitnessConfig
+    from evomerge.fitness import Evaluation, Evaluator
     from evomerge.pool import resolve
     from evomerge.space import SearchSpace
 
@@ -257,7 +256,7 @@ def probe_population(settings, scorer: Scorer, path: Path, log: Log) -> None:
         raise SystemExit(f"probe model {failed[0]} could not be evaluated; see the log above")
     folder, gguf_file = resolve(settings.base)
     tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
-    evaluator = Evaluator(FitnessConfig.from_dict(settings.fitness), settings.tasks, tokenizer,
+    evaluator = Evaluator(settings.fitness, settings.tasks, tokenizer,
                           include_path=settings.include_path)
     state = evaluator.fit([Evaluation.from_dict(evaluations[r.hash]) for r in recipes.values()])
     write_json(path, {"estimator": state, "probes": [
@@ -460,17 +459,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown searcher {unknown[0]!r}; valid: {', '.join(SEARCHERS)}")
 
-    from evomerge.config import compose
-    from evomerge.search.settings import read_settings
-    from evomerge.zoo.build import Zoo, ZooConfig
+    from evomerge.config import compose, read_config
+    from evomerge.search.settings import build_zoo_for, read_settings
+    from evomerge.zoo.build import Zoo
     from evomerge.zoo.tasks import task_name
 
     started = time.perf_counter()
     common = [f"zoo={args.zoo}", "fitness=anchors", f"fitness.items_per_task={args.items}",
               f"fitness.probe_merges={PROBE_MERGES}", f"runtime.workers={args.workers}", "runtime.threads_per_worker=1",
               f"algorithm.pop_size={pop}"]
-    settings = read_settings(compose(common + ["space=layerwise"]), log=log)  # builds the zoo if needed
-    zoo_config = ZooConfig.from_dict(compose(common)["zoo"])
+    config = compose(common + ["space=layerwise"])
+    build_zoo_for(config, log=log)
+    settings = read_settings(config)
+    zoo_config = read_config(compose(common)).zoo
     zoo = Zoo.at(zoo_config)
     skills = list(settings.tasks)
     probes = [task_name(p) for p in zoo_config.probes]
