@@ -1,8 +1,9 @@
 """The search space: which numbers a genome holds and how they become a ``Recipe``.
 
-A genome holds, per layer group and expert, a weight (and a density when some allowed method
-sparsifies), and per group a categorical gene choosing the merge method when more than one is
-allowed: mergekit-evolve fixes one method per run, evomerge lets evolution pick per group.
+A genome holds, per layer group, a gene for every parameter an allowed method declares evolvable
+in the method registry (per expert for per-expert parameters: a weight, a density where some
+allowed method sparsifies), and a categorical gene choosing the merge method when more than one
+is allowed: mergekit-evolve fixes one method per run, evomerge lets evolution pick per group.
 Genes are declared as pymoo variables (``Real``, ``Choice``) so algorithms handle the mixed
 space their own way (pymoo's mixed-variable sampling, mating and duplicate elimination) instead
 of rounding scattered through our code. A genome is a ``dict`` gene name -> value, the form
@@ -19,6 +20,8 @@ from typing import Any, Mapping, Sequence
 
 from evomerge.config import SpaceConfig
 from evomerge.errors import UserError
+from evomerge.merge import registry
+from evomerge.merge.registry import Param
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 
 Genome = dict[str, Any]
@@ -41,10 +44,13 @@ class SearchSpace:
     expert_refs: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from evomerge.merge.methods import METHODS
-
         self.experts = tuple(self.experts)
-        self._sparse = any("density" in METHODS[m].per_expert_params for m in self.config.methods)
+        # Every evolvable parameter of an allowed method, in the order the methods declare them.
+        self._params: dict[str, Param] = {}
+        for method in self.config.methods:
+            for param in registry.method(method).params:
+                if param.evolvable:
+                    self._params.setdefault(param.name, param)
         size = self.config.granularity or self.num_layers
         spans = [(s, min(s + size, self.num_layers)) for s in range(0, self.num_layers, size)]
         groups = [_Group("out", 0, 0, "outside")]
@@ -69,13 +75,17 @@ class SearchSpace:
             if self.mixed:
                 names.append(f"{group.key}.method")
             for expert in self.experts:
-                names.append(f"{group.key}.{expert}.weight")
-                if self._sparse:
-                    names.append(f"{group.key}.{expert}.density")
+                names += [f"{group.key}.{expert}.{p.name}" for p in self._params.values() if p.scope == "expert"]
+            names += [f"{group.key}.{p.name}" for p in self._params.values() if p.scope == "global"]
         return names
 
     def _bounds(self, name: str) -> tuple[float, float]:
-        return self.config.density if name.endswith(".density") else self.config.weight
+        """A gene's range: the space config's override for its parameter where it has one
+        (``space.weight``, ``space.density``), else the range the parameter declares."""
+        param = self._params[name.rsplit(".", 1)[1]]
+        override = getattr(self.config, param.name, None)
+        low, high = override if override is not None else param.search
+        return float(low), float(high)
 
     def pymoo_vars(self) -> dict[str, Any]:
         """The genes as pymoo variables, for mixed-variable problems."""
@@ -113,15 +123,15 @@ class SearchSpace:
 
     # --- decode / encode --------------------------------------------------------------------
     def _config(self, genome: Genome, group: _Group) -> MethodConfig:
-        from evomerge.merge.methods import METHODS
-
         method = genome[f"{group.key}.method"] if self.mixed else self.config.methods[0]
-        uses_density = "density" in METHODS[method].per_expert_params
-        # A gene the method ignores is pinned, so genomes that merge alike hash alike.
-        experts = {e: ExpertParams(weight=genome[f"{group.key}.{e}.weight"],
-                                   density=genome[f"{group.key}.{e}.density"] if uses_density else 1.0)
+        spec = registry.method(method)
+        # Genes of parameters the method does not take stay out of the recipe, so genomes that
+        # merge alike hash alike.
+        taken = [p for p in spec.params if p.name in self._params]
+        experts = {e: ExpertParams(**{p.name: genome[f"{group.key}.{e}.{p.name}"] for p in taken if p.scope == "expert"})
                    for e in self.experts}
-        return MethodConfig(method, experts)
+        return MethodConfig(method, experts, **{p.name: genome[f"{group.key}.{p.name}"]
+                                                for p in taken if p.scope == "global"})
 
     def decode(self, x: Mapping[str, Any] | Sequence[float]) -> Recipe:
         genome = self.as_genome(x)
@@ -147,11 +157,16 @@ class SearchSpace:
             if config.method not in self.config.methods:
                 raise UserError(f"recipe uses method {config.method!r}; the search space allows "
                                 f"{list(self.config.methods)}")
-            for e in self.experts:
-                params = config.experts.get(e, ExpertParams(weight=0.0))
-                genome[f"{group.key}.{e}.weight"] = _clip(params.weight, self.config.weight)
-                if self._sparse:
-                    genome[f"{group.key}.{e}.density"] = _clip(params.density, self.config.density)
+            for param in self._params.values():
+                if param.scope == "global":
+                    gene = f"{group.key}.{param.name}"
+                    genome[gene] = _clip(_value(config.get(param.name), param), self._bounds(gene))
+                    continue
+                for e in self.experts:
+                    # An expert the config leaves out takes no part: weight 0.
+                    values = config.experts.get(e, ExpertParams(weight=0.0))
+                    gene = f"{group.key}.{e}.{param.name}"
+                    genome[gene] = _clip(_value(values.get(param.name), param), self._bounds(gene))
         return genome
 
     def initial_recipes(self) -> list[Recipe]:
@@ -170,15 +185,20 @@ class SearchSpace:
         return recipes
 
     def _uniform(self, entry: Mapping[str, Any]) -> Recipe:
-        allowed = {"method", "weight", "density"}
-        unknown = sorted(set(entry) - allowed)
-        if unknown:
-            raise UserError(f"space.initial entry key {unknown[0]!r} is unknown; valid: {', '.join(sorted(allowed))}")
+        """One method with the same values everywhere: per-expert parameters for every expert,
+        the others for the method; unset ones take the method's defaults, and parameters of
+        other methods are ignored (as a recipe ignores them)."""
         method = entry.get("method", self.config.methods[0])
         if method not in self.config.methods:
             raise UserError(f"space.initial method {method!r} is not in space.methods {list(self.config.methods)}")
-        params = ExpertParams(weight=float(entry.get("weight", 1.0)), density=float(entry.get("density", 1.0)))
-        config = MethodConfig(method, {e: params for e in self.experts})
+        spec = registry.method(method)
+        allowed = {"method", *registry.known_params("expert"), *registry.known_params("global")}
+        unknown = sorted(set(entry) - allowed)
+        if unknown:
+            raise UserError(f"space.initial entry key {unknown[0]!r} is unknown; valid: {', '.join(sorted(allowed))}")
+        params = ExpertParams(**{p.name: entry[p.name] for p in spec.expert_params if p.name in entry})
+        config = MethodConfig(method, {e: params for e in self.experts},
+                              **{p.name: entry[p.name] for p in spec.global_params if p.name in entry})
         return Recipe.uniform(self.base, self.experts, self.num_layers, config, expert_refs=self.expert_refs)
 
     def _read(self, path: str) -> Recipe:
@@ -197,6 +217,11 @@ class SearchSpace:
             rename = {old: by_ref.get(recipe.expert_refs.get(old, old), old) for old in recipe.experts}
             return Recipe.from_dict(_renamed(recipe.to_dict(), rename))
         return Recipe.from_yaml(text)
+
+
+def _value(value: float | None, param: Param) -> float:
+    """A recipe's value for a gene, or the parameter's default where the method lacks it."""
+    return float(param.default if value is None else value)
 
 
 def _clip(value: float, bounds: tuple[float, float]) -> float:

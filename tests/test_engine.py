@@ -9,7 +9,8 @@ import torch
 
 from evomerge.errors import UserError
 from evomerge.merge.engine import MemoryPlan, Merger, check_fits, tensor_seed
-from evomerge.merge.methods import METHODS, MergeParams, merge_tensor
+from evomerge.merge.methods import merge_tensor
+from evomerge.merge.registry import METHODS, MergeParams
 from evomerge.pool import ModelPool, load_model, unique_parameters
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 
@@ -41,7 +42,7 @@ def used_experts(method: str) -> tuple[str, ...]:
 
 def config(method: str, **overrides) -> MethodConfig:
     names = used_experts(method)
-    experts = {n: ExpertParams(w, d, g, e) for n, w, d, g, e in zip(names, WEIGHT, DENSITY, GAMMA, EPSILON)}
+    experts = {n: ExpertParams(weight=w, density=d, gamma=g, epsilon=e) for n, w, d, g, e in zip(names, WEIGHT, DENSITY, GAMMA, EPSILON)}
     return MethodConfig(method, experts, **{**GLOBALS, **overrides})
 
 
@@ -97,7 +98,7 @@ def test_every_method_matches_the_per_tensor_reference(pico_zoo, reference, merg
 
 def test_layer_groups_put_each_config_on_its_tensors(pico_zoo, reference, merger):
     def only_add(weight):
-        return MethodConfig("task_arithmetic", {"add": ExpertParams(weight)})
+        return MethodConfig("task_arithmetic", {"add": ExpertParams(weight=weight)})
 
     groups = (LayerGroup(0, 4, "all", only_add(0.1)), LayerGroup(2, 4, "attn", only_add(0.2)),
               LayerGroup(0, 2, "mlp", only_add(0.3)))
@@ -172,7 +173,7 @@ def test_bf16_deltas_stay_within_their_rounding(pico_zoo, reference):
     (lambda r: Recipe(r.base, r.experts + ("nope",), 4, r.groups, r.outside), "'nope' is not in the pool"),
     (lambda r: Recipe.uniform(r.base, r.experts, 3, r.outside), "3 layers but the pool's model has 4"),
     (lambda r: Recipe.uniform(r.base, r.experts, 4, MethodConfig(
-        "ties", {"add": ExpertParams(1.0, 1.5)})), "density 1.5"),
+        "ties", {"add": ExpertParams(weight=1.0, density=1.5)})), "density 1.5"),
     (lambda r: Recipe.uniform(r.base, r.experts, 4, MethodConfig(
         "slerp", {"add": ExpertParams(), "sort": ExpertParams()})), "exactly 1 expert"),
     (lambda r: Recipe.uniform(r.base, r.experts, 4, MethodConfig("soup", {"add": ExpertParams()})),

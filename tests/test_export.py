@@ -38,7 +38,7 @@ def method_config(method: str) -> MethodConfig:
         return MethodConfig("slerp", {"add": ExpertParams()}, t=0.3)
     if method == "model_stock":
         return MethodConfig("model_stock", {n: ExpertParams() for n in NAMES})
-    experts = {n: ExpertParams(w, d, g) for n, w, d, g in zip(NAMES, (0.5, 0.3, 0.8), (0.6, 0.5, 0.7),
+    experts = {n: ExpertParams(weight=w, density=d, gamma=g) for n, w, d, g in zip(NAMES, (0.5, 0.3, 0.8), (0.6, 0.5, 0.7),
                                                                (0.05, 0.1, 0.02))}
     return MethodConfig(method, experts, lambda_=1.0 if method == "linear" else 0.9)
 
@@ -61,25 +61,21 @@ def test_exported_folder_reloads_with_the_same_logits(pico_zoo, merger, tmp_path
 
 
 def test_recipe_yaml_round_trips_with_optional_globals(pico_zoo, merger, tmp_path):
-    lines = MethodConfig("lines", {"add": ExpertParams(0.6), "sort": ExpertParams(0.4)}, alpha=0.3, beta=0.6)
+    lines = MethodConfig("lines", {"add": ExpertParams(weight=0.6), "sort": ExpertParams(weight=0.4)}, alpha=0.3, beta=0.6)
     stock = MethodConfig("model_stock", {"add": ExpertParams(), "sort": ExpertParams()}, filter_wise=True)
     recipe = recipe_for(pico_zoo, lines, (LayerGroup(0, 4, "all", lines), LayerGroup(0, 2, "mlp", stock)))
     out = export(recipe, merger, tmp_path / "pick")
     back = Recipe.from_yaml((out / "recipe.yaml").read_text())
     assert back == recipe and back.hash == recipe.hash
     assert back.config_for(0, "mlp").filter_wise is True and back.outside.alpha == 0.3
-    # optional globals enter the YAML (and so the hash) only when set
+    # a method's parameters enter the YAML (and so the hash); LiNeS' alpha only when set (unset: 1/K)
     assert "alpha" not in MethodConfig("ties", {"add": ExpertParams()}).to_dict()
-    assert recipe_for(pico_zoo, replace_alpha(lines, None)).hash != recipe_for(pico_zoo, lines).hash
+    assert "alpha" not in lines.replace(alpha=None).to_dict()
+    assert recipe_for(pico_zoo, lines.replace(alpha=None)).hash != recipe_for(pico_zoo, lines).hash
     # two methods cannot be one mergekit config: no mergekit.yaml, and the card says why
     assert not (out / "mergekit.yaml").exists()
     assert "No mergekit config: mergekit applies one merge_method" in (out / "model" / "README.md").read_text()
 
-
-def replace_alpha(config: MethodConfig, alpha):
-    from dataclasses import replace
-
-    return replace(config, alpha=alpha)
 
 
 def test_export_replaces_a_previous_export(pico_zoo, merger, tmp_path):
@@ -108,7 +104,7 @@ def run_mergekit(config_path: Path, out: Path) -> dict[str, torch.Tensor]:
 def layerwise_ties(pico_zoo) -> Recipe:
     """Other weights in the upper blocks' attention and the lower blocks' MLPs: mergekit slices."""
     base = method_config("ties")
-    other = MethodConfig("ties", {n: ExpertParams(w, 0.4) for n, w in zip(NAMES, (0.9, 0.2, 0.4))},
+    other = MethodConfig("ties", {n: ExpertParams(weight=w, density=0.4) for n, w in zip(NAMES, (0.9, 0.2, 0.4))},
                          lambda_=0.9)
     groups = (LayerGroup(0, 4, "all", base), LayerGroup(2, 4, "attn", other), LayerGroup(0, 2, "mlp", other))
     return recipe_for(pico_zoo, base, groups)

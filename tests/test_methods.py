@@ -12,14 +12,8 @@ from scipy import stats
 from evomerge.errors import UserError
 from evomerge.merge import kernels, methods
 from evomerge.merge.draws import Grid, draw_keys, draw_uniforms, integer_draws
-from evomerge.merge.methods import (
-    METHODS,
-    PARAM_RANGES,
-    MergeParamError,
-    MergeParams,
-    merge_tensor,
-    validate,
-)
+from evomerge.merge.methods import merge_tensor
+from evomerge.merge.registry import METHODS, TASK_ARITHMETIC_VARIANTS, MergeParamError, MergeParams, validate
 from evomerge.merge.stats import MagnitudeQuantiles, row_ranks
 
 torch.set_num_threads(1)
@@ -130,8 +124,11 @@ def reference(method: str, base: torch.Tensor, deltas: torch.Tensor, p: MergePar
     k = len(ds)
     w = list(p.weight) if p.weight is not None else [1.0] * k
     spec = METHODS[method]
-    normalize = spec.default_normalize if p.normalize is None else p.normalize
-    rescale = spec.default_rescale if p.rescale is None else p.rescale
+    default = {param.name: param.default for param in spec.params}
+    p = MergeParams(layer_fraction=p.layer_fraction, **{**{param.name: param.default for param in spec.global_params},
+                                                        **p.values})
+    normalize = default.get("normalize") if p.normalize is None else p.normalize
+    rescale = default.get("rescale") if p.rescale is None else p.rescale
     if method == "linear":
         experts = [[x + y for x, y in zip(b, d)] for d in ds]
         total = sum(w)
@@ -286,7 +283,8 @@ def test_full_density_random_methods_equal_their_deterministic_counterpart(rando
                                                                            counterpart: str) -> None:
     base, deltas = tensors(3)
     spec = METHODS[random_method]
-    p = MergeParams(weight=WEIGHTS, density=[1.0] * 3, normalize=spec.default_normalize, rescale=spec.default_rescale)
+    p = MergeParams(weight=WEIGHTS, density=[1.0] * 3, normalize=spec.param("normalize").default,
+                    rescale=spec.param("rescale").default)
     merged = merge_tensor(random_method, base, deltas, p, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(merged, merge_tensor(counterpart, base, deltas, p))
 
@@ -424,7 +422,7 @@ def test_every_task_arithmetic_variant_keeps_its_compiled_graph() -> None:
     graphs per function it would merge eagerly, 25-60x slower."""
     base, deltas = tensors(3, seed=2, shape=(256, 384))
     merge_tensor("ties", base, deltas, params_for("ties", 3))
-    graphs = len(methods.TASK_ARITHMETIC_VARIANTS) * 2 * 2 * 2
+    graphs = len(TASK_ARITHMETIC_VARIANTS) * 2 * 2 * 2
     assert torch._dynamo.config.recompile_limit >= kernels._KERNEL_VARIANTS >= graphs
 
 
@@ -560,8 +558,12 @@ def test_valid_recipes_pass_and_merge_tensor_validates() -> None:
 
 def test_registry_describes_every_parameter() -> None:
     for spec in METHODS.values():
-        for name in spec.per_expert_params + spec.global_params:
-            assert name in PARAM_RANGES or name in ("normalize", "rescale", "filter_wise"), (spec.name, name)
+        for param in spec.params:
+            assert param.help and param.scope in ("expert", "global"), (spec.name, param.name)
+            if param.kind == "bool":
+                assert isinstance(param.default, bool), (spec.name, param.name)
+            elif param.default is not None:
+                assert param.range.complaint(param.default) is None, (spec.name, param.name)
         assert spec.description
 
 

@@ -14,8 +14,8 @@ EXPERTS = ("add", "reverse")
 
 
 def ties(w_add: float = 0.5, w_rev: float = 0.3, **kw) -> MethodConfig:
-    return MethodConfig("ties", {"add": ExpertParams(w_add, 0.7), "reverse": ExpertParams(w_rev, 0.5)},
-                        **kw)
+    return MethodConfig("ties", {"add": ExpertParams(weight=w_add, density=0.7),
+                                 "reverse": ExpertParams(weight=w_rev, density=0.5)}, **kw)
 
 
 def uniform() -> Recipe:
@@ -87,7 +87,7 @@ def test_bad_values_in_yaml_are_named():
 
 def test_hash_is_stable_across_dict_order_and_reserialization():
     recipe = uniform()
-    reordered = MethodConfig("ties", {"reverse": ExpertParams(0.3, 0.5), "add": ExpertParams(0.5, 0.7)},
+    reordered = MethodConfig("ties", {"reverse": ExpertParams(weight=0.3, density=0.5), "add": ExpertParams(weight=0.5, density=0.7)},
                              normalize=True)
     same = Recipe("/zoo/base", EXPERTS, 4, [LayerGroup(0, 4, "all", reordered)], reordered,
                   expert_refs={"reverse": "/zoo/reverse", "add": "/zoo/add"})
@@ -102,17 +102,12 @@ def test_hash_is_stable_across_dict_order_and_reserialization():
 
 @pytest.mark.parametrize("change", [
     lambda r: replace(r, outside=ties(0.5, 0.31, normalize=True)),
-    lambda r: replace(r, outside=replace(r.outside, experts={
-        "add": ExpertParams(0.5, 0.7, gamma=0.02), "reverse": ExpertParams(0.3, 0.5)})),
-    lambda r: replace(r, outside=replace(r.outside, experts={
-        "add": ExpertParams(0.5, 0.7, epsilon=0.1), "reverse": ExpertParams(0.3, 0.5)})),
-    lambda r: replace(r, outside=replace(r.outside, experts={
-        "add": ExpertParams(0.5, 0.71), "reverse": ExpertParams(0.3, 0.5)})),
-    lambda r: replace(r, outside=replace(r.outside, lambda_=1.1)),
-    lambda r: replace(r, outside=replace(r.outside, normalize=False)),
-    lambda r: replace(r, outside=replace(r.outside, rescale=True)),
-    lambda r: replace(r, outside=replace(r.outside, t=0.4)),
-    lambda r: replace(r, outside=replace(r.outside, method="dare_ties")),
+    lambda r: replace(r, outside=r.outside.replace(experts={
+        "add": ExpertParams(weight=0.5, density=0.71), "reverse": ExpertParams(weight=0.3, density=0.5)})),
+    lambda r: replace(r, outside=r.outside.replace(lambda_=1.1)),
+    lambda r: replace(r, outside=r.outside.replace(normalize=False)),
+    lambda r: replace(r, outside=r.outside.replace(rescale=True)),
+    lambda r: replace(r, outside=r.outside.replace(method="dare_ties")),
     lambda r: replace(r, dtype="bfloat16"),
     lambda r: replace(r, experts=("reverse", "add")),
     lambda r: replace(r, groups=(LayerGroup(0, 1, "all", r.outside),
@@ -124,6 +119,23 @@ def test_hash_changes_with_any_value(change):
     recipe = uniform()
     changed = change(recipe)
     assert changed != recipe and changed.hash != recipe.hash and changed.seed != recipe.seed
+
+
+@pytest.mark.parametrize("change", [
+    {"experts": {"add": ExpertParams(weight=0.5, density=0.7, gamma=0.02), "reverse": ExpertParams(weight=0.3, density=0.5)}},
+    {"experts": {"add": ExpertParams(weight=0.5, density=0.7, epsilon=0.1), "reverse": ExpertParams(weight=0.3, density=0.5)}},
+    {"t": 0.4},
+    {"normalize": True},  # ties' own default, said explicitly
+])
+def test_hash_ignores_what_the_method_does_not_read(change):
+    """TIES takes no gamma, epsilon or t, and normalizes by default: setting them changes no
+    weight, so it is the same candidate (one archive entry, one seed), and the recipe does not
+    carry them."""
+    recipe = uniform()
+    changed = replace(recipe, outside=recipe.outside.replace(**change))
+    assert changed == recipe and changed.hash == recipe.hash
+    assert set(changed.outside.to_dict()) == {"method", "lambda", "normalize", "rescale", "experts"}
+    assert set(changed.outside.to_dict()["experts"]["add"]) == {"weight", "density"}
 
 
 def test_hash_ignores_where_models_live_and_arithmetic_noise():
@@ -201,7 +213,6 @@ def test_uniform_ties_to_mergekit():
         "merge_method": "ties",
         "base_model": "/zoo/base",
         "dtype": "float32",
-        "parameters": {"normalize": True},
         "models": [
             {"model": "/zoo/base"},
             {"model": "/zoo/add", "parameters": {"weight": 0.5, "density": 0.7}},
@@ -227,13 +238,17 @@ def test_layerwise_to_mergekit_uses_slices_and_filters():
     assert second["parameters"] == {"lambda": [{"filter": "self_attn", "value": 1.5}, {"value": 1.0}]}
 
 
-def test_to_mergekit_writes_keys_whose_mergekit_default_differs():
-    della = MethodConfig("della", {"add": ExpertParams(0.5, 0.7)})
+def test_to_mergekit_writes_required_keys_and_those_off_the_default():
+    della = MethodConfig("della", {"add": ExpertParams(weight=0.5, density=0.7)})
     config = Recipe.uniform("base", ["add"], 2, della).to_mergekit()
-    assert config["models"][1]["parameters"] == {"weight": 0.5, "density": 0.7, "epsilon": 0.0}
+    assert config["models"][1]["parameters"] == {"weight": 0.5, "density": 0.7}
+    wide = MethodConfig("della", {"add": ExpertParams(weight=0.5, density=0.7, epsilon=0.1)}, normalize=False)
+    config = Recipe.uniform("base", ["add"], 2, wide).to_mergekit()
+    assert config["models"][1]["parameters"] == {"weight": 0.5, "density": 0.7, "epsilon": 0.1}
+    assert config["parameters"] == {"normalize": False}
     slerp = MethodConfig("slerp", {"add": ExpertParams()})
     assert Recipe.uniform("base", ["add"], 2, slerp).to_mergekit()["parameters"] == {"t": 0.5}
-    linear = MethodConfig("linear", {"add": ExpertParams(0.4), "reverse": ExpertParams(0.6)})
+    linear = MethodConfig("linear", {"add": ExpertParams(weight=0.4), "reverse": ExpertParams(weight=0.6)})
     config = Recipe.uniform("base", EXPERTS, 2, linear).to_mergekit()
     assert "base_model" not in config and [m["model"] for m in config["models"]] == list(EXPERTS)
     back = Recipe.from_mergekit(config, num_layers=2, base="base")
@@ -252,9 +267,6 @@ def test_mixed_methods_cannot_go_to_mergekit():
      "'magmax' has no mergekit equivalent"),
     (Recipe("base", EXPERTS, 2, _groups((0, 2, "all")), MethodConfig("ties", {"add": ExpertParams()})),
      r"all layers \[0, 2\) merges \['add', 'reverse'\] and outside merges \['add'\]"),
-    (Recipe("base", EXPERTS, 2, (LayerGroup(0, 2, "all", ties()),
-                                 LayerGroup(0, 2, "attn", ties(normalize=True))), ties()),
-     r"normalize is left to the method's default for mlp, all, outside tensors of layers \[0, 2\)"),
 ])
 def test_inexpressible_recipes_say_what(recipe, match):
     raises_one_line(match, recipe.to_mergekit)
@@ -294,8 +306,8 @@ dtype: bfloat16
 tokenizer_source: base
 """
     recipe = Recipe.from_mergekit(text, num_layers=3)
-    config = MethodConfig("dare_ties", {"add-expert": ExpertParams(0.6, 0.5),
-                                        "reverse": ExpertParams(0.4, 0.7)}, lambda_=0.9)
+    config = MethodConfig("dare_ties", {"add-expert": ExpertParams(weight=0.6, density=0.5),
+                                        "reverse": ExpertParams(weight=0.4, density=0.7)}, lambda_=0.9)
     assert recipe == Recipe.uniform("HuggingFaceTB/SmolLM2-135M", ["add-expert", "reverse"], 3, config,
                                     dtype="bfloat16",
                                     expert_refs={"add-expert": "me/add-expert",
@@ -315,7 +327,7 @@ def test_gradients_interpolate_per_layer_like_mergekit():
     assert [(g.start, g.end) for g in recipe.groups] == [(i, i + 1) for i in range(4)]
     assert [recipe.config_for(i, "all").experts["add"].weight for i in range(4)] == \
         pytest.approx(expected)
-    assert all(recipe.config_for(i, "attn").experts["add"].density == 0.5 for i in range(4))
+    assert all("density" not in recipe.config_for(i, "attn").experts["add"] for i in range(4))  # TA takes none
     # booleans pick, not interpolate: int(t * 1) is 0 until t reaches 1
     assert [recipe.config_for(i, "all").normalize for i in range(4)] == [True, True, True, False]
     # the tensors outside the blocks are planned at t = 0
@@ -448,3 +460,36 @@ def test_yaml_with_python_tags_is_refused():
     text = "!!python/object/apply:os.system ['echo owned']\n"
     with pytest.raises(UserError, match="malformed recipe YAML"):
         Recipe.from_yaml(text)
+
+
+def test_registry_matches_mergekit_parameters_and_defaults():
+    """Every method that exports to mergekit declares mergekit's parameters with mergekit's
+    defaults, so a recipe made in Python or by a search merges like the same recipe read from
+    mergekit YAML. (DELLA's epsilon once defaulted to 0.0 in recipes and 0.15 in the merge.)"""
+    mergekit = pytest.importorskip("mergekit.merge_methods.registry")
+    from evomerge.merge.registry import METHODS
+
+    scopes = {"shared": "global", "non_base": "expert", "input": "expert"}
+    for name, spec in METHODS.items():
+        if spec.mergekit is None:
+            continue
+        theirs = {p.name: p for p in mergekit.get(spec.mergekit).spec.parameters if p.name != "int8_mask"}
+        # mergekit's task_arithmetic also lists density and rescale, which do nothing without sparsification
+        assert {p.name for p in spec.params} <= set(theirs), name
+        for param in spec.params:
+            other = theirs[param.name]
+            assert param.scope == scopes[other.scope.value], (name, param.name)
+            required = not isinstance(other.default, (bool, int, float))
+            assert param.mergekit_required == required, (name, param.name)
+            if not required:
+                assert param.default == other.default, (name, param.name)
+    assert METHODS["della"].param("epsilon").default == 0.15
+
+
+def test_della_recipe_from_python_and_from_mergekit_yaml_agree():
+    """The bug the registry fixed: the same DELLA recipe, built in Python or read back from the
+    mergekit YAML it exports, is one recipe (same hash, so the same seed and the same merge)."""
+    della = MethodConfig("della", {"add": ExpertParams(weight=0.5, density=0.7)})
+    recipe = Recipe.uniform("base", ["add"], 2, della, expert_refs={"add": "x/add"})
+    back = Recipe.from_mergekit(recipe.to_mergekit_yaml(), num_layers=2)
+    assert back.hash == recipe.hash and back.outside.experts["add"].epsilon == 0.15

@@ -14,15 +14,15 @@ next: every merged tensor is recomputed from the base and the task vectors.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from evomerge.errors import UserError
-from evomerge.merge import kernels, methods
-from evomerge.merge.methods import MergeParams
+from evomerge.merge import kernels, methods, registry
+from evomerge.merge.registry import MergeParams
 from evomerge.merge.stats import DeltaStats
 from evomerge.pool import ModelPool, layer_index, unique_parameters
 from evomerge.recipe import MethodConfig, Recipe, component_of
@@ -93,19 +93,14 @@ def check_fits(plan: MemoryPlan, device: torch.device, reused: int = 0) -> None:
 
 
 def merge_params(config: MethodConfig, experts: Sequence[str]) -> tuple[MergeParams, list[int]]:
-    """The method's parameters for ``config`` and the indices (into ``experts``, the pool's order)
-    of the experts it merges; an expert the config leaves out takes no part. Optional globals the
-    config leaves unset keep the method's default."""
+    """The method's parameters for ``config``, resolved and checked against its schema, and the
+    indices (into ``experts``, the pool's order) of the experts it merges; an expert the config
+    leaves out takes no part."""
     included = [i for i, name in enumerate(experts) if name in config.experts]
-    chosen = [config.experts[experts[i]] for i in included]
-    optional = {key: config.get(key) for key in ("alpha", "beta", "k", "lambda_tall", "filter_wise")
-                if config.get(key) is not None}
-    params = MergeParams(
-        weight=[p.weight for p in chosen], density=[p.density for p in chosen],
-        gamma=[p.gamma for p in chosen], epsilon=[p.epsilon for p in chosen],
-        lambda_=config.lambda_, normalize=config.normalize, rescale=config.rescale, t=config.t,
-        **optional)
-    return params, included
+    spec = registry.method(config.method)
+    per_expert = {p.name: [config.experts[experts[i]][p.name] for i in included] for p in spec.expert_params}
+    params = MergeParams(**config.params, **per_expert)
+    return registry.resolve(config.method, params, [experts[i] for i in included]), included
 
 
 def layer_fraction(name: str, layer: int | None, num_layers: int) -> float:
@@ -230,7 +225,6 @@ class Merger:
         plans = {}
         for config in configs:
             params, included = merge_params(config, self.experts)
-            methods.validate(config.method, params, experts=[self.experts[i] for i in included])
             plans[config] = _Plan(config.method, params, tuple(included))
         return plans
 
@@ -273,13 +267,14 @@ class Merger:
         every = len(plan.included) == len(self.experts)
         deltas = (stack if every else stack.index_select(0, index)).view(-1, *base.shape)
         layer, _ = self._where[name]
-        params = replace(plan.params, layer_fraction=layer_fraction(name, layer, self.num_layers))
+        params = plan.params.with_layer_fraction(layer_fraction(name, layer, self.num_layers))
         generator = None
-        if methods.METHODS[plan.method].randomized:
+        spec = registry.METHODS[plan.method]
+        if spec.randomized:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(tensor_seed(recipe.seed, name))
         stats = None
-        variant = methods.METHODS[plan.method].variant
+        variant = spec.variant
         if variant is not None and variant.reads_stats:  # cached: a table lookup replaces a sort
             stats = self._stats_of(name)
             stats = stats if every else _ExpertSubset(stats, plan.included)
@@ -289,11 +284,10 @@ class Merger:
         """``(scale, c)`` with merged = scale * base + sum_i c_i * delta_i, over all pool experts
         (0 for those the config leaves out); mergekit's semantics, as in ``methods``."""
         params = plan.params
-        weights = [float(w) for w in params.weight]
+        weights = params.weight
         total = sum(weights)
         coefficients = [0.0] * len(self.experts)
-        normalize = methods.METHODS[plan.method].default_normalize if params.normalize is None \
-            else params.normalize
+        normalize = params.normalize
         if plan.method == "linear":
             scale, factor = (1.0, 1 / total) if normalize else (total, 1.0)
         else:

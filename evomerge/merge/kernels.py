@@ -17,15 +17,12 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from evomerge.merge.draws import DRAW_STEPS, Grid, integer_draws
-
-if TYPE_CHECKING:
-    from evomerge.merge.methods import Sparsification
+from evomerge.merge.registry import Sparsification
 
 _HALF = (torch.float16, torch.bfloat16)
 _NORM_EPS = 1e-7  # below this L1 norm a rescale would only amplify rounding noise (mergekit's value)
