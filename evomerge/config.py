@@ -297,7 +297,7 @@ def conf_dir() -> Path:
     return Path(evomerge.conf.__path__[0])
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "config") -> dict:
+def compose(overrides: Sequence[str] = ()) -> dict:
     """The composed config as plain containers, with ``overrides`` in hydra syntax."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -309,7 +309,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> dict:
     ConfigStore.instance().store(name=SCHEMA, node=Config)
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as error:
         raise UserError(f"bad config override in {list(overrides)}: {_explain(error)}") from None
     return OmegaConf.to_container(cfg, resolve=True)
