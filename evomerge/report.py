@@ -9,15 +9,15 @@ measured them. A torn last archive line (a search killed mid-write) is skipped.
 from __future__ import annotations
 
 import io
-import math
 import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from evomerge import front as fronts
 from evomerge.errors import UserError
-from evomerge.fitness.objectives import Objective, hypervolume, minimized_matrix
+from evomerge.fitness.objectives import Objective, hypervolume
 from evomerge.recipe import Recipe
 from evomerge.run import ArchiveEntry, RunDir, atomic_write
 
@@ -41,51 +41,9 @@ def objectives(run: RunDir) -> list[Objective]:
         return []
 
 
-def candidates(run: RunDir, objs: Sequence[Objective]) -> list[ArchiveEntry]:
-    """Entries that compete for the front: no error, every objective finite, and only the first
-    evaluation of each recipe (later ones are cache hits or re-evaluations of the same merge).
-    None while the objectives are unknown: without directions nothing competes."""
-    if not objs:
-        return []
-    seen: set[str] = set()
-    out = []
-    for entry in run.archive():
-        if entry.error is not None or entry.recipe_hash in seen or not _finite(entry, objs):
-            continue
-        seen.add(entry.recipe_hash)
-        out.append(entry)
-    return out
-
-
-def non_dominated(entries: Sequence[ArchiveEntry], objs: Sequence[Objective]) -> list[ArchiveEntry]:
-    """The entries no other entry dominates, in archive order."""
-    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
-
-    if not entries or not objs:
-        return []
-    F = minimized_matrix(objs, [e.objectives for e in entries])
-    keep = NonDominatedSorting().do(F, only_non_dominated_front=True)
-    return [entries[i] for i in sorted(int(i) for i in keep)]
-
-
 def front(run: RunDir) -> list[ArchiveEntry]:
     """The run's current Pareto front, computed from the archive itself."""
-    objs = objectives(run)
-    return non_dominated(candidates(run, objs), objs)
-
-
-def knee(entries: Sequence[ArchiveEntry], objs: Sequence[Objective]) -> ArchiveEntry:
-    """The entry closest (Euclidean) to the ideal point once each objective is scaled to [0, 1]
-    over ``entries``: the balanced compromise. Chosen over the distance-to-the-hyperplane-of-
-    extremes definition because that hyperplane is undefined when extremes coincide or with one
-    objective, while this is defined for any front. Ties go to the lower id."""
-    if not entries:
-        raise UserError("the front is empty; no entry to pick")
-    F = minimized_matrix(objs, [e.objectives for e in entries])
-    low, span = F.min(axis=0), np.ptp(F, axis=0)
-    scaled = (F - low) / np.where(span > 0, span, 1.0)
-    distance = np.sqrt((scaled ** 2).sum(axis=1))
-    return min(zip(distance, (e.id for e in entries), entries), key=lambda t: (t[0], t[1]))[2]
+    return fronts.front(run.archive(), objectives(run))
 
 
 def pick(run: RunDir, spec: str) -> ArchiveEntry:
@@ -99,7 +57,7 @@ def pick(run: RunDir, spec: str) -> ArchiveEntry:
                         f"{spec!r} from; pick an archive id or wait for the first generation")
     members = front(run)
     if spec == "knee":
-        return knee(members, objs)
+        return fronts.knee(members, objs)
     if spec.startswith("best:"):
         name = spec.removeprefix("best:")
         by_name = {o.name: o for o in objs}
@@ -108,7 +66,7 @@ def pick(run: RunDir, spec: str) -> ArchiveEntry:
                             f"{', '.join(by_name)}")
         if not members:
             raise UserError(f"{run.root} has no successful evaluation yet; nothing to pick")
-        return _best(by_name[name], members)
+        return fronts.best(by_name[name], members)
     raise UserError(f"--pick {spec!r} is not valid; use knee, best:<objective> or an archive id")
 
 
@@ -135,16 +93,6 @@ def _by_id(run: RunDir, wanted: int) -> ArchiveEntry:
     return found
 
 
-def _best(objective: Objective, entries: Sequence[ArchiveEntry]) -> ArchiveEntry:
-    """The entry best on ``objective``; ties go to the lower id."""
-    return min(entries, key=lambda e: (objective.minimized(e.objectives[objective.name]), e.id))
-
-
-def _finite(entry: ArchiveEntry, objs: Sequence[Objective]) -> bool:
-    values = [entry.objectives.get(o.name) for o in objs]
-    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-
-
 # --- summary --------------------------------------------------------------------------------------
 
 
@@ -160,15 +108,14 @@ def summary(run: RunDir) -> dict[str, Any]:
     """The front and the run's progress as plain data (what ``inspect --json`` prints)."""
     objs = objectives(run)
     entries = run.archive()
-    valid = candidates(run, objs)
-    members = non_dominated(valid, objs)
+    valid = fronts.competing(entries, objs)
+    members = fronts.front(valid, objs)
     tests = held_out_scores(run)
-    chosen = knee(members, objs).id if members else None
+    chosen = fronts.knee(members, objs).id if members else None
     rows = [{"id": e.id, "generation": e.generation, "recipe_hash": e.recipe_hash,
              "objectives": e.objectives, "scores": e.scores,
              "test_scores": tests.get(e.recipe_hash), "recipe": _recipe_summary(e),
              "knee": e.id == chosen} for e in members]
-    best = {o.name: _best(o, valid).objectives[o.name] for o in objs} if valid else {}
     history = run.history()
     return {
         "run": str(run.root),
@@ -182,7 +129,7 @@ def summary(run: RunDir) -> dict[str, Any]:
             "unique": len({e.recipe_hash for e in entries}),
             "errors": sum(e.error is not None for e in entries),
             "generations": len(history),
-            "best": best,
+            "best": fronts.best_values(objs, valid),
             "hypervolume": hypervolume(objs, [e.objectives for e in members]) if objs else None,
             "history": history,
             "torn_lines": run.dropped_archive_lines(),
@@ -282,8 +229,8 @@ def write_plots(run: RunDir) -> list[Path]:
     """Write ``plots/pareto.png`` and ``plots/hypervolume.png``; return their paths. Files are
     replaced atomically, so a viewer refreshing them during a run never reads half a PNG."""
     objs = objectives(run)
-    valid = candidates(run, objs)
-    members = non_dominated(valid, objs)
+    valid = fronts.competing(run.archive(), objs)
+    members = fronts.front(valid, objs)
     run.plots.mkdir(parents=True, exist_ok=True)
     written = []
     for name, figure in (("pareto.png", _pareto_figure(objs, valid, members)),
@@ -303,7 +250,7 @@ def _pareto_figure(objs: Sequence[Objective], valid: Sequence[ArchiveEntry],
     if not valid:
         return _message("no successful evaluation yet" if objs else
                         "objectives not known yet (no generation finished)")
-    chosen = knee(members, objs)
+    chosen = fronts.knee(members, objs)
     value = lambda entries, o: [e.objectives[o.name] for e in entries]
     if len(objs) == 1:
         figure = Figure(figsize=(6, 4.5), layout="constrained")

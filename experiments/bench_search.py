@@ -22,33 +22,34 @@ import random
 import time
 
 from evomerge.config import compose
+from evomerge.recipe import Recipe
 from evomerge.search.settings import build_zoo_for, read_settings
-from evomerge.search.workers import WorkerPool
+from evomerge.search.workers import EvalRequest, EvalResult, WorkerPool
 from evomerge.space import SearchSpace
 
 
-def measure(settings, recipes: list[dict], workers: int) -> dict[str, float]:
+def measure(settings, recipes: list[Recipe], workers: int) -> dict[str, float]:
     import ray
 
     spec = settings.worker_spec()
     spec.runtime = dataclasses.replace(spec.runtime, workers=workers, threads_per_worker=1)
     pool = WorkerPool(spec, log=lambda _: None)
     try:
-        warm: dict = {}  # each worker's first candidate pays one-time set-up (lm-eval task objects)
-        pool.run([(i, (recipes[i],), {}) for i in range(workers)], lambda k, r: warm.__setitem__(k, r))
-        results: dict = {}
+        warm: dict[int, EvalResult] = {}  # each worker's first candidate pays one-time set-up (lm-eval task objects)
+        pool.run({i: EvalRequest(recipes[i]) for i in range(workers)}, warm.__setitem__)
+        results: dict[int, EvalResult] = {}
         started = time.perf_counter()
-        pool.run([(i, (r,), {}) for i, r in enumerate(recipes)], lambda k, r: results.__setitem__(k, r))
+        pool.run({i: EvalRequest(r) for i, r in enumerate(recipes)}, results.__setitem__)
         wall = time.perf_counter() - started
     finally:
         pool.shutdown()
         ray.shutdown()
-    errors = [r["error"] for r in results.values() if r.get("error")]
+    errors = [r.error for r in results.values() if r.evaluation is None]
     if errors:
         raise SystemExit(f"candidates failed: {errors[:3]}")
-    forward = sum(r["forward_seconds"] for r in results.values())
-    merge = sum(r["merge_seconds"] for r in results.values())
-    evaluate = sum(r["eval_seconds"] for r in results.values())
+    forward = sum(r.forward_seconds for r in results.values())
+    merge = sum(r.merge_seconds for r in results.values())
+    evaluate = sum(r.eval_seconds for r in results.values())
     worker_time = wall * workers
     return {"workers": workers, "wall": wall, "per_min": 60 * len(recipes) / wall, "forward": forward,
             "merge": merge, "eval": evaluate, "outside": 1 - forward / worker_time,
@@ -66,7 +67,7 @@ def main() -> None:
     space = SearchSpace(settings.space, settings.base, tuple(settings.experts), settings.num_layers,
                         expert_refs=dict(settings.experts))
     rng = random.Random(0)
-    recipes = [space.decode(space.random(rng)).to_dict() for _ in range(args.candidates)]
+    recipes = [space.decode(space.random(rng)) for _ in range(args.candidates)]
     rows = [measure(settings, recipes, w) for w in (1, 2)]
     print(f"{args.candidates} random candidates, estimator {settings.fitness.estimator} "
           f"({settings.fitness.items_per_task} items/task), tasks {', '.join(settings.tasks)}\n")

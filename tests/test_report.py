@@ -14,7 +14,8 @@ import torch
 
 from evomerge.errors import UserError
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
-from evomerge.report import front, knee, objectives, pick, pick_label, render, summary, write_plots
+from evomerge.front import knee
+from evomerge.report import front, objectives, pick, pick_label, render, summary, write_plots
 from evomerge.run import ArchiveEntry, RunDir
 
 torch.set_num_threads(1)
@@ -31,7 +32,7 @@ ROWS = {0: (0.2, 0.2, None, None),   # dominated by 1
 
 
 def recipe(weight: float, base="base", refs=None, experts=("add", "sort")) -> Recipe:
-    config = MethodConfig("task_arithmetic", {e: ExpertParams(weight) for e in experts})
+    config = MethodConfig("task_arithmetic", {e: ExpertParams(weight=weight) for e in experts})
     return Recipe.uniform(base, experts, 4, config, expert_refs=refs)
 
 
@@ -220,7 +221,7 @@ def test_export_command_writes_a_model_equal_to_the_merge(pico_zoo, pico_cache, 
 
     refs = {k: str(v) for k, v in pico_zoo.experts.items()}
     experts = tuple(refs)
-    config = MethodConfig("ties", {e: ExpertParams(0.3 + 0.1 * i, 0.6) for i, e in enumerate(experts)})
+    config = MethodConfig("ties", {e: ExpertParams(weight=0.3 + 0.1 * i, density=0.6) for i, e in enumerate(experts)})
     chosen = Recipe.uniform(str(pico_zoo.base), experts, 4, config, expert_refs=refs)
     other = recipe(0.5, base=str(pico_zoo.base), refs=refs, experts=experts)
     objs = [{"name": "zoo_add", "direction": "max", "reference": 0.0}]
@@ -237,3 +238,22 @@ def test_export_command_writes_a_model_equal_to_the_merge(pico_zoo, pico_cache, 
     merged = Merger(ModelPool(str(pico_zoo.base), refs)).materialize(chosen)
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens).logits, merged(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_one_front_rule_for_the_search_the_report_and_the_experiments(run):
+    """evomerge.front is what the search's history and test scoring, inspect and the experiments
+    all read: an entry with a non-finite objective never competes (its sort of 2.0 would
+    dominate every other), archive order does not matter, ties go to the lower id."""
+    from evomerge import front as fronts
+
+    objs = objectives(run)
+    entries = [*run.archive(), entry(6, {"add": float("nan"), "sort": 2.0}, recipe(0.95))]
+    members = fronts.front(reversed(entries), objs)
+    assert [e.id for e in members] == [1, 2, 3]
+    assert [e.id for e in fronts.picks(members, objs)] == [1, 2, 3]  # knee, best add, best sort
+    assert fronts.best_values(objs, members) == {"add": 0.9, "sort": 0.8}
+    rows = [{"add": 1.0, "sort": 0.0}, {"add": 1.0, "sort": 0.0}, {"add": 0.5, "sort": 0.0}]
+    assert fronts.non_dominated(objs, rows) == [0, 1]  # equal rows are both kept
+    err = objectives_of([{"name": "err", "direction": "min", "reference": 1.0}])[0]
+    tied = [entry(i, {"err": 0.1}, recipe(0.5)) for i in (4, 2, 7)]
+    assert fronts.best(err, tied).id == 2

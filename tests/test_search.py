@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -14,8 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from search_faults import DRIVER_EXIT, DriverDiesInArchiveLine, DriverDiesInCheckpoint, WorkerFaults
+
+from evomerge.search.hooks import SearchHooks
 
 POP, GENS = 4, 3
+TESTS = Path(__file__).resolve().parent
 
 
 def search_args(runs: Path, name: str, *extra: str) -> list[str]:
@@ -28,6 +33,17 @@ def cli(*args: str, cache: Path, env: dict | None = None, timeout: int = 600) ->
     full_env = {**os.environ, "EVOMERGE_CACHE": str(cache), **(env or {})}
     return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout)
+
+
+def with_hooks(hooks: SearchHooks, *args: str, cache: Path, folder: Path) -> subprocess.CompletedProcess:
+    """``args`` (search OVERRIDE... or resume RUN_DIR) run by tests/search_faults.py's driver with
+    ``hooks``, in a process of its own; its Ray workers find the hooks' module on PYTHONPATH."""
+    hooks_file = folder / "hooks.pkl"
+    hooks_file.write_bytes(pickle.dumps(hooks))
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "EVOMERGE_CACHE": str(cache), "PYTHONPATH": path}
+    return subprocess.run([sys.executable, "-m", "search_faults", str(hooks_file), *args], capture_output=True,
+                          text=True, env=env, timeout=600)
 
 
 def comparable(run: Path) -> list[dict]:
@@ -80,12 +96,11 @@ def test_probe_population_is_measured_once_on_the_full_split(reference_run):
 def test_resume_after_crashes_while_writing_the_archive_and_a_checkpoint(reference_run, pico_cache, tmp_path):
     """One run, two crashes: mid archive line in generation 1, then (in the resumed run) mid
     checkpoint of generation 2; each resume picks up where the files say."""
-    def crash_at(fault: dict) -> dict:
-        return {"EVOMERGE_TEST_FAULT": json.dumps(fault)}
-
-    done = cli(*search_args(tmp_path, "crash"), cache=pico_cache, env=crash_at({"driver_exit": "archive", "at": POP + 1}))
-    assert done.returncode == 9, done.stderr[-3000:]
-    done = cli("resume", str(tmp_path / "crash"), cache=pico_cache, env=crash_at({"driver_exit": "checkpoint", "at": 2}))
+    done = with_hooks(DriverDiesInArchiveLine(entry_id=POP + 1), *search_args(tmp_path, "crash"), cache=pico_cache,
+                      folder=tmp_path)
+    assert done.returncode == DRIVER_EXIT == 9, done.stderr[-3000:]
+    done = with_hooks(DriverDiesInCheckpoint(generation=2), "resume", str(tmp_path / "crash"), cache=pico_cache,
+                      folder=tmp_path)
     assert done.returncode == 9, done.stderr[-3000:]
     assert "dropped 1 unreadable line" in done.stderr
     assert not (tmp_path / "crash" / "checkpoints" / "generation-0002.pkl").exists()
@@ -161,8 +176,8 @@ def test_resume_of_a_folder_that_is_not_a_run_fails_clearly(tmp_path, pico_cache
 
 @pytest.mark.reliability("fault", "a worker actor killed mid-generation: its candidate is retried on a fresh worker; the archive equals a fault-free run's")
 def test_a_killed_worker_loses_nothing(reference_run, pico_cache, tmp_path):
-    done = cli(*search_args(tmp_path, "faulty"), cache=pico_cache,
-               env={"EVOMERGE_TEST_FAULT": json.dumps({"kill_on_call": 5, "first_worker_only": True})})
+    done = with_hooks(WorkerFaults(kill_on=5, kill_worker="w0"), *search_args(tmp_path, "faulty"), cache=pico_cache,
+                      folder=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "worker w0 died" in done.stderr
     assert comparable(tmp_path / "faulty") == comparable(reference_run[0])
@@ -171,9 +186,11 @@ def test_a_killed_worker_loses_nothing(reference_run, pico_cache, tmp_path):
 @pytest.mark.reliability("fault", "a candidate whose merged weights are NaN: recorded with its reason and the worst fitness; the run goes on")
 @pytest.mark.reliability("fault", "a candidate whose evaluation raises: recorded with its reason and the worst fitness; the run goes on")
 def test_failing_candidates_cost_the_candidates_not_the_run(pico_zoo, pico_cache, tmp_path):
-    fault = {"nan_weights": [1, 3], "eval_raises": [2]}  # by call: candidates 1 and 3 NaN, 2 raises, 4 fine
-    done = cli(*search_args(tmp_path, "nan", "algorithm.generations=1"), cache=pico_cache,
-               env={"EVOMERGE_TEST_FAULT": json.dumps(fault)})
+    generations = tmp_path / "generations.txt"
+    # by candidate: 1 and 3 NaN, 2 raises, 4 fine; the picks are not test-scored (the experiments' way)
+    hooks = WorkerFaults(nan_on=(1, 3), raise_on=(2,), generations_file=str(generations), test_scoring=False)
+    done = with_hooks(hooks, *search_args(tmp_path, "nan", "algorithm.generations=1"), cache=pico_cache,
+                      folder=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = comparable(tmp_path / "nan")
     assert len(rows) == POP
@@ -183,6 +200,11 @@ def test_failing_candidates_cost_the_candidates_not_the_run(pico_zoo, pico_cache
     for row in rows:
         if row["error"]:
             assert all(v == 0.0 for v in row["objectives"].values())
+    good = [r["id"] for r in rows if not r["error"]]
+    assert generations.read_text().splitlines() == [f"0 {good[0]}"]  # after_generation saw the front
+    pareto = json.loads((tmp_path / "nan" / "pareto.json").read_text())
+    assert [m["id"] for m in pareto["members"]] == good and pareto["members"][0]["test_scores"] is None
+    assert "test split" not in done.stderr
 
 
 def test_a_search_joins_a_ray_cluster_by_address(pico_zoo, pico_cache, tmp_path):

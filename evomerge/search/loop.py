@@ -10,7 +10,7 @@ rest: the archive ends identical to an uninterrupted run's, whatever the worker 
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import random
 import sys
 import time
@@ -18,15 +18,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-
+from evomerge import front as fronts
 from evomerge.errors import UserError
 from evomerge.fitness.objectives import Objective, hypervolume, minimized_matrix
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 from evomerge.run import ArchiveEntry, RunDir, atomic_write
 from evomerge.search import checkpoint
 from evomerge.search.algorithms import make_algorithm, make_problem
+from evomerge.search.hooks import SearchHooks
 from evomerge.search.settings import Settings, changed_keys, read_settings, search_fingerprint
-from evomerge.search.workers import WorkerPool, worst_objectives
+from evomerge.search.workers import EvalRequest, EvalResult, WorkerPool, worst_objectives
 from evomerge.space import SearchSpace
 
 Log = Callable[[str], None]
@@ -37,9 +38,9 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def start(config: dict[str, Any], log: Log = _stderr) -> RunDir:
+def start(config: dict[str, Any], log: Log = _stderr, *, hooks: SearchHooks | None = None) -> RunDir:
     """Check ``config``, create its run folder and search; returns the folder."""
-    search = Search(read_settings(config), log)  # every check passes before a file is written
+    search = Search(read_settings(config), log, hooks=hooks)  # every check passes before a file is written
     name = config.get("name") or datetime.now().strftime("%Y%m%d-%H%M%S")
     run = RunDir.create(Path(config.get("runs_dir") or "runs") / str(name), config)
     run.write_json(run.root / RUN_STATE, {"fingerprint": search_fingerprint(config), "config": config})
@@ -48,10 +49,10 @@ def start(config: dict[str, Any], log: Log = _stderr) -> RunDir:
     return run
 
 
-def resume(folder: str | Path, log: Log = _stderr) -> RunDir:
+def resume(folder: str | Path, log: Log = _stderr, *, hooks: SearchHooks | None = None) -> RunDir:
     """Continue the run in ``folder`` from its archive and newest checkpoint."""
     run = RunDir.open(folder)
-    Search(read_settings(resumed_config(run)), log).run(run)
+    Search(read_settings(resumed_config(run)), log, hooks=hooks).run(run)
     return run
 
 
@@ -74,12 +75,12 @@ def resumed_config(run: RunDir) -> dict[str, Any]:
 
 
 class Search:
-    def __init__(self, settings: Settings, log: Log = _stderr) -> None:
+    def __init__(self, settings: Settings, log: Log = _stderr, *, hooks: SearchHooks | None = None) -> None:
         from evomerge.fitness import Evaluator
 
         self.settings = settings
         self.log = log
-        self.fault = settings.worker_spec().fault  # test hooks: where the fault tests crash the driver
+        self.hooks = hooks or SearchHooks()
         self.space = SearchSpace(settings.space, settings.base, tuple(settings.experts), settings.num_layers,
                                  expert_refs=dict(settings.experts))
         # A driver-side evaluator validates the tasks and names the objectives before workers start.
@@ -109,7 +110,8 @@ class Search:
         if not self.run_dir.pareto_path.exists():  # inspect learns the objectives from the start
             self._write_pareto([], -1)
         try:
-            self.pool = WorkerPool(self.settings.worker_spec(), log=self.log)
+            spec = dataclasses.replace(self.settings.worker_spec(), hooks=self.hooks)
+            self.pool = WorkerPool(spec, log=self.log)
             self._probe_population()
             algorithm, generation, next_id = self._algorithm()
             while algorithm.has_next():
@@ -160,9 +162,7 @@ class Search:
                 self.log(f"algorithm {self.settings.algorithm.name} cannot be checkpointed; a resume "
                          f"replays the archive from the first generation instead (nothing is re-evaluated)")
             return
-        if self.fault.get("driver_exit") == "checkpoint" and self.fault.get("at") == generation:
-            path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
-            os._exit(9)  # a crash halfway through writing the checkpoint
+        self.hooks.before_checkpoint(generation, path, data)
         atomic_write(path, data)
         for old in sorted(self.run_dir.checkpoints.glob("generation-*.pkl"))[:-2]:
             old.unlink()  # two kept: the newest may be the one a crash corrupts
@@ -172,7 +172,8 @@ class Search:
         genomes = [self.space.as_genome(x) for x in population.get("X")]
         recipes = [self.space.decode(g) for g in genomes]
         entries: dict[int, ArchiveEntry] = {}
-        jobs, twins, claimed = [], [], set()
+        jobs: dict[int, EvalRequest] = {}
+        twins, claimed = [], set()
         for position, recipe in enumerate(recipes):
             entry_id = first_id + position
             if entry_id in self.by_id:  # evaluated before an interruption: replayed
@@ -181,12 +182,13 @@ class Search:
                 twins.append(position)  # served from the archive once its original is there
             else:
                 claimed.add(recipe.hash)
-                jobs.append(((entry_id, genomes[position], recipe), (recipe.to_dict(),), {}))
+                jobs[entry_id] = EvalRequest(recipe)
         progress = _Progress(len(genomes), len(entries) + len(twins), generation)
 
-        def on_result(key, result: dict[str, Any]) -> None:
-            entry_id, genome, recipe = key
-            entries[entry_id] = self._record(self._entry(entry_id, generation, genome, recipe, result))
+        def on_result(entry_id: int, result: EvalResult) -> None:
+            position = entry_id - first_id
+            entries[entry_id] = self._record(
+                self._entry(entry_id, generation, genomes[position], recipes[position], result))
             progress.step()
 
         self.pool.run(jobs, on_result)
@@ -199,23 +201,18 @@ class Search:
                 dict(earlier.objectives), dict(earlier.scores), error=earlier.error, cached_from=earlier.id))
         return [entries[first_id + i] for i in range(len(genomes))]
 
-    def _entry(self, entry_id: int, generation: int, genome, recipe: Recipe, result: dict[str, Any]) -> ArchiveEntry:
-        error = result.get("error")
-        if error is None:
-            evaluation = result["evaluation"]
-            objectives, scores = evaluation["objectives"], evaluation["scores"]
+    def _entry(self, entry_id: int, generation: int, genome, recipe: Recipe, result: EvalResult) -> ArchiveEntry:
+        if result.evaluation is not None:
+            objectives, scores = result.evaluation.objectives, result.evaluation.scores
         else:
             objectives, scores = worst_objectives(self.objectives), {}
         return ArchiveEntry(entry_id, generation, self.space.vector(genome), recipe.hash, recipe.to_dict(),
-                            dict(objectives), dict(scores), result.get("merge_seconds", 0.0),
-                            result.get("eval_seconds", 0.0), result.get("worker", ""), error)
+                            dict(objectives), dict(scores), result.merge_seconds, result.eval_seconds,
+                            result.worker, result.error)
 
     def _record(self, entry: ArchiveEntry) -> ArchiveEntry:
         """Append to the archive first: only then does anything else learn of the result."""
-        if self.fault.get("driver_exit") == "archive" and self.fault.get("at") == entry.id:
-            with open(self.run_dir.archive_path, "a") as out:
-                out.write(entry.to_json()[:50])
-            os._exit(9)  # a crash halfway through writing an archive line
+        self.hooks.before_archive_line(self.run_dir, entry)
         self.run_dir.append(entry)
         self.by_id[entry.id] = entry
         if entry.cached_from is None:
@@ -234,21 +231,17 @@ class Search:
         recipes = self._probe_recipes()
         self.log(f"probe population: {len(recipes)} models on the full validation split "
                  f"(fits the {self.settings.fitness.estimator} estimator)")
-        results: dict[str, dict[str, Any]] = {}
-        self.pool.run([(name, (r.to_dict(),), {"full": True}) for name, r in recipes.items()],
-                      lambda name, result: results.__setitem__(name, result))
-        failed = {n: r["error"] for n, r in results.items() if r.get("error")}
+        results: dict[str, EvalResult] = {}
+        self.pool.run({name: EvalRequest(r, full=True) for name, r in recipes.items()}, results.__setitem__)
+        failed = {n: r.error for n, r in results.items() if r.evaluation is None}
         if failed:
             name = sorted(failed)[0]
             raise UserError(f"probe model {name} could not be evaluated: {failed[name]}")
-        from evomerge.fitness import Evaluation
-
-        evaluations = [Evaluation.from_dict(results[n]["evaluation"]) for n in recipes]
-        state = self.evaluator.fit(evaluations)
+        state = self.evaluator.fit([results[n].evaluation for n in recipes])
         self.run_dir.write_json(self.run_dir.probes_path, {
             "estimator": state,
-            "probes": [{"name": n, "recipe": recipes[n].to_dict(), "evaluation": results[n]["evaluation"],
-                        "seconds": results[n]["merge_seconds"] + results[n]["eval_seconds"]} for n in recipes]})
+            "probes": [{"name": n, "recipe": recipes[n].to_dict(), "evaluation": results[n].evaluation.to_dict(),
+                        "seconds": results[n].seconds} for n in recipes]})
         self.pool.load_state(state)
 
     def _probe_recipes(self) -> dict[str, Recipe]:
@@ -268,21 +261,14 @@ class Search:
 
     # --- bookkeeping -----------------------------------------------------------------------------
     def _front(self) -> list[ArchiveEntry]:
-        from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
-
-        unique = [e for e in self.by_hash.values() if e.error is None]
-        if not unique:
-            return []
-        F = minimized_matrix(self.objectives, [e.objectives for e in unique])
-        return [unique[i] for i in NonDominatedSorting().do(F, only_non_dominated_front=True)]
+        return fronts.front(self.by_id.values(), self.objectives)
 
     def _after_generation(self, generation: int, next_id: int, started: float, generation_started: float,
                           count: int) -> None:
         front = self._front()
         elapsed = time.perf_counter() - started
         rate = count / max(1e-9, (time.perf_counter() - generation_started) / 60)
-        best = {o.name: (max if o.direction == "max" else min)(e.objectives[o.name] for e in front)
-                for o in self.objectives} if front else {}
+        best = fronts.best_values(self.objectives, front)
         hv = hypervolume(self.objectives, [e.objectives for e in front])
         errors = sum(1 for e in self.by_id.values() if e.error)
         left = self.settings.algorithm.generations - generation - 1
@@ -295,6 +281,7 @@ class Search:
         self.log(f"generation {generation}: {next_id} evaluations ({errors} failed), best "
                  + ", ".join(f"{k} {v:.3f}" for k, v in best.items())
                  + f", hypervolume {hv:.4f}, {rate:.1f} candidates/min{eta}")
+        self.hooks.after_generation(generation, front)
 
     def _write_pareto(self, front: list[ArchiveEntry], generation: int, tests: dict[int, dict] | None = None) -> None:
         old = self.run_dir.read_json(self.run_dir.pareto_path) or {}
@@ -311,26 +298,19 @@ class Search:
         """Held-out test scores (full test split) for the front members a user would pick: the
         knee and the best on each objective. Scoring every member of a 4-objective front would
         cost more than the search itself; ``inspect`` marks the others' test scores as unknown."""
-        from evomerge.report import knee
-
         front = self._front()
         if not front:
             return
-        chosen = {knee(front, self.objectives).id}
-        for objective in self.objectives:
-            pick = (max if objective.direction == "max" else min)(
-                front, key=lambda e: (e.objectives[objective.name], -e.id))
-            chosen.add(pick.id)
         old = self.run_dir.read_json(self.run_dir.pareto_path) or {}
         known = {m["id"]: m.get("test_scores") for m in old.get("members", []) if m.get("test_scores")}
-        todo = [e for e in front if e.id in chosen and e.id not in known]
+        todo = self.hooks.before_test_scoring([e for e in fronts.picks(front, self.objectives) if e.id not in known])
         if todo:
             self.log(f"test split: scoring {len(todo)} front member(s) (the knee and the best per objective)")
-        results: dict[int, dict[str, Any]] = {}
-        self.pool.run([(e.id, (e.recipe,), {"split": "test", "full": True}) for e in todo],
-                      lambda key, result: results.__setitem__(key, result))
+        results: dict[int, EvalResult] = {}
+        self.pool.run({e.id: EvalRequest(Recipe.from_dict(e.recipe), split="test", full=True) for e in todo},
+                      results.__setitem__)
         tests = dict(known)
-        tests.update({k: r["evaluation"]["scores"] for k, r in results.items() if not r.get("error")})
+        tests.update({k: r.evaluation.scores for k, r in results.items() if r.evaluation is not None})
         history = self.run_dir.history()
         self._write_pareto(front, history[-1]["generation"] if history else 0, tests)
 

@@ -15,10 +15,15 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Mapping, Sequence, TypeVar
 
 from evomerge.config import FitnessConfig, RuntimeConfig
 from evomerge.errors import UserError
+from evomerge.search.hooks import SearchHooks
+
+if TYPE_CHECKING:
+    from evomerge.fitness import Evaluation
+    from evomerge.recipe import Recipe
 
 
 @dataclass
@@ -34,7 +39,46 @@ class WorkerSpec:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     estimator_state: dict[str, Any] | None = None
-    fault: dict[str, Any] = field(default_factory=dict)  # test hooks, e.g. {"kill_on_call": N}
+    hooks: SearchHooks = field(default_factory=SearchHooks)
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What the driver asks a worker: score ``recipe`` on ``split``, with the estimator's subset
+    of items (a search's candidates) or on every item (``full``: probes, test scoring)."""
+
+    recipe: Recipe
+    split: str = "validation"
+    full: bool = False
+
+    def __reduce__(self):
+        # To a worker the recipe travels in its plain-data form, the one the archive stores, and
+        # is rebuilt (and checked) there: a Recipe's immutable parts do not pickle themselves.
+        return (_request, (self.recipe.to_dict(), self.split, self.full))
+
+
+@dataclass
+class EvalResult:
+    """What comes back: the evaluation, or why there is none (``error``), and where the time went
+    (``forward_seconds``: inside the model's forward passes, so benchmarks can tell evaluation
+    from overhead)."""
+
+    worker: str
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    forward_seconds: float = 0.0
+    evaluation: Evaluation | None = None
+    error: str | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.merge_seconds + self.eval_seconds
+
+
+def _request(recipe: dict[str, Any], split: str, full: bool) -> EvalRequest:
+    from evomerge.recipe import Recipe
+
+    return EvalRequest(Recipe.from_dict(recipe), split, full)
 
 
 class MergeWorker:
@@ -65,7 +109,7 @@ class MergeWorker:
                                    include_path=spec.include_path, device=device)
         if spec.estimator_state is not None:
             self.evaluator.load_state(spec.estimator_state)
-        self.calls = 0
+        self.hooks = spec.hooks
         # Time inside the model's forward passes, so benchmarks can tell evaluation from overhead.
         self.forward_seconds = 0.0
         self.merger.model.register_forward_pre_hook(self._forward_starts)
@@ -80,48 +124,34 @@ class MergeWorker:
     def load_state(self, state: dict[str, Any]) -> None:
         self.evaluator.load_state(state)
 
-    def _fault(self, kind: str) -> bool:
-        """Whether test hook ``kind`` hits this call: true for every candidate, or a list of calls."""
-        value = self.spec.fault.get(kind)
-        return value is True or (isinstance(value, list) and self.calls in value)
-
-    def evaluate(self, recipe: dict[str, Any], split: str = "validation", full: bool = False) -> dict[str, Any]:
-        """Merge ``recipe`` in place and score it; failures come back as ``error``, not raised."""
+    def evaluate(self, request: EvalRequest) -> EvalResult:
+        """Merge the recipe in place and score it; failures come back as ``error``, not raised."""
         import torch
 
-        from evomerge.recipe import Recipe
-
-        candidate = split == "validation" and not full  # faults spare probes and test scoring
-        self.calls += candidate
-        if candidate and self.spec.fault.get("kill_on_call") == self.calls:
-            os._exit(1)  # a test simulates a worker lost mid-candidate
-        result: dict[str, Any] = {"worker": self.name, "merge_seconds": 0.0, "eval_seconds": 0.0}
+        result = EvalResult(self.name)
         started = time.perf_counter()
         forward_before = self.forward_seconds
         try:
-            model = self.merger.materialize(Recipe.from_dict(recipe))
-            if candidate and self._fault("nan_weights"):
-                with torch.no_grad():
-                    next(model.parameters()).fill_(float("nan"))
+            self.hooks.candidate_starts(self.name, request)
+            model = self.merger.materialize(request.recipe)
+            self.hooks.materialized(self.name, request, model)
             # A sum is NaN or inf when any element is: one read per tensor, no mask allocated.
             bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p.sum())), None)
-            result["merge_seconds"] = time.perf_counter() - started
+            result.merge_seconds = time.perf_counter() - started
             if bad is not None:
-                result["error"] = f"merged weights are not finite (first: {bad})"
+                result.error = f"merged weights are not finite (first: {bad})"
                 return result
             scored = time.perf_counter()
-            if candidate and self._fault("eval_raises"):
-                raise RuntimeError("injected evaluation failure")
-            evaluation = self.evaluator.score(model, split=split, full=full)
-            result["eval_seconds"] = time.perf_counter() - scored
-            result["forward_seconds"] = self.forward_seconds - forward_before
-            result["evaluation"] = evaluation.to_dict()
+            self.hooks.before_scoring(self.name, request)
+            result.evaluation = self.evaluator.score(model, split=request.split, full=request.full)
+            result.eval_seconds = time.perf_counter() - scored
+            result.forward_seconds = self.forward_seconds - forward_before
         except Exception as error:  # one candidate's failure costs that candidate, not the run
-            result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            result.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         return result
 
 
-Job = tuple[Any, tuple, dict]  # (key, args, kwargs) for MergeWorker.evaluate
+Key = TypeVar("Key", bound=Hashable)
 
 
 class WorkerPool:
@@ -159,10 +189,7 @@ class WorkerPool:
     def _start(self):
         name = f"w{self._serial}"
         self._serial += 1
-        spec = self.spec
-        if spec.fault and spec.fault.get("first_worker_only") and name != "w0":
-            spec = WorkerSpec(**{**spec.__dict__, "fault": {}})
-        return self._actor_class.remote(spec, name), name
+        return self._actor_class.remote(self.spec, name), name
 
     def load_state(self, state: dict[str, Any]) -> None:
         import ray
@@ -170,26 +197,26 @@ class WorkerPool:
         self.spec.estimator_state = state
         ray.get([actor.load_state.remote(state) for actor, _ in self.actors])
 
-    def run(self, jobs: Sequence[Job], on_result: Callable[[Any, dict[str, Any]], None]) -> None:
-        """Evaluate every job; ``on_result(key, result)`` runs in the driver as each one finishes.
+    def run(self, jobs: Mapping[Key, EvalRequest], on_result: Callable[[Key, EvalResult], None]) -> None:
+        """Evaluate every request; ``on_result(key, result)`` runs in the driver as each finishes.
 
-        A job whose actor dies goes back to the queue (up to ``max_retries`` times, then it is
+        A request whose actor dies goes back to the queue (up to ``max_retries`` times, then it is
         reported as an error) and the actor is replaced, so the pool keeps its size."""
         import ray
         from ray.exceptions import RayActorError
 
-        queue = deque((key, args, kwargs, 0) for key, args, kwargs in jobs)
+        queue = deque((key, request, 0) for key, request in jobs.items())
         idle = deque(range(len(self.actors)))
-        running: dict[Any, tuple[int, tuple]] = {}
+        running: dict[Any, tuple[int, tuple[Key, EvalRequest, int]]] = {}
         while queue or running:
             while queue and idle:
                 slot = idle.popleft()
-                key, args, kwargs, attempts = job = queue.popleft()
+                job = queue.popleft()
                 actor, _ = self.actors[slot]
-                running[actor.evaluate.remote(*args, **kwargs)] = (slot, job)
+                running[actor.evaluate.remote(job[1])] = (slot, job)
             done, _ = ray.wait(list(running), num_returns=1)
             ref = done[0]
-            slot, (key, args, kwargs, attempts) = running.pop(ref)
+            slot, (key, request, attempts) = running.pop(ref)
             try:
                 result = ray.get(ref)
             except RayActorError as error:
@@ -198,10 +225,9 @@ class WorkerPool:
                 self.log(f"worker {lost} died ({type(error).__name__}); started "
                          f"{self.actors[slot][1]} and retrying its candidate")
                 if attempts + 1 > self.spec.runtime.max_retries:
-                    on_result(key, {"worker": lost, "merge_seconds": 0.0, "eval_seconds": 0.0,
-                                    "error": f"worker died {attempts + 1} times on this candidate"})
+                    on_result(key, EvalResult(lost, error=f"worker died {attempts + 1} times on this candidate"))
                 else:
-                    queue.appendleft((key, args, kwargs, attempts + 1))
+                    queue.appendleft((key, request, attempts + 1))
                 idle.append(slot)
                 continue
             idle.append(slot)

@@ -62,15 +62,16 @@ import math
 import random
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
-from unittest import mock
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import table  # noqa: E402  (experiments/zoo_pareto/table.py renders results.json)
+
+from evomerge.run import ArchiveEntry  # noqa: E402
+from evomerge.search.hooks import SearchHooks  # noqa: E402
 
 # name -> (what it is, its overrides of evomerge's search config, candidates in its first
 # generation: None = a population like every later one)
@@ -120,20 +121,24 @@ def mean_of(scores: Mapping[str, float], tasks: Sequence[str]) -> float:
     return sum(float(scores[t]) for t in tasks) / len(tasks)
 
 
-def hv(tasks: Sequence[str], rows: Iterable[Mapping[str, float]]) -> float:
-    from evomerge.fitness.objectives import Objective, hypervolume
+def accuracies(tasks: Sequence[str]) -> list:
+    """Each task's accuracy as an objective (maximized, reference 0): what fronts are judged on."""
+    from evomerge.fitness.objectives import Objective
 
-    return hypervolume([Objective(t, "max", 0.0) for t in tasks], [{t: r[t] for t in tasks} for r in rows])
+    return [Objective(t, "max", 0.0) for t in tasks]
+
+
+def hv(tasks: Sequence[str], rows: Iterable[Mapping[str, float]]) -> float:
+    from evomerge.fitness.objectives import hypervolume
+
+    return hypervolume(accuracies(tasks), [{t: r[t] for t in tasks} for r in rows])
 
 
 def non_dominated(rows: Sequence[Mapping[str, float]], tasks: Sequence[str]) -> list[int]:
-    """Indices of rows no other row dominates (every task at least as good, one better)."""
-    keep = []
-    for i, a in enumerate(rows):
-        if not any(all(b[t] >= a[t] for t in tasks) and any(b[t] > a[t] for t in tasks)
-                   for j, b in enumerate(rows) if j != i):
-            keep.append(i)
-    return keep
+    """Indices of the rows no other row dominates on the tasks' accuracies."""
+    from evomerge import front
+
+    return front.non_dominated(accuracies(tasks), rows)
 
 
 # --- full-split scoring, cached by recipe hash --------------------------------------------------------
@@ -184,21 +189,25 @@ class Scorer:
         todo = {h: r for h, r in recipes.items() if items or split not in self.cache.get(h, {})}
         out: dict[str, Any] = {}
         if todo:
+            from evomerge.recipe import Recipe
+            from evomerge.search.workers import EvalRequest, EvalResult
+
             self.log(f"scoring {len(todo)} recipe(s) on the full {split} split")
 
-            def done(key: str, result: dict[str, Any]) -> None:
+            def done(key: str, result: EvalResult) -> None:
                 entry = self.cache.setdefault(key, {})
-                if result.get("error"):
-                    self.log(f"recipe {key} failed on {split}: {result['error']}")
-                    entry[split], entry[f"{split}_error"] = None, result["error"]
+                if result.evaluation is None:
+                    self.log(f"recipe {key} failed on {split}: {result.error}")
+                    entry[split], entry[f"{split}_error"] = None, result.error
                 else:
-                    entry[split] = result["evaluation"]["scores"]
+                    entry[split] = dict(result.evaluation.scores)
                     if items:
-                        out[key] = result["evaluation"]
-                entry[f"{split}_seconds"] = result.get("merge_seconds", 0.0) + result.get("eval_seconds", 0.0)
+                        out[key] = result.evaluation.to_dict()
+                entry[f"{split}_seconds"] = result.seconds
                 write_json(self.path, self.cache)  # a crash loses at most the evaluations running
 
-            self._pool(split).run([(h, (r,), {"split": split, "full": True}) for h, r in todo.items()], done)
+            self._pool(split).run({h: EvalRequest(Recipe.from_dict(r), split=split, full=True)
+                                   for h, r in todo.items()}, done)
         if items:
             return out
         return {h: self.get(h, split) for h in recipes}
@@ -316,14 +325,12 @@ class Baselines:
 # --- the searches -----------------------------------------------------------------------------------
 
 
-@contextmanager
-def own_test_scoring():
+class OwnTestScoring(SearchHooks):
     """A search ends by scoring its knee and best-per-objective members on test; the experiment
-    scores its own larger set (with the probe task) instead, so that step is skipped here."""
-    from evomerge.search import loop
+    scores its own larger set (with the probe task) instead, so its searches score none."""
 
-    with mock.patch.object(loop.Search, "_test_front", lambda self: None):
-        yield
+    def before_test_scoring(self, members: Sequence[ArchiveEntry]) -> list[ArchiveEntry]:
+        return []
 
 
 def run_search(config: dict, folder: Path, probes: Path, log: Log) -> float:
@@ -340,13 +347,12 @@ def run_search(config: dict, folder: Path, probes: Path, log: Log) -> float:
         return 0.0
     started = time.perf_counter()
     prefix = lambda message: log(f"{folder.name}: {message}")  # noqa: E731
-    with own_test_scoring():
-        if state is None:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "probes.json").write_bytes(probes.read_bytes())
-            loop.start(config, prefix)
-        else:
-            loop.resume(folder, prefix)
+    if state is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "probes.json").write_bytes(probes.read_bytes())
+        loop.start(config, prefix, hooks=OwnTestScoring())
+    else:
+        loop.resume(folder, prefix, hooks=OwnTestScoring())
     done.write_text("finished\n")
     return time.perf_counter() - started
 
@@ -356,16 +362,15 @@ class RunResult:
     run's validation scoring shares one pool and every run's test scoring another."""
 
     def __init__(self, name: str, seed: int, folder: Path, skills: list[str], rescore: int, front_cap: int) -> None:
+        from evomerge import front
+        from evomerge.report import objectives
         from evomerge.run import RunDir
 
         self.name, self.seed, self.folder, self.skills, self.front_cap = name, seed, folder, skills, front_cap
         self.run = RunDir(folder)
         self.archive = self.run.archive()
-        seen, self.unique = set(), []
-        for entry in self.archive:
-            if entry.error is None and entry.recipe_hash not in seen and all(t in entry.scores for t in skills):
-                seen.add(entry.recipe_hash)
-                self.unique.append(entry)
+        self.unique = [e for e in front.competing(self.archive, objectives(self.run))
+                       if all(t in e.scores for t in skills)]
         if not self.unique:
             raise SystemExit(f"{folder}: no successful candidate to pick from")
         ranked = sorted(self.unique, key=lambda e: (-self.estimated(e), e.id))

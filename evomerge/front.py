@@ -1,0 +1,94 @@
+"""The Pareto front of a set of evaluations, and the picks a user makes from it.
+
+One home for these rules, because the search (history, ``pareto.json``, which members get
+held-out test scores), ``inspect``/``export`` and the experiments must agree on what "the front",
+"the knee" and "the best on an objective" are; two copies once disagreed on ties and on
+non-finite values. It reads archive entries and objectives only, never a model.
+
+Which entries compete: the first evaluation (lowest id) of each recipe, without an error, with
+every objective finite. Later entries of the same recipe are cache hits or re-evaluations of
+the same merge, and a NaN objective (a metric with nothing to measure) can neither dominate nor
+be dominated meaningfully. Ties between equally good entries always go to the lower id.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from evomerge.errors import UserError
+from evomerge.fitness.objectives import Objective, minimized_matrix
+from evomerge.run import ArchiveEntry
+
+Row = Mapping[str, float]
+
+
+def non_dominated(objectives: Sequence[Objective], rows: Sequence[Row]) -> list[int]:
+    """Indices (ascending) of the rows no other row dominates; equal rows are all kept."""
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+    if not rows or not objectives:
+        return []
+    F = minimized_matrix(objectives, rows)
+    return sorted(int(i) for i in NonDominatedSorting().do(F, only_non_dominated_front=True))
+
+
+def competing(entries: Iterable[ArchiveEntry], objectives: Sequence[Objective]) -> list[ArchiveEntry]:
+    """The entries that compete for the front (see the module's rule), in id order. None while
+    the objectives are unknown: without directions nothing can be said to beat anything."""
+    if not objectives:
+        return []
+    seen: set[str] = set()
+    out = []
+    for entry in sorted(entries, key=lambda e: e.id):
+        if entry.error is not None or entry.recipe_hash in seen or not _finite(entry, objectives):
+            continue
+        seen.add(entry.recipe_hash)
+        out.append(entry)
+    return out
+
+
+def front(entries: Iterable[ArchiveEntry], objectives: Sequence[Objective]) -> list[ArchiveEntry]:
+    """The non-dominated competing entries, in id order."""
+    valid = competing(entries, objectives)
+    return [valid[i] for i in non_dominated(objectives, [e.objectives for e in valid])]
+
+
+def knee(entries: Sequence[ArchiveEntry], objectives: Sequence[Objective]) -> ArchiveEntry:
+    """The entry closest (Euclidean) to the ideal point once each objective is scaled to [0, 1]
+    over ``entries``: the balanced compromise. Chosen over the distance-to-the-hyperplane-of-
+    extremes definition because that hyperplane is undefined when extremes coincide or with one
+    objective, while this is defined for any front."""
+    if not entries:
+        raise UserError("the front is empty; no entry to pick")
+    F = minimized_matrix(objectives, [e.objectives for e in entries])
+    low, span = F.min(axis=0), np.ptp(F, axis=0)
+    scaled = (F - low) / np.where(span > 0, span, 1.0)
+    distance = np.sqrt((scaled ** 2).sum(axis=1))
+    return min(zip(distance, (e.id for e in entries), entries), key=lambda t: (t[0], t[1]))[2]
+
+
+def best(objective: Objective, entries: Sequence[ArchiveEntry]) -> ArchiveEntry:
+    """The entry best on ``objective``."""
+    return min(entries, key=lambda e: (objective.minimized(e.objectives[objective.name]), e.id))
+
+
+def best_values(objectives: Sequence[Objective], entries: Sequence[ArchiveEntry]) -> dict[str, float]:
+    """The best value reached on each objective; empty when there is no entry."""
+    return {o.name: best(o, entries).objectives[o.name] for o in objectives} if entries else {}
+
+
+def picks(members: Sequence[ArchiveEntry], objectives: Sequence[Objective]) -> list[ArchiveEntry]:
+    """The members a user would pick: the knee, then the best on each objective (each once),
+    in id order. These get held-out test scores at the end of a search."""
+    if not members:
+        return []
+    chosen = {knee(members, objectives).id, *(best(o, members).id for o in objectives)}
+    return [e for e in members if e.id in chosen]
+
+
+def _finite(entry: ArchiveEntry, objectives: Sequence[Objective]) -> bool:
+    values = [entry.objectives.get(o.name) for o in objectives]
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
