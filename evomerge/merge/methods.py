@@ -35,14 +35,11 @@ from torch import Tensor
 from evomerge.merge.draws import DRAW_STEPS, Grid, draw_keys
 from evomerge.merge.kernels import (
     Combination, KeepRule, combine, consensus_slab, elementwise, magmax_slab, merge_kept, weight_total, work_dtype)
+from evomerge.merge.registry import METHODS, MergeParamError, MergeParams, TaskArithmeticVariant, resolve
 from evomerge.merge.stats import MagnitudeStats, l1_norms, magnitude_cuts, rank_width, ranked_l1_norms, row_ranks
 
-from evomerge.merge.registry import METHODS, MergeParamError, MergeParams, TaskArithmeticVariant, resolve
-
-# --- helpers -----------------------------------------------------------------------------------
-
-
 # --- generalized task arithmetic ---------------------------------------------------------------
+
 
 def _keep_rule(variant: TaskArithmeticVariant, deltas: Tensor, params: MergeParams,
                generator: torch.Generator | None, stats: MagnitudeStats | None) -> KeepRule:
