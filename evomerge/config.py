@@ -18,7 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 from evomerge.errors import UserError
 
@@ -47,14 +47,15 @@ class SpaceConfig:
     granularity: int = 5  # layers per group; 0 = one group for all layers
     split_components: bool = False  # separate genes for attention and MLP tensors
     methods: list[str] = field(default_factory=lambda: ["task_arithmetic"])  # >1 adds a method gene per group
-    weight: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    density: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    # Gene ranges: null keeps the range the parameter declares in the method registry.
+    weight: Optional[list[float]] = None
+    density: Optional[list[float]] = None
     # Known recipes in the first population, besides random ones (see ``SearchSpace.initial_recipes``).
     initial: list[Any] = field(default_factory=lambda: [{"method": "task_arithmetic", "weight": 0.3},
                                                         {"method": "task_arithmetic", "weight": 0.5}])
 
     def __post_init__(self) -> None:
-        from evomerge.merge.registry import METHODS
+        from evomerge.merge.registry import METHODS, known_params
 
         if not isinstance(self.granularity, int) or self.granularity < 0:
             raise UserError(f"space.granularity={self.granularity!r} must be an integer >= 0 "
@@ -66,16 +67,18 @@ class SpaceConfig:
             if name not in usable:
                 raise UserError(f"space.methods names {name!r}, which is not a merge method the "
                                 f"search can weight; valid: {', '.join(usable)}")
-        for key, limit in (("weight", None), ("density", (0.0, 1.0))):
+        for key in ("weight", "density"):
             bounds = getattr(self, key)
+            if bounds is None:
+                continue
             if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
                 raise UserError(f"space.{key}={bounds!r} must be [low, high]")
             low, high = bounds
             if not low < high:
                 raise UserError(f"space.{key} bounds [{low}, {high}] are inverted or empty; need low < high")
-            if limit and not (limit[0] <= low and high <= limit[1]):
-                raise UserError(f"space.{key} bounds [{low}, {high}] leave the valid range "
-                                f"[{limit[0]}, {limit[1]}]")
+            valid = known_params("expert")[key].range
+            if valid.complaint(low) or valid.complaint(high):
+                raise UserError(f"space.{key} bounds [{low}, {high}] leave the valid range {valid}")
 
 
 @dataclass

@@ -62,10 +62,15 @@ class ExpertParams(Mapping[str, float]):
         return len(self._values)
 
     def __getattr__(self, key: str) -> float:
+        if key.startswith("_"):
+            raise AttributeError(key)  # not set yet (unpickling), or private
         try:
             return self._values[key]
         except KeyError:
             raise AttributeError(f"no per-expert parameter {key!r} is set here") from None
+
+    def __reduce__(self):
+        return _expert_params, (self._values,)
 
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError("ExpertParams is immutable")
@@ -171,6 +176,10 @@ class MethodConfig:
         return cls(data["method"],
                    {name: ExpertParams.from_dict(p, f"{where}.experts.{name}") for name, p in experts.items()},
                    **shared)
+
+
+def _expert_params(values: Mapping[str, float]) -> ExpertParams:
+    return ExpertParams(**values)
 
 
 def _method_config(method: str, experts: Mapping[str, ExpertParams], params: Mapping[str, Any]) -> MethodConfig:

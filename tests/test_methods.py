@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 
 from evomerge.errors import UserError
-from evomerge.merge import kernels, methods
+from evomerge.merge import kernels
 from evomerge.merge.draws import Grid, draw_keys, draw_uniforms, integer_draws
 from evomerge.merge.methods import merge_tensor
 from evomerge.merge.registry import METHODS, TASK_ARITHMETIC_VARIANTS, MergeParamError, MergeParams, validate

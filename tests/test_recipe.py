@@ -493,3 +493,18 @@ def test_della_recipe_from_python_and_from_mergekit_yaml_agree():
     recipe = Recipe.uniform("base", ["add"], 2, della, expert_refs={"add": "x/add"})
     back = Recipe.from_mergekit(recipe.to_mergekit_yaml(), num_layers=2)
     assert back.hash == recipe.hash and back.outside.experts["add"].epsilon == 0.15
+
+
+def test_recipes_survive_pickling_as_ray_ships_them():
+    """Workers receive recipes pickled (Ray uses cloudpickle): the copy is equal, hashes alike,
+    and its parameters read as the original's."""
+    import pickle
+
+    import cloudpickle
+
+    recipe = layerwise()
+    for module in (pickle, cloudpickle):
+        copy = module.loads(module.dumps(recipe))
+        assert copy == recipe and copy.hash == recipe.hash
+        assert copy.outside.experts["add"].density == recipe.outside.experts["add"].density
+        assert copy.outside.lambda_ == recipe.outside.lambda_

@@ -51,11 +51,6 @@ class EvalRequest:
     split: str = "validation"
     full: bool = False
 
-    def __reduce__(self):
-        # To a worker the recipe travels in its plain-data form, the one the archive stores, and
-        # is rebuilt (and checked) there: a Recipe's immutable parts do not pickle themselves.
-        return (_request, (self.recipe.to_dict(), self.split, self.full))
-
 
 @dataclass
 class EvalResult:
@@ -75,10 +70,6 @@ class EvalResult:
         return self.merge_seconds + self.eval_seconds
 
 
-def _request(recipe: dict[str, Any], split: str, full: bool) -> EvalRequest:
-    from evomerge.recipe import Recipe
-
-    return EvalRequest(Recipe.from_dict(recipe), split, full)
 
 
 class MergeWorker:
