@@ -29,13 +29,12 @@ import torch
 from evomerge.merge.engine import Merger
 from evomerge.merge.export import export
 from evomerge.pool import ModelPool, unique_parameters
+from evomerge.merge.registry import METHODS
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 
 ALL_METHODS = ("task_arithmetic", "linear", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                "della", "slerp", "model_stock", "magmax", "consensus", "lines")
 QUICK_METHODS = ("task_arithmetic", "ties", "dare_ties")
-MERGEKIT_METHODS = frozenset({"task_arithmetic", "linear", "ties", "dare_ties", "dare_linear",
-                              "breadcrumbs", "della", "slerp", "model_stock"})
 
 
 def models(workdir: Path) -> tuple[str, dict[str, str], str]:
@@ -79,7 +78,7 @@ def recipe_for(method: str, base: str, experts: dict[str, str], num_layers: int)
     if method == "slerp":
         chosen = {names[0]: ExpertParams()}
     else:
-        chosen = {n: ExpertParams(w, 0.5, 0.05, 0.1) for n, w in zip(names, (0.5, 0.3, 0.8))}
+        chosen = {n: ExpertParams(weight=w, density=0.5, gamma=0.05, epsilon=0.1) for n, w in zip(names, (0.5, 0.3, 0.8))}
     config = MethodConfig(method, chosen, lambda_=1.0 if method == "linear" else 0.9)
     return Recipe.uniform(base, names, num_layers, config, expert_refs=experts)
 
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             used = 1 if method == "slerp" else len(experts)
             floor = floor_seconds(merger, used, bandwidth)
             row = f"{method:<16} {first:>8.2f} {seconds:>9.3f} {floor:>8.3f} {seconds / floor:>8.1f}"
-            if args.mergekit and method in MERGEKIT_METHODS:
+            if args.mergekit and METHODS[method].mergekit is not None:
                 theirs = time_mergekit(recipe, merger, workdir / method)
                 row += f" {theirs:>11.2f} {theirs / seconds:>10.1f}"
             print(row, flush=True)
