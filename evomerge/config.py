@@ -53,6 +53,10 @@ class SpaceConfig:
     # Known recipes in the first population, besides random ones (see ``SearchSpace.initial_recipes``).
     initial: list[Any] = field(default_factory=lambda: [{"method": "task_arithmetic", "weight": 0.3},
                                                         {"method": "task_arithmetic", "weight": 0.5}])
+    # The input models as candidates: base, each expert alone and uniform task-arithmetic merges
+    # at these weights open every archive, so no front is dominated by a model the user gave.
+    parents: bool = True
+    uniform: list[float] = field(default_factory=lambda: [0.3, 0.5, 1.0])
 
     def __post_init__(self) -> None:
         from evomerge.merge.registry import METHODS, known_params
@@ -79,6 +83,9 @@ class SpaceConfig:
             valid = known_params("expert")[key].range
             if valid.complaint(low) or valid.complaint(high):
                 raise UserError(f"space.{key} bounds [{low}, {high}] leave the valid range {valid}")
+        for weight in self.uniform:
+            if known_params("expert")["weight"].range.complaint(weight):
+                raise UserError(f"space.uniform weight {weight!r} is not a finite number")
 
 
 @dataclass

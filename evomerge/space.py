@@ -169,6 +169,20 @@ class SearchSpace:
                     genome[gene] = _clip(_value(values.get(param.name), param), self._bounds(gene))
         return genome
 
+    def parent_recipes(self) -> dict[str, Recipe]:
+        """The input models and the simplest merges of them, by name: ``base``, ``expert:<name>``
+        (that expert alone) and ``uniform:<w>`` (task arithmetic with weight w for every expert,
+        for each weight of ``space.uniform``). They need no gene: a search scores them as
+        candidates so that what it returns is never worse than what the user brought."""
+        def weights(values: Mapping[str, float]) -> Recipe:
+            config = MethodConfig("task_arithmetic", {e: ExpertParams(weight=values.get(e, 0.0)) for e in self.experts})
+            return Recipe.uniform(self.base, self.experts, self.num_layers, config, expert_refs=self.expert_refs)
+
+        recipes = {"base": weights({})}
+        recipes.update({f"expert:{e}": weights({e: 1.0}) for e in self.experts})
+        recipes.update({f"uniform:{w:g}": weights(dict.fromkeys(self.experts, w)) for w in self.config.uniform})
+        return recipes
+
     def initial_recipes(self) -> list[Recipe]:
         """Known recipes for the first population, from ``space.initial`` entries: a mapping
         ``{method: ties, weight: 0.5, density: 0.5}`` (uniform over experts and layers) or the

@@ -20,6 +20,7 @@ from search_faults import DRIVER_EXIT, DriverDiesInArchiveLine, DriverDiesInChec
 from evomerge.search.hooks import SearchHooks
 
 POP, GENS = 4, 3
+PARENTS = 1 + 4 + 3  # base, the pico zoo's four experts, uniform merges at 0.3, 0.5 and 1
 TESTS = Path(__file__).resolve().parent
 
 
@@ -68,18 +69,47 @@ def test_a_search_fills_its_run_folder(reference_run):
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["algorithm"]["pop_size"] == POP and config["fitness"]["estimator"] == "anchors"
     rows = comparable(run)
-    assert [r["id"] for r in rows] == list(range(POP * GENS))
-    assert [r["generation"] for r in rows] == [g for g in range(GENS) for _ in range(POP)]
+    assert [r["id"] for r in rows] == list(range(PARENTS + POP * GENS))
+    assert [r["generation"] for r in rows] == [-1] * PARENTS + [g for g in range(GENS) for _ in range(POP)]
     evaluated = [r for r in rows if r["cached_from"] is None]
     assert len({r["recipe_hash"] for r in evaluated}) == len(evaluated)  # never evaluated twice
     assert all(set(r["objectives"]) == {"zoo_add", "zoo_reverse", "zoo_sort", "zoo_upper"} for r in rows)
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [h["generation"] for h in history] == list(range(GENS))
-    assert [h["evaluations"] for h in history] == [POP * (g + 1) for g in range(GENS)]
+    assert [h["evaluations"] for h in history] == [PARENTS + POP * (g + 1) for g in range(GENS)]
     assert all(h["hypervolume"] >= 0 for h in history)
     pareto = json.loads((run / "pareto.json").read_text())
     assert pareto["members"] and any(m["test_scores"] is not None for m in pareto["members"])
     assert "generation 2:" in done.stderr and "candidates/min" in done.stderr
+
+
+def test_parents_open_the_archive_and_no_front_member_is_worse_than_one(reference_run):
+    """Base, every expert alone and the uniform merges are candidates of the run (generation
+    -1, the archive's first ids): no parent dominates a member of the front, and the pick best
+    on each objective scores at least what every parent scores there, on the search's data."""
+    from evomerge import front as fronts
+    from evomerge.recipe import Recipe
+    from evomerge.report import objectives, pick
+    from evomerge.run import RunDir
+
+    run = RunDir.open(reference_run[0])
+    archive = run.archive()
+    parents = [e for e in archive if e.generation == -1]
+    assert [e.id for e in parents] == list(range(PARENTS)) and all(e.genome == [] for e in parents)
+    weights = [{n: p.weight for n, p in Recipe.from_dict(e.recipe).outside.experts.items()} for e in parents]
+    experts = ["add", "reverse", "sort", "upper"]
+    assert weights == [dict.fromkeys(experts, 0.0)] + [{n: float(n == e) for n in experts} for e in experts] \
+        + [dict.fromkeys(experts, w) for w in (0.3, 0.5, 1.0)]
+    objs = objectives(run)
+    members = fronts.front(archive, objs)
+    for parent in parents:
+        mine = [o.minimized(parent.objectives[o.name]) for o in objs]
+        for member in members:
+            theirs = [o.minimized(member.objectives[o.name]) for o in objs]
+            assert not (all(a <= b for a, b in zip(mine, theirs)) and mine != theirs), (parent.id, member.id)
+    for o in objs:
+        best = pick(run, f"best:{o.name}").objectives[o.name]
+        assert all(o.minimized(best) <= o.minimized(p.objectives[o.name]) for p in parents)
 
 
 def test_probe_population_is_measured_once_on_the_full_split(reference_run):
@@ -120,13 +150,13 @@ def test_resume_after_a_killed_driver_ends_with_the_same_archive(reference_run, 
     archive = tmp_path / "cut" / "archive.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:  # kill it mid-search: after gen 0's checkpoint, inside gen 1
-        if archive.exists() and len(archive.read_text().splitlines()) >= POP + 2:
+        if archive.exists() and len(archive.read_text().splitlines()) >= PARENTS + POP + 2:
             break
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     kept = len(archive.read_text().splitlines())
-    assert POP + 2 <= kept < POP * GENS
+    assert PARENTS + POP + 2 <= kept < PARENTS + POP * GENS
     done = cli("resume", str(tmp_path / "cut"), cache=pico_cache)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{kept} evaluations replayed" in done.stderr
@@ -189,7 +219,8 @@ def test_failing_candidates_cost_the_candidates_not_the_run(pico_zoo, pico_cache
     generations = tmp_path / "generations.txt"
     # by candidate: 1 and 3 NaN, 2 raises, 4 fine; the picks are not test-scored (the experiments' way)
     hooks = WorkerFaults(nan_on=(1, 3), raise_on=(2,), generations_file=str(generations), test_scoring=False)
-    done = with_hooks(hooks, *search_args(tmp_path, "nan", "algorithm.generations=1"), cache=pico_cache,
+    done = with_hooks(hooks, *search_args(tmp_path, "nan", "algorithm.generations=1", "space.parents=false"),
+                      cache=pico_cache,
                       folder=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = comparable(tmp_path / "nan")
@@ -218,7 +249,7 @@ def test_a_search_joins_a_ray_cluster_by_address(pico_zoo, pico_cache, tmp_path)
         done = cli(*search_args(tmp_path, "cluster", f"runtime.address=127.0.0.1:{port}", "algorithm.generations=1"),
                    cache=pico_cache, env={"RAY_AUTH_MODE": "disabled"})
         assert done.returncode == 0, done.stderr[-3000:]
-        assert len(comparable(tmp_path / "cluster")) == POP
+        assert len(comparable(tmp_path / "cluster")) == PARENTS + POP
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
 

@@ -6,6 +6,8 @@ history line -> pareto.json -> checkpoint. Candidate ids are fixed by (generatio
 a resumed run re-asks the interrupted generation from the last checkpoint (the algorithm's random
 state is inside it), finds the candidates already in the archive by id, and evaluates only the
 rest: the archive ends identical to an uninterrupted run's, whatever the worker count or timing.
+The parents (base, experts, uniform merges; ``space.parents``) come first, as generation -1 with
+ids 0..P-1, so the algorithm's candidates are numbered from P.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Callable
 from evomerge import front as fronts
 from evomerge.errors import UserError
 from evomerge.fitness.objectives import Objective, hypervolume, minimized_matrix
-from evomerge.recipe import ExpertParams, MethodConfig, Recipe
+from evomerge.recipe import Recipe
 from evomerge.run import ArchiveEntry, RunDir, atomic_write
 from evomerge.search import checkpoint
 from evomerge.search.algorithms import make_algorithm, make_problem
@@ -71,6 +73,9 @@ def resumed_config(run: RunDir) -> dict[str, Any]:
         # Runs made before teacher forcing existed decoded their estimator items (their
         # fingerprint has no such key): a resumed run goes on estimating as it began.
         config["fitness"].setdefault("teacher_forcing", False)
+    if isinstance(config.get("space"), dict):
+        # Runs made before parents were candidates numbered their first generation from 0.
+        config["space"].setdefault("parents", False)
     return config
 
 
@@ -113,7 +118,7 @@ class Search:
             spec = dataclasses.replace(self.settings.worker_spec(), hooks=self.hooks)
             self.pool = WorkerPool(spec, log=self.log)
             self._probe_population()
-            algorithm, generation, next_id = self._algorithm()
+            algorithm, generation, next_id = self._algorithm(first_id=self._parents())
             while algorithm.has_next():
                 generation_started = time.perf_counter()
                 asked = algorithm.ask()
@@ -134,8 +139,9 @@ class Search:
             if self.pool is not None:
                 self.pool.shutdown()
 
-    def _algorithm(self):
-        """The newest intact checkpoint, or a fresh algorithm."""
+    def _algorithm(self, first_id: int):
+        """The newest intact checkpoint, or a fresh algorithm whose candidates take ids from
+        ``first_id``."""
         for path in sorted(self.run_dir.checkpoints.glob("generation-*.pkl"), reverse=True):
             try:
                 state = checkpoint.loads(path.read_bytes())
@@ -152,7 +158,7 @@ class Search:
         problem = make_problem(self.space, len(self.objectives))
         algorithm.setup(problem, termination=("n_gen", self.settings.algorithm.generations),
                         seed=self.settings.seed, verbose=False)
-        return algorithm, 0, 0
+        return algorithm, 0, first_id
 
     def _checkpoint(self, algorithm, generation: int, next_id: int) -> None:
         path = self.run_dir.checkpoints / f"generation-{generation:04d}.pkl"
@@ -170,7 +176,14 @@ class Search:
     # --- evaluation ------------------------------------------------------------------------------
     def _evaluate_generation(self, population, generation: int, first_id: int) -> list[ArchiveEntry]:
         genomes = [self.space.as_genome(x) for x in population.get("X")]
-        recipes = [self.space.decode(g) for g in genomes]
+        return self._evaluate([self.space.decode(g) for g in genomes], [self.space.vector(g) for g in genomes],
+                              generation, first_id)
+
+    def _evaluate(self, recipes: list[Recipe], vectors: list[list[float]], generation: int,
+                  first_id: int) -> list[ArchiveEntry]:
+        """Archive entries for ``recipes`` with ids from ``first_id``: replayed when archived
+        already, served from the archive when an earlier entry has the same recipe, else
+        evaluated by the workers (each appended the moment its result arrives)."""
         entries: dict[int, ArchiveEntry] = {}
         jobs: dict[int, EvalRequest] = {}
         twins, claimed = [], set()
@@ -183,12 +196,12 @@ class Search:
             else:
                 claimed.add(recipe.hash)
                 jobs[entry_id] = EvalRequest(recipe)
-        progress = _Progress(len(genomes), len(entries) + len(twins), generation)
+        progress = _Progress(len(recipes), len(entries) + len(twins), generation)
 
         def on_result(entry_id: int, result: EvalResult) -> None:
             position = entry_id - first_id
             entries[entry_id] = self._record(
-                self._entry(entry_id, generation, genomes[position], recipes[position], result))
+                self._entry(entry_id, generation, vectors[position], recipes[position], result))
             progress.step()
 
         self.pool.run(jobs, on_result)
@@ -197,16 +210,29 @@ class Search:
             recipe, entry_id = recipes[position], first_id + position
             earlier = self.by_hash[recipe.hash]
             entries[entry_id] = self._record(ArchiveEntry(
-                entry_id, generation, self.space.vector(genomes[position]), recipe.hash, recipe.to_dict(),
+                entry_id, generation, vectors[position], recipe.hash, recipe.to_dict(),
                 dict(earlier.objectives), dict(earlier.scores), error=earlier.error, cached_from=earlier.id))
-        return [entries[first_id + i] for i in range(len(genomes))]
+        return [entries[first_id + i] for i in range(len(recipes))]
 
-    def _entry(self, entry_id: int, generation: int, genome, recipe: Recipe, result: EvalResult) -> ArchiveEntry:
+    def _parents(self) -> int:
+        """Score the input models and uniform merges of them (``space.parents``) as the
+        archive's first candidates, generation -1, so the front and every pick compete with them
+        on the search's own data: a search never hands back something worse than a model the
+        user brought. They have no genome and the algorithm is not told of them. Returns how
+        many ids they take."""
+        if not self.settings.space.parents:
+            return 0
+        recipes = list(self.space.parent_recipes().values())
+        self._evaluate(recipes, [[] for _ in recipes], -1, 0)
+        return len(recipes)
+
+    def _entry(self, entry_id: int, generation: int, vector: list[float], recipe: Recipe,
+               result: EvalResult) -> ArchiveEntry:
         if result.evaluation is not None:
             objectives, scores = result.evaluation.objectives, result.evaluation.scores
         else:
             objectives, scores = worst_objectives(self.objectives), {}
-        return ArchiveEntry(entry_id, generation, self.space.vector(genome), recipe.hash, recipe.to_dict(),
+        return ArchiveEntry(entry_id, generation, vector, recipe.hash, recipe.to_dict(),
                             dict(objectives), dict(scores), result.merge_seconds, result.eval_seconds,
                             result.worker, result.error)
 
@@ -245,15 +271,9 @@ class Search:
         self.pool.load_state(state)
 
     def _probe_recipes(self) -> dict[str, Recipe]:
-        experts = self.space.experts
-        layers = self.space.num_layers
-
-        def weights(values: dict[str, float]) -> Recipe:
-            config = MethodConfig("task_arithmetic", {e: ExpertParams(weight=values.get(e, 0.0)) for e in experts})
-            return Recipe.uniform(self.space.base, experts, layers, config, expert_refs=self.space.expert_refs)
-
-        recipes = {"base": weights({})}
-        recipes.update({f"expert:{e}": weights({e: 1.0}) for e in experts})
+        """Base, experts and a few random candidates: answers that differ, for the fit."""
+        parents = self.space.parent_recipes()
+        recipes = {name: parents[name] for name in ["base", *(f"expert:{e}" for e in self.space.experts)]}
         rng = random.Random(self.settings.seed)
         for i in range(self.settings.fitness.probe_merges):
             recipes[f"random:{i}"] = self.space.decode(self.space.random(rng))

@@ -470,9 +470,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from evomerge.zoo.tasks import task_name
 
     started = time.perf_counter()
+    # Parents off: this experiment scores the input models and the uniform grids itself, and its
+    # budgets count the candidates each searcher chose.
     common = [f"zoo={args.zoo}", "fitness=anchors", f"fitness.items_per_task={args.items}",
               f"fitness.probe_merges={PROBE_MERGES}", f"runtime.workers={args.workers}", "runtime.threads_per_worker=1",
-              f"algorithm.pop_size={pop}"]
+              f"algorithm.pop_size={pop}", "space.parents=false"]
     config = compose(common + ["space=layerwise"])
     build_zoo_for(config, log=log)
     settings = read_settings(config)
