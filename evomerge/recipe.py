@@ -178,6 +178,19 @@ class MethodConfig:
                    **shared)
 
 
+def _joined(groups: Sequence[LayerGroup]) -> list[LayerGroup]:
+    """``groups`` with each run of adjacent groups of one kind and one config made one group."""
+    joined: list[LayerGroup] = []
+    for group in sorted(groups, key=lambda g: (g.component, g.start, g.end)):
+        last = joined[-1] if joined else None
+        if last is not None and last.component == group.component and last.end == group.start \
+                and last.config == group.config:
+            joined[-1] = LayerGroup(last.start, group.end, group.component, group.config)
+        else:
+            joined.append(group)
+    return joined
+
+
 def _expert_params(values: Mapping[str, float]) -> ExpertParams:
     return ExpertParams(**values)
 
@@ -265,9 +278,10 @@ class Recipe:
                 raise UserError(f"expert_refs names {_short(name)}, which is not one of the "
                                 f"recipe's experts ({', '.join(experts)})")
         object.__setattr__(self, "experts", experts)
-        # Order and identity refs carry no meaning, so equal plans compare (and hash) equal.
+        # Order, identity refs and where a run of equal configs is cut carry no meaning, so
+        # equal plans compare (and hash) equal: one candidate, whatever genome spelled it.
         object.__setattr__(self, "groups", tuple(sorted(
-            self.groups, key=lambda g: (g.start, COMPONENTS.index(g.component), g.end))))
+            _joined(self.groups), key=lambda g: (g.start, COMPONENTS.index(g.component), g.end))))
         object.__setattr__(self, "expert_refs", {k: v for k, v in refs.items() if k != v})
         self._check_coverage()
         for where, config in self._configs():

@@ -111,7 +111,7 @@ def test_hash_is_stable_across_dict_order_and_reserialization():
     lambda r: replace(r, dtype="bfloat16"),
     lambda r: replace(r, experts=("reverse", "add")),
     lambda r: replace(r, groups=(LayerGroup(0, 1, "all", r.outside),
-                                 LayerGroup(1, 4, "all", r.outside))),
+                                 LayerGroup(1, 4, "all", ties(0.6)))),
     lambda r: replace(r, groups=r.groups + (LayerGroup(0, 4, "mlp", r.outside),)),
     lambda r: Recipe.uniform(r.base, r.experts, 5, r.outside),
 ])
@@ -136,6 +136,18 @@ def test_hash_ignores_what_the_method_does_not_read(change):
     assert changed == recipe and changed.hash == recipe.hash
     assert set(changed.outside.to_dict()) == {"method", "lambda", "normalize", "rescale", "experts"}
     assert set(changed.outside.to_dict()["experts"]["add"]) == {"weight", "density"}
+
+
+def test_adjacent_groups_with_one_config_are_one_group():
+    """Where a run of equal configs is cut changes no weight: a layer-wise genome that gives
+    every group the same values is the uniform recipe (one archive entry, one seed)."""
+    recipe = uniform()
+    cut = replace(recipe, groups=(LayerGroup(0, 1, "all", recipe.outside), LayerGroup(1, 3, "all", recipe.outside),
+                                  LayerGroup(3, 4, "all", recipe.outside)))
+    assert cut == recipe and cut.hash == recipe.hash and cut.groups == (LayerGroup(0, 4, "all", recipe.outside),)
+    mixed = replace(recipe, groups=(LayerGroup(0, 2, "all", recipe.outside), LayerGroup(2, 4, "all", ties(0.6)),
+                                    LayerGroup(0, 1, "attn", ties(0.7)), LayerGroup(1, 2, "attn", ties(0.7))))
+    assert [(g.start, g.end, g.component) for g in mixed.groups] == [(0, 2, "all"), (0, 2, "attn"), (2, 4, "all")]
 
 
 def test_hash_ignores_where_models_live_and_arithmetic_noise():
@@ -375,9 +387,9 @@ parameters:
     assert [recipe.config_for(i, "mlp").t for i in range(3)] == [1.0, 0.5, 0.0]
     assert [recipe.config_for(i, "norm").t for i in range(3)] == [0.3] * 3
     assert recipe.outside.t == 0.3
-    # every layer's attn and mlp values differ from the rest of its block's
-    assert {(g.start, g.component) for g in recipe.groups} == {
-        (i, c) for i in range(3) for c in ("all", "attn", "mlp")}
+    # every layer's attn and mlp values differ from the rest of its block's, which is one group
+    assert {(g.start, g.end, g.component) for g in recipe.groups} == {
+        (i, i + 1, c) for i in range(3) for c in ("attn", "mlp")} | {(0, 3, "all")}
     assert Recipe.from_mergekit(recipe.to_mergekit()) == recipe
 
 
