@@ -14,11 +14,11 @@ import traceback
 from evomerge.errors import UserError
 
 EXAMPLES = """examples:
-  evomerge search                    evolve merges of the zoo's experts (NSGA-II, 4 objectives)
-  evomerge search algorithm=ga fitness=irt space.granularity=2 runtime.workers=2
+  evomerge search                    evolve merges of the zoo's experts (CMA-ES on the skills' mean, racing)
+  evomerge search algorithm=ga fitness=irt space=layerwise space.granularity=2 runtime.workers=2
   evomerge resume runs/RUN           continue a stopped run
   evomerge inspect runs/RUN          Pareto front, progress, plots
-  evomerge export runs/RUN --pick knee
+  evomerge export runs/RUN --pick best:mean
   evomerge zoo build                 build the SmolLM2 zoo (cached; 20-30 min on 2 cores the first time)
   evomerge zoo build zoo=pico        the tiny random zoo used by plumbing tests (seconds)
   evomerge zoo info                  print the zoo card: every model's score on every skill
@@ -125,13 +125,13 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     search = commands.add_parser(
-        "search", help="evolve merge recipes (default: NSGA-II on the SmolLM2 zoo's four skills)",
+        "search", help="evolve merge recipes (default: CMA-ES on the mean of the SmolLM2 zoo's four skills)",
         description="Compose conf/ with hydra overrides, create runs/<name>/ (config.yaml, "
                     "archive.jsonl, checkpoints/, pareto.json) and search. Groups: models, space, "
                     "algorithm, fitness, runtime, zoo; top-level keys: name, runs_dir, seed, tasks, "
                     "include_path.",
         epilog="examples:\n  evomerge search name=first\n"
-               "  evomerge search algorithm=ga fitness=irt space.granularity=2 runtime.workers=2\n"
+               "  evomerge search algorithm=ga fitness=irt space=layerwise space.granularity=2 runtime.workers=2\n"
                "  evomerge search space=methods algorithm.generations=20\n"
                "  evomerge search models.base=HuggingFaceTB/SmolLM2-135M-Instruct "
                "models.experts=[./expert-a,./expert-b] tasks=[arc_easy,hellaswag]",
@@ -190,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN", help="the run folder, e.g. runs/my-run")
     export.add_argument("--pick", default="knee",
                         help="knee (default: the front's balanced compromise), best:<objective>, "
-                             "or an archive id")
+                             "best:mean (the best mean over task objectives), or an archive id")
     export.add_argument("--out", help="output folder (default: RUN/exports/<pick>)")
     export.add_argument("--device", default="cpu", help="where to merge, e.g. cpu or cuda")
     export.set_defaults(run=_export)

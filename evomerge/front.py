@@ -5,10 +5,12 @@ held-out test scores), ``inspect``/``export`` and the experiments must agree on 
 "the knee" and "the best on an objective" are; two copies once disagreed on ties and on
 non-finite values. It reads archive entries and objectives only, never a model.
 
-Which entries compete: the first evaluation (lowest id) of each recipe, without an error, with
-every objective finite. Later entries of the same recipe are cache hits or re-evaluations of
-the same merge, and a NaN objective (a metric with nothing to measure) can neither dominate nor
-be dominated meaningfully. Ties between equally good entries always go to the lower id.
+Which entries compete: one per recipe, without an error, with every objective finite: the
+recipe's highest-fidelity evaluation (a racing promotion, scored on every validation item,
+beats the estimate it verified), the first (lowest id) among equals. Other entries of the same
+recipe are cache hits or re-evaluations of the same merge, and a NaN objective (a metric with
+nothing to measure) can neither dominate nor be dominated meaningfully. Ties between equally
+good entries always go to the lower id.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from evomerge.fitness.objectives import Objective, minimized_matrix
 from evomerge.run import ArchiveEntry
 
 Row = Mapping[str, float]
+FIDELITIES = ("estimate", "full")  # lowest first
 
 
 def non_dominated(objectives: Sequence[Objective], rows: Sequence[Row]) -> list[int]:
@@ -40,14 +43,14 @@ def competing(entries: Iterable[ArchiveEntry], objectives: Sequence[Objective]) 
     the objectives are unknown: without directions nothing can be said to beat anything."""
     if not objectives:
         return []
-    seen: set[str] = set()
-    out = []
+    chosen: dict[str, ArchiveEntry] = {}
     for entry in sorted(entries, key=lambda e: e.id):
-        if entry.error is not None or entry.recipe_hash in seen or not _finite(entry, objectives):
+        if entry.error is not None or not _finite(entry, objectives):
             continue
-        seen.add(entry.recipe_hash)
-        out.append(entry)
-    return out
+        held = chosen.get(entry.recipe_hash)
+        if held is None or FIDELITIES.index(entry.fidelity) > FIDELITIES.index(held.fidelity):
+            chosen[entry.recipe_hash] = entry
+    return sorted(chosen.values(), key=lambda e: e.id)
 
 
 def front(entries: Iterable[ArchiveEntry], objectives: Sequence[Objective]) -> list[ArchiveEntry]:
@@ -73,6 +76,29 @@ def knee(entries: Sequence[ArchiveEntry], objectives: Sequence[Objective]) -> Ar
 def best(objective: Objective, entries: Sequence[ArchiveEntry]) -> ArchiveEntry:
     """The entry best on ``objective``."""
     return min(entries, key=lambda e: (objective.minimized(e.objectives[objective.name]), e.id))
+
+
+def averageable(objectives: Sequence[Objective]) -> bool:
+    """Whether the objectives are accuracies on one scale (maximized from 0: the tasks, or their
+    mean), so that their mean ranks candidates: what a single-objective algorithm is told when
+    there are several, what racing promotes by, and what ``best:mean`` picks by."""
+    return bool(objectives) and all(o.direction == "max" and o.reference == 0.0 for o in objectives)
+
+
+def mean(entry: ArchiveEntry, objectives: Sequence[Objective]) -> float:
+    """The mean of an entry's (averageable) objectives."""
+    return float(np.mean([entry.objectives[o.name] for o in objectives]))
+
+
+def by_mean(entries: Iterable[ArchiveEntry], objectives: Sequence[Objective]) -> list[ArchiveEntry]:
+    """Entries best mean first; among equal means a verified (higher-fidelity) one first, then
+    the lower id."""
+    return sorted(entries, key=lambda e: (-mean(e, objectives), -FIDELITIES.index(e.fidelity), e.id))
+
+
+def best_mean(entries: Sequence[ArchiveEntry], objectives: Sequence[Objective]) -> ArchiveEntry:
+    """The entry with the highest mean objective (see ``by_mean`` for ties)."""
+    return by_mean(entries, objectives)[0]
 
 
 def best_values(objectives: Sequence[Objective], entries: Sequence[ArchiveEntry]) -> dict[str, float]:

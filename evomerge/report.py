@@ -47,7 +47,8 @@ def front(run: RunDir) -> list[ArchiveEntry]:
 
 
 def pick(run: RunDir, spec: str) -> ArchiveEntry:
-    """The entry ``spec`` names: ``knee``, ``best:<objective>`` or an archive id."""
+    """The entry ``spec`` names: ``knee``, ``best:<objective>`` (``best:mean`` also where the
+    objectives are task accuracies) or an archive id."""
     spec = spec.strip()
     if _ID.match(spec):
         return _by_id(run, int(spec))
@@ -61,6 +62,10 @@ def pick(run: RunDir, spec: str) -> ArchiveEntry:
     if spec.startswith("best:"):
         name = spec.removeprefix("best:")
         by_name = {o.name: o for o in objs}
+        if name == "mean" and name not in by_name and fronts.averageable(objs) and members:
+            # One objective per task: the best mean is still a front member, and what a
+            # single-objective search over those tasks was told to maximize.
+            return fronts.best_mean(members, objs)
         if name not in by_name:
             raise UserError(f"unknown objective {name!r} in --pick {spec}; objectives of this run: "
                             f"{', '.join(by_name)}")

@@ -57,6 +57,8 @@ class ArchiveEntry:
     worker: str = ""
     error: str | None = None
     cached_from: int | None = None  # id of the earlier entry whose result this duplicate reuses
+    # "estimate": the estimator's items; "full": every validation item (a racing promotion).
+    fidelity: str = "estimate"
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)

@@ -13,7 +13,7 @@ genes as a vector in ``names`` order.
 
 from __future__ import annotations
 
-import random
+import random as _random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -51,9 +51,19 @@ class SearchSpace:
             for param in registry.method(method).params:
                 if param.evolvable:
                     self._params.setdefault(param.name, param)
+        outside = _Group("out", 0, 0, "outside")
+        if self.config.knots:
+            if self.config.knots > self.num_layers:
+                raise UserError(f"space.knots={self.config.knots} is more than the model's {self.num_layers} "
+                                f"layers; use at most {self.num_layers}")
+            # Genes live at the knots; the recipe has a group per layer, interpolated between them.
+            self._groups = [outside] + [_Group(f"L{n}", n, n + 1, "all") for n in range(self.num_layers)]
+            self._gene_groups = [outside] + [_Group(f"k{i}", p, p + 1, "all")
+                                             for i, p in enumerate(self._knot_positions())]
+            return
         size = self.config.granularity or self.num_layers
         spans = [(s, min(s + size, self.num_layers)) for s in range(0, self.num_layers, size)]
-        groups = [_Group("out", 0, 0, "outside")]
+        groups = [outside]
         for start, end in spans:
             key = f"L{start}-{end - 1}"
             if self.config.split_components:
@@ -62,6 +72,13 @@ class SearchSpace:
             else:
                 groups.append(_Group(key, start, end, "all"))
         self._groups = groups
+        self._gene_groups = groups
+
+    def _knot_positions(self) -> list[int]:
+        """The layers the knots sit at, evenly from the first block to the last: on layers, so
+        a recipe's value there is the knot's and ``encode`` inverts ``decode``."""
+        last = self.num_layers - 1
+        return [round(i * last / (self.config.knots - 1)) for i in range(self.config.knots)]
 
     # --- genes -------------------------------------------------------------------------------
     @property
@@ -71,7 +88,7 @@ class SearchSpace:
     @property
     def names(self) -> list[str]:
         names: list[str] = []
-        for group in self._groups:
+        for group in self._gene_groups:
             if self.mixed:
                 names.append(f"{group.key}.method")
             for expert in self.experts:
@@ -117,7 +134,7 @@ class SearchSpace:
     def vector(self, genome: Mapping[str, Any]) -> list[float]:
         return [float(v) for k, v in self.as_genome(genome).items() if not k.endswith(".method")]
 
-    def random(self, rng: random.Random) -> Genome:
+    def random(self, rng: _random.Random) -> Genome:
         return {name: rng.choice(self.config.methods) if name.endswith(".method")
                 else rng.uniform(*self._bounds(name)) for name in self.names}
 
@@ -133,8 +150,27 @@ class SearchSpace:
         return MethodConfig(method, experts, **{p.name: genome[f"{group.key}.{p.name}"]
                                                 for p in taken if p.scope == "global"})
 
+    def _per_layer(self, genome: Genome) -> Genome:
+        """A knot genome spelled out per layer: each number linear between the two nearest
+        knots, the method (when evolved) the nearest knot's. A few knots keep the genome small
+        (what a sample-efficient search needs) while the recipe still varies layer by layer."""
+        out = {k: v for k, v in genome.items() if k.startswith("out.")}
+        positions = self._knot_positions()
+        suffixes = [k.split(".", 1)[1] for k in genome if k.startswith("k0.")]
+        for layer in range(self.num_layers):
+            left = max(i for i, p in enumerate(positions[:-1]) if p <= layer)
+            t = (layer - positions[left]) / (positions[left + 1] - positions[left])
+            for suffix in suffixes:
+                a, b = genome[f"k{left}.{suffix}"], genome[f"k{left + 1}.{suffix}"]
+                # Equal knots give exactly their value, so a flat profile spells a uniform recipe.
+                out[f"L{layer}.{suffix}"] = ((a if t < 0.5 else b) if suffix == "method"
+                                             else a if a == b else (1 - t) * a + t * b)
+        return out
+
     def decode(self, x: Mapping[str, Any] | Sequence[float]) -> Recipe:
         genome = self.as_genome(x)
+        if self.config.knots:
+            genome = self._per_layer(genome)
         outside = self._config(genome, self._groups[0])
         groups = tuple(LayerGroup(g.start, g.end, g.component, self._config(genome, g)) for g in self._groups[1:])
         return Recipe(self.base, self.experts, self.num_layers, groups, outside, expert_refs=self.expert_refs)
@@ -146,7 +182,7 @@ class SearchSpace:
             raise UserError(f"recipe merges experts {list(recipe.experts)}, the search space "
                             f"{list(self.experts)}")
         genome: Genome = {}
-        for group in self._groups:
+        for group in self._gene_groups:
             config = (recipe.outside if group.component == "outside"
                       else recipe.config_for(group.start, "mlp" if group.component == "all" else "attn"))
             if self.mixed:

@@ -66,8 +66,8 @@ def test_the_drift_check_catches_a_restated_default_and_a_lost_value():
 def test_a_search_without_overrides_runs_the_dataclass_defaults():
     composed = compose()
     assert composed == dataclasses.asdict(Config())
-    assert (composed["algorithm"]["generations"], composed["fitness"]["items_per_task"],
-            composed["runtime"]["workers"], composed["space"]["granularity"]) == (7, 10, 2, 5)
+    assert (composed["algorithm"]["name"], composed["algorithm"]["generations"], composed["fitness"]["items_per_task"],
+            composed["runtime"]["workers"], composed["space"]["knots"]) == ("cmaes", 12, 10, 2, 3)
 
 
 @pytest.mark.parametrize("overrides", [[], ["zoo=pico", "space=methods", "algorithm=cmaes", "fitness=irt",

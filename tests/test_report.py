@@ -257,3 +257,22 @@ def test_one_front_rule_for_the_search_the_report_and_the_experiments(run):
     err = objectives_of([{"name": "err", "direction": "min", "reference": 1.0}])[0]
     tied = [entry(i, {"err": 0.1}, recipe(0.5)) for i in (4, 2, 7)]
     assert fronts.best(err, tied).id == 2
+
+
+def test_a_promotion_replaces_the_estimate_it_verified(tmp_path):
+    """Racing's full-split value of a recipe is what competes, not its earlier estimate (whatever
+    their ids), and ``best:mean`` picks by the tasks' mean on a per-task run."""
+    from evomerge import front as fronts
+
+    recipes = {i: recipe(0.1 + 0.1 * i) for i in ROWS}
+    entries = [entry(i, {"add": a, "sort": s}, recipes[same if same is not None else i], err, cached_from=same)
+               for i, (a, s, err, same) in ROWS.items()]
+    promoted = entry(6, {"add": 0.6, "sort": 0.05}, recipes[2])
+    promoted.fidelity = "full"
+    run = write_run(tmp_path / "raced", MAX2, [*entries, promoted], members=[])
+    objs = objectives_of(MAX2)
+    assert [e.id for e in fronts.competing(run.archive(), objs)] == [0, 1, 3, 6]
+    assert [e.id for e in front(run)] == [1, 3, 6]
+    assert pick(run, "best:add").id == 6 and pick(run, "best:mean").id == 1
+    assert fronts.averageable(objs) and not fronts.averageable(
+        objectives_of([{"name": "err", "direction": "min", "reference": 1.0}]))

@@ -24,10 +24,16 @@ PARENTS = 1 + 4 + 3  # base, the pico zoo's four experts, uniform merges at 0.3,
 TESTS = Path(__file__).resolve().parent
 
 
-def search_args(runs: Path, name: str, *extra: str) -> list[str]:
+# NSGA-II over layer groups without racing: a checkpointed algorithm, so resume is tested from
+# checkpoints; the default search (CMA-ES, depth profiles, racing) resumes by replay (RACING).
+CLASSIC = ("algorithm=nsga2", "space.knots=0", "fitness.multi_fidelity=0")
+
+
+def search_args(runs: Path, name: str, *extra: str, classic: bool = True) -> list[str]:
     return ["search", "zoo=pico", f"runs_dir={runs}", f"name={name}", "fitness=anchors",
             "fitness.items_per_task=8", "fitness.probe_merges=1", "space.granularity=2",
-            f"algorithm.pop_size={POP}", f"algorithm.generations={GENS}", "runtime.workers=1", *extra]
+            f"algorithm.pop_size={POP}", f"algorithm.generations={GENS}", "runtime.workers=1",
+            *(CLASSIC if classic else ()), *extra]
 
 
 def cli(*args: str, cache: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -322,3 +328,45 @@ def test_resume_of_a_malformed_config_names_the_file(reference_run, pico_cache, 
     done = cli("resume", str(run), cache=pico_cache)
     assert done.returncode == 2 and "config.yaml is not valid YAML" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+RACING = ("space.knots=2", "fitness.multi_fidelity=0.25")  # the default search, smaller
+
+
+@pytest.fixture(scope="module")
+def raced_run(pico_zoo, pico_cache, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("raced")
+    done = cli(*search_args(runs, "raced", *RACING, classic=False), cache=pico_cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return runs / "raced"
+
+
+def test_racing_promotes_each_generations_best_and_verifies_the_pick(raced_run):
+    """After each generation its best candidate by estimated mean (a quarter of 4) is re-scored
+    on all 16 validation items (fidelity full, the next id, same generation), and the run ends
+    with ``best:mean`` a verified candidate."""
+    from evomerge.report import pick
+    from evomerge.run import RunDir
+
+    rows = comparable(raced_run)
+    assert [r["id"] for r in rows] == list(range(len(rows)))
+    full = [r for r in rows if r["fidelity"] == "full"]
+    estimated = {r["recipe_hash"]: r for r in rows if r["fidelity"] == "estimate" and r["generation"] >= 0}
+    assert {r["generation"] for r in full} >= set(range(GENS))  # every generation promotes one
+    for r in full:
+        assert r["recipe_hash"] in estimated or r["generation"] == GENS  # it verifies a candidate
+        assert all(abs(v * 16 - round(v * 16)) < 1e-9 for v in r["scores"].values())  # 16 items, not 8
+    assert len({r["recipe_hash"] for r in full}) == len([r for r in full if r["cached_from"] is None])
+    chosen = pick(RunDir.open(raced_run), "best:mean")
+    assert chosen.fidelity == "full"
+
+
+@pytest.mark.reliability("fault", "the driver dying while it appends a racing promotion, then `evomerge resume`: the archive equals the uninterrupted run's")
+def test_a_raced_run_resumes_to_the_same_archive(raced_run, pico_cache, tmp_path):
+    first_promotion = next(r["id"] for r in comparable(raced_run) if r["fidelity"] == "full" and r["generation"] == 1)
+    done = with_hooks(DriverDiesInArchiveLine(entry_id=first_promotion), *search_args(tmp_path, "cut", *RACING, classic=False),
+                      cache=pico_cache, folder=tmp_path)
+    assert done.returncode == DRIVER_EXIT, done.stderr[-3000:]
+    done = cli("resume", str(tmp_path / "cut"), cache=pico_cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert comparable(tmp_path / "cut") == comparable(raced_run)

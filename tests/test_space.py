@@ -15,9 +15,9 @@ EXPERTS = ("a", "b", "c")
 
 
 def space(**kw) -> SearchSpace:
-    # One layer per group and no known recipes unless a test says otherwise (the numbers below
-    # count on it), whatever the search's defaults are.
-    return SearchSpace(parse(SpaceConfig, {"granularity": 1, "initial": [], **kw}), "base", EXPERTS, 30)
+    # One layer per group, no depth profiles and no known recipes unless a test says otherwise
+    # (the numbers below count on it), whatever the search's defaults are.
+    return SearchSpace(parse(SpaceConfig, {"granularity": 1, "knots": 0, "initial": [], **kw}), "base", EXPERTS, 30)
 
 
 def test_gene_count_follows_granularity_components_and_methods():
@@ -94,6 +94,10 @@ def test_initial_recipes_from_mappings_and_mergekit(tmp_path):
     ({"density": [0.0, 1.5]}, "valid range"),
     ({"colour": 1}, "'colour'"),
     ({"initial": [{"method": "ties"}]}, "not in space.methods"),
+    ({"knots": 1}, "knots=1"),
+    ({"knots": -2}, "knots=-2"),
+    ({"knots": 31}, "at most 30"),
+    ({"knots": 3, "split_components": True}, "cannot be combined"),
 ])
 def test_bad_space_settings_fail_in_one_line(settings, message):
     with pytest.raises(UserError, match=message) as error:
@@ -154,6 +158,42 @@ def test_bad_algorithm_settings_fail_in_one_line(settings, message):
 def test_single_objective_algorithm_with_several_objectives_is_refused():
     with pytest.raises(UserError, match="optimizes one objective"):
         AlgorithmConfig(name="ga").check_objectives(4)
+    AlgorithmConfig(name="cmaes").check_objectives(4, averageable=True)  # told the tasks' mean
+
+
+def test_knots_interpolate_each_gene_linearly_over_depth():
+    """Genes at 3 knots (layers 0, 14, 29) of a 30-layer model: every layer's weight is the
+    element-wise linear interpolation between its two nearest knots; the outside group keeps
+    its own genes; and the genome round-trips through the recipe."""
+    s = space(knots=3)
+    assert s.names == [f"{k}.{e}.weight" for k in ("out", "k0", "k1", "k2") for e in EXPERTS]
+    genome = s.random(random.Random(3))
+    recipe = s.decode(genome)
+    for layer in range(30):
+        left = 0 if layer < 14 else 1
+        t = layer / 14 if layer < 14 else (layer - 14) / 15
+        for e in EXPERTS:
+            want = (1 - t) * genome[f"k{left}.{e}.weight"] + t * genome[f"k{left + 1}.{e}.weight"]
+            assert recipe.config_for(layer, "mlp").experts[e].weight == pytest.approx(want, abs=1e-12)
+    assert recipe.outside.experts["b"].weight == genome["out.b.weight"]
+    back = s.encode(recipe)
+    assert back == pytest.approx(genome)
+
+
+def test_a_flat_knot_profile_is_the_uniform_recipe():
+    s = space(knots=4)
+    config = MethodConfig("task_arithmetic", {e: ExpertParams(weight=0.3) for e in EXPERTS})
+    flat = Recipe.uniform("base", EXPERTS, 30, config)
+    decoded = s.decode(s.encode(flat))
+    assert decoded.hash == flat.hash and len(decoded.groups) == 1
+
+
+def test_knots_choose_methods_from_the_nearest_knot():
+    s = space(knots=2, methods=["task_arithmetic", "ties"])
+    genome = {**s.random(random.Random(0)), "k0.method": "ties", "k1.method": "task_arithmetic"}
+    recipe = s.decode(genome)
+    assert [recipe.config_for(n, "mlp").method for n in (0, 14, 15, 29)] == \
+        ["ties", "ties", "task_arithmetic", "task_arithmetic"]  # the knots sit at layers 0 and 29
 
 
 @pytest.mark.parametrize("methods, n_obj", [(["task_arithmetic"], 1), (["task_arithmetic", "ties"], 3)])

@@ -110,16 +110,18 @@ class Evaluator:
                 out.append(Objective("perplexity", "min", float(len(self.tokenizer))))
         return out
 
-    def score(self, model, *, split: str = "validation", full: bool = False) -> Evaluation:
+    def score(self, model, *, split: str = "validation", full: bool = False,
+              like_estimates: bool = False) -> Evaluation:
         """Objectives of ``model``: on the estimator's items (``full=False``, validation only) or
-        on every item of ``split``."""
+        on every item of ``split`` (decoded, unless ``like_estimates``: scored as the estimator
+        scores its items)."""
         started = time.perf_counter()
         if not full and split != "validation":
             raise ValueError("estimators choose validation items; score other splits with full=True")
         tasks = self.suite.tasks(split)
         selection = {name: (list(range(len(t))) if full else self.estimator.select(name, len(t)))
                      for name, t in tasks.items()}
-        results = self.suite.run(model, split, selection, teacher_forcing=self.config.teacher_forcing and not full)
+        results = self.suite.run(model, split, selection, teacher_forcing=self.config.teacher_forcing and (like_estimates or not full))
         scores = {name: (r.mean() if full else self.estimator.estimate(name, r.ids, r.correct))
                   for name, r in results.items()}
         objectives = self._measure(model, scores, results)

@@ -75,6 +75,15 @@ def make_algorithm(config: AlgorithmConfig, space: SearchSpace, n_obj: int,
     return builders[config.name]()
 
 
+def setup(algorithm, problem, generations: int, seed: int) -> None:
+    """``algorithm.setup`` for a search of ``generations`` generations, reproducible from ``seed``."""
+    algorithm.setup(problem, termination=("n_gen", generations), seed=seed, verbose=False)
+    if hasattr(algorithm, "es") and isinstance(getattr(algorithm, "options", None), dict):
+        # pymoo hands CMA-ES the seed as its ``seed`` option, which the cma package reads as
+        # "seed from the clock" when it is 0 (the default): no run, and no resume, would repeat.
+        algorithm.options["seed"] = seed + 1
+
+
 def _seeded_population(space: SearchSpace, initial: list[dict[str, Any]], size: int):
     import random
 

@@ -7,12 +7,21 @@ a resumed run re-asks the interrupted generation from the last checkpoint (the a
 state is inside it), finds the candidates already in the archive by id, and evaluates only the
 rest: the archive ends identical to an uninterrupted run's, whatever the worker count or timing.
 The parents (base, experts, uniform merges; ``space.parents``) come first, as generation -1 with
-ids 0..P-1, so the algorithm's candidates are numbered from P.
+ids 0..P-1, so the algorithm's candidates are numbered from P; they also open the algorithm's
+first population, best first (CMA-ES starts its mean at the best).
+
+Racing (``fitness.multi_fidelity``): after a generation is evaluated on the estimator's items,
+its most promising share is promoted, re-scored on every validation item, and appended as new
+entries (``fidelity: full``) with the next ids, before the algorithm is told; it is told each
+candidate's highest-fidelity value. When the search ends, the best candidate by mean is
+promoted until the best is a verified one, so the pick a user exports is never a lucky
+estimate. Promotions depend only on archived values, so a resumed run promotes the same ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import sys
 import time
@@ -26,7 +35,7 @@ from evomerge.fitness.objectives import Objective, hypervolume, minimized_matrix
 from evomerge.recipe import Recipe
 from evomerge.run import ArchiveEntry, RunDir, atomic_write
 from evomerge.search import checkpoint
-from evomerge.search.algorithms import make_algorithm, make_problem
+from evomerge.search.algorithms import SINGLE, make_algorithm, make_problem, setup
 from evomerge.search.hooks import SearchHooks
 from evomerge.search.settings import Settings, changed_keys, read_settings, search_fingerprint
 from evomerge.search.workers import EvalRequest, EvalResult, WorkerPool, worst_objectives
@@ -74,8 +83,10 @@ def resumed_config(run: RunDir) -> dict[str, Any]:
         # fingerprint has no such key): a resumed run goes on estimating as it began.
         config["fitness"].setdefault("teacher_forcing", False)
     if isinstance(config.get("space"), dict):
-        # Runs made before parents were candidates numbered their first generation from 0.
+        # Runs made before parents were candidates numbered their first generation from 0, and
+        # before smooth depth profiles they had genes per layer group.
         config["space"].setdefault("parents", False)
+        config["space"].setdefault("knots", 0)
     return config
 
 
@@ -92,9 +103,16 @@ class Search:
         self.evaluator = Evaluator(settings.fitness, settings.tasks, _tokenizer(settings.base),
                                    include_path=settings.include_path)
         self.objectives: list[Objective] = list(self.evaluator.objectives)
-        settings.algorithm.check_objectives(len(self.objectives))
+        averageable = fronts.averageable(self.objectives)
+        settings.algorithm.check_objectives(len(self.objectives), averageable)
+        # A single-objective algorithm over several task accuracies is told their mean.
+        self.told = 1 if settings.algorithm.name in SINGLE else len(self.objectives)
+        if settings.fitness.multi_fidelity and not averageable:
+            raise UserError(f"fitness.multi_fidelity={settings.fitness.multi_fidelity:g} promotes candidates by "
+                            f"their mean accuracy, but objectives {[o.name for o in self.objectives]} do not "
+                            f"average; use fitness.objectives=[tasks] or [mean], or multi_fidelity=0")
         self.initial = [self.space.encode(r) for r in self.space.initial_recipes()]
-        make_algorithm(settings.algorithm, self.space, len(self.objectives), self.initial)  # fail fast
+        make_algorithm(settings.algorithm, self.space, self.told, self.initial)  # fail fast
         self.pool: WorkerPool | None = None
 
     # --- the run ---------------------------------------------------------------------------------
@@ -107,9 +125,11 @@ class Search:
                      f"those candidates are evaluated again")
         archive = self.run_dir.archive()
         self.by_id = {e.id: e for e in archive}
-        self.by_hash: dict[str, ArchiveEntry] = {}
+        self.by_hash: dict[str, ArchiveEntry] = {}  # the first estimate of each recipe
+        self.verified: dict[str, ArchiveEntry] = {}  # the first promotion of each recipe
         for entry in sorted(archive, key=lambda e: e.id):
-            self.by_hash.setdefault(entry.recipe_hash, entry)
+            if entry.cached_from is None:
+                self._known(entry.fidelity).setdefault(entry.recipe_hash, entry)
         if archive:
             self.log(f"archive: {len(archive)} evaluations replayed, not re-evaluated")
         if not self.run_dir.pareto_path.exists():  # inspect learns the objectives from the start
@@ -118,14 +138,19 @@ class Search:
             spec = dataclasses.replace(self.settings.worker_spec(), hooks=self.hooks)
             self.pool = WorkerPool(spec, log=self.log)
             self._probe_population()
-            algorithm, generation, next_id = self._algorithm(first_id=self._parents())
+            parents = self._parents()
+            algorithm, generation, next_id = self._algorithm(parents)
             while algorithm.has_next():
                 generation_started = time.perf_counter()
                 asked = algorithm.ask()
                 population = _as_population(asked)
                 entries = self._evaluate_generation(population, generation, next_id)
                 next_id += len(entries)
-                F = minimized_matrix(self.objectives, [e.objectives for e in entries])
+                next_id += len(self._race(entries, generation, next_id))
+                told = [self._verified(e.recipe_hash, next_id) or e if e.error is None else e for e in entries]
+                F = minimized_matrix(self.objectives, [e.objectives for e in told])
+                if F.shape[1] != self.told:
+                    F = F.mean(axis=1, keepdims=True)
                 from pymoo.core.evaluator import Evaluator as PymooEvaluator
                 from pymoo.problems.static import StaticProblem
 
@@ -134,14 +159,15 @@ class Search:
                 self._after_generation(generation, next_id, started, generation_started, len(entries))
                 self._checkpoint(algorithm, generation + 1, next_id)
                 generation += 1
+            self._verify_pick(generation, next_id)
             self._test_front()
         finally:
             if self.pool is not None:
                 self.pool.shutdown()
 
-    def _algorithm(self, first_id: int):
-        """The newest intact checkpoint, or a fresh algorithm whose candidates take ids from
-        ``first_id``."""
+    def _algorithm(self, parents: list[ArchiveEntry]):
+        """The newest intact checkpoint, or a fresh algorithm whose candidates take ids after the
+        parents' and whose first population opens with them."""
         for path in sorted(self.run_dir.checkpoints.glob("generation-*.pkl"), reverse=True):
             try:
                 state = checkpoint.loads(path.read_bytes())
@@ -154,11 +180,26 @@ class Search:
             algorithm.termination = get_termination("n_gen", self.settings.algorithm.generations)
             self.log(f"resuming after generation {state['generation']} ({state['next_id']} candidates)")
             return algorithm, state["generation"], state["next_id"]
-        algorithm = make_algorithm(self.settings.algorithm, self.space, len(self.objectives), self.initial)
-        problem = make_problem(self.space, len(self.objectives))
-        algorithm.setup(problem, termination=("n_gen", self.settings.algorithm.generations),
-                        seed=self.settings.seed, verbose=False)
-        return algorithm, 0, first_id
+        algorithm = make_algorithm(self.settings.algorithm, self.space, self.told,
+                                   self._parent_genomes(parents) + self.initial)
+        setup(algorithm, make_problem(self.space, self.told), self.settings.algorithm.generations,
+              self.settings.seed)
+        return algorithm, 0, len(parents)
+
+    def _parent_genomes(self, parents: list[ArchiveEntry]) -> list[dict[str, Any]]:
+        """The parents the space can spell, best mean first where the objectives average (the
+        order they were scored in otherwise): a search starts from the best model it was given
+        instead of from nothing. Parents outside the space (another method) are left out."""
+        if fronts.averageable(self.objectives):
+            parents = sorted(parents, key=lambda e: (e.error is not None, -fronts.mean(e, self.objectives)
+                                                     if e.error is None else 0.0, e.id))
+        genomes = []
+        for entry in parents:
+            try:
+                genomes.append(self.space.encode(Recipe.from_dict(entry.recipe)))
+            except UserError:
+                continue
+        return genomes
 
     def _checkpoint(self, algorithm, generation: int, next_id: int) -> None:
         path = self.run_dir.checkpoints / f"generation-{generation:04d}.pkl"
@@ -179,62 +220,116 @@ class Search:
         return self._evaluate([self.space.decode(g) for g in genomes], [self.space.vector(g) for g in genomes],
                               generation, first_id)
 
+    def _known(self, fidelity: str) -> dict[str, ArchiveEntry]:
+        return self.verified if fidelity == "full" else self.by_hash
+
     def _evaluate(self, recipes: list[Recipe], vectors: list[list[float]], generation: int,
-                  first_id: int) -> list[ArchiveEntry]:
-        """Archive entries for ``recipes`` with ids from ``first_id``: replayed when archived
-        already, served from the archive when an earlier entry has the same recipe, else
-        evaluated by the workers (each appended the moment its result arrives)."""
+                  first_id: int, fidelity: str = "estimate") -> list[ArchiveEntry]:
+        """Archive entries for ``recipes`` with ids from ``first_id``, at ``fidelity`` (the
+        estimator's items, or every validation item scored alike): replayed when archived
+        already, served from the archive when an earlier entry has the same recipe and fidelity,
+        else evaluated by the workers (each appended the moment its result arrives)."""
         entries: dict[int, ArchiveEntry] = {}
         jobs: dict[int, EvalRequest] = {}
         twins, claimed = [], set()
+        known = self._known(fidelity)
         for position, recipe in enumerate(recipes):
             entry_id = first_id + position
             if entry_id in self.by_id:  # evaluated before an interruption: replayed
-                entries[entry_id] = self.by_id[entry_id]
-            elif recipe.hash in self.by_hash or recipe.hash in claimed:
+                entries[entry_id] = self._replayed(entry_id, recipe)
+            elif recipe.hash in known or recipe.hash in claimed:
                 twins.append(position)  # served from the archive once its original is there
             else:
                 claimed.add(recipe.hash)
-                jobs[entry_id] = EvalRequest(recipe)
+                jobs[entry_id] = EvalRequest(recipe, full=fidelity == "full", like_estimates=True)
         progress = _Progress(len(recipes), len(entries) + len(twins), generation)
 
         def on_result(entry_id: int, result: EvalResult) -> None:
             position = entry_id - first_id
             entries[entry_id] = self._record(
-                self._entry(entry_id, generation, vectors[position], recipes[position], result))
+                self._entry(entry_id, generation, vectors[position], recipes[position], result, fidelity))
             progress.step()
 
         self.pool.run(jobs, on_result)
         progress.close()
         for position in twins:
             recipe, entry_id = recipes[position], first_id + position
-            earlier = self.by_hash[recipe.hash]
+            earlier = known[recipe.hash]
             entries[entry_id] = self._record(ArchiveEntry(
                 entry_id, generation, vectors[position], recipe.hash, recipe.to_dict(),
-                dict(earlier.objectives), dict(earlier.scores), error=earlier.error, cached_from=earlier.id))
+                dict(earlier.objectives), dict(earlier.scores), error=earlier.error, cached_from=earlier.id,
+                fidelity=fidelity))
         return [entries[first_id + i] for i in range(len(recipes))]
 
-    def _parents(self) -> int:
+    def _replayed(self, entry_id: int, recipe: Recipe) -> ArchiveEntry:
+        """The archived entry ``entry_id``, which must hold the recipe asked for at that point:
+        an algorithm that does not ask again what it asked before would be told other
+        candidates' results, silently; a clear refusal is better."""
+        entry = self.by_id[entry_id]
+        if entry.recipe_hash != recipe.hash:
+            raise UserError(f"archive entry {entry_id} of {self.run_dir.root} holds recipe {entry.recipe_hash}, but "
+                            f"the resumed search asks for {recipe.hash} there: this run does not replay (made by "
+                            f"another evomerge version, or CMA-ES seeded 0 before its seed was fixed); start a new run")
+        return entry
+
+    def _race(self, entries: list[ArchiveEntry], generation: int, first_id: int) -> list[ArchiveEntry]:
+        """Promote the best ``fitness.multi_fidelity`` share of a generation (by estimated mean,
+        each recipe once) to every validation item; returns the promotions' entries."""
+        share = self.settings.fitness.multi_fidelity
+        if not share:
+            return []
+        chosen = self._unverified(entries, first_id)[:math.ceil(share * len(entries))]
+        return self._evaluate([Recipe.from_dict(e.recipe) for e in chosen], [e.genome for e in chosen],
+                              generation, first_id, "full")
+
+    def _verified(self, recipe_hash: str, before: int) -> ArchiveEntry | None:
+        """The recipe's promotion if it has one with an id below ``before``. A resumed run knows
+        the whole archive from the start; it must see, as it replays, only what the run it
+        repeats had seen at that point, or it would promote (and tell) differently."""
+        entry = self.verified.get(recipe_hash)
+        return entry if entry is not None and entry.id < before else None
+
+    def _unverified(self, entries, before: int) -> list[ArchiveEntry]:
+        """The entries among ``entries`` not promoted before id ``before``, one per recipe, best
+        mean first."""
+        pending = [e for e in entries if self._verified(e.recipe_hash, before) is None]
+        return fronts.by_mean(fronts.competing(pending, self.objectives), self.objectives)
+
+    def _verify_pick(self, generation: int, next_id: int) -> None:
+        """Racing's last rung: promote the best candidate by mean until the best is verified
+        (at most a generation's worth), so ``best:mean`` is never an estimate's lucky draw."""
+        if not self.settings.fitness.multi_fidelity:
+            return
+        for _ in range(self.settings.algorithm.pop_size):
+            seen = [e for e in self.by_id.values() if e.id < next_id]
+            ranked = fronts.by_mean(fronts.competing(seen, self.objectives), self.objectives)
+            best = next((e for e in ranked if e.fidelity == "full" or self._verified(e.recipe_hash, next_id) is None),
+                        None)
+            if best is None or best.fidelity == "full":
+                return
+            self._evaluate([Recipe.from_dict(best.recipe)], [best.genome], generation, next_id, "full")
+            next_id += 1
+
+    def _parents(self) -> list[ArchiveEntry]:
         """Score the input models and uniform merges of them (``space.parents``) as the
         archive's first candidates, generation -1, so the front and every pick compete with them
         on the search's own data: a search never hands back something worse than a model the
-        user brought. They have no genome and the algorithm is not told of them. Returns how
-        many ids they take."""
+        user brought. They have no genome; the algorithm meets them as its first population's
+        opening genomes. Returns their entries."""
         if not self.settings.space.parents:
-            return 0
+            return []
         recipes = list(self.space.parent_recipes().values())
-        self._evaluate(recipes, [[] for _ in recipes], -1, 0)
-        return len(recipes)
+        return self._evaluate(recipes, [[] for _ in recipes], -1, 0)
 
     def _entry(self, entry_id: int, generation: int, vector: list[float], recipe: Recipe,
-               result: EvalResult) -> ArchiveEntry:
+               result: EvalResult, fidelity: str) -> ArchiveEntry:
         if result.evaluation is not None:
             objectives, scores = result.evaluation.objectives, result.evaluation.scores
         else:
             objectives, scores = worst_objectives(self.objectives), {}
         return ArchiveEntry(entry_id, generation, vector, recipe.hash, recipe.to_dict(),
                             dict(objectives), dict(scores), result.merge_seconds, result.eval_seconds,
-                            result.worker, result.error)
+                            result.worker, result.error, fidelity=fidelity)
 
     def _record(self, entry: ArchiveEntry) -> ArchiveEntry:
         """Append to the archive first: only then does anything else learn of the result."""
@@ -242,7 +337,7 @@ class Search:
         self.run_dir.append(entry)
         self.by_id[entry.id] = entry
         if entry.cached_from is None:
-            self.by_hash.setdefault(entry.recipe_hash, entry)
+            self._known(entry.fidelity).setdefault(entry.recipe_hash, entry)
         return entry
 
     # --- probes: the population the estimators are fitted on -------------------------------------

@@ -45,11 +45,15 @@ class WorkerSpec:
 @dataclass(frozen=True)
 class EvalRequest:
     """What the driver asks a worker: score ``recipe`` on ``split``, with the estimator's subset
-    of items (a search's candidates) or on every item (``full``: probes, test scoring)."""
+    of items (a search's candidates) or on every item (``full``: probes, test scoring).
+    ``like_estimates``: score every item the way the estimator scores its own (teacher-forced
+    where the fitness config says so), so a promoted candidate's full-split value measures
+    exactly what its estimate estimated, at a fraction of decoding's cost."""
 
     recipe: Recipe
     split: str = "validation"
     full: bool = False
+    like_estimates: bool = False
 
 
 @dataclass
@@ -134,7 +138,8 @@ class MergeWorker:
                 return result
             scored = time.perf_counter()
             self.hooks.before_scoring(self.name, request)
-            result.evaluation = self.evaluator.score(model, split=request.split, full=request.full)
+            result.evaluation = self.evaluator.score(model, split=request.split, full=request.full,
+                                                       like_estimates=request.like_estimates)
             result.eval_seconds = time.perf_counter() - scored
             result.forward_seconds = self.forward_seconds - forward_before
         except Exception as error:  # one candidate's failure costs that candidate, not the run
