@@ -107,11 +107,14 @@ def best_values(objectives: Sequence[Objective], entries: Sequence[ArchiveEntry]
 
 
 def picks(members: Sequence[ArchiveEntry], objectives: Sequence[Objective]) -> list[ArchiveEntry]:
-    """The members a user would pick: the knee, then the best on each objective (each once),
-    in id order. These get held-out test scores at the end of a search."""
+    """The members a user would pick: the knee, the best on each objective and, where several
+    objectives average, the best mean (each once), in id order. These get held-out test scores
+    at the end of a search."""
     if not members:
         return []
     chosen = {knee(members, objectives).id, *(best(o, members).id for o in objectives)}
+    if len(objectives) > 1 and averageable(objectives):
+        chosen.add(best_mean(members, objectives).id)
     return [e for e in members if e.id in chosen]
 
 

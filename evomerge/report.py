@@ -120,7 +120,7 @@ def summary(run: RunDir) -> dict[str, Any]:
     rows = [{"id": e.id, "generation": e.generation, "recipe_hash": e.recipe_hash,
              "objectives": e.objectives, "scores": e.scores,
              "test_scores": tests.get(e.recipe_hash), "recipe": _recipe_summary(e),
-             "knee": e.id == chosen} for e in members]
+             "knee": e.id == chosen, "fidelity": e.fidelity} for e in members]
     history = run.history()
     return {
         "run": str(run.root),
@@ -175,13 +175,15 @@ def render(data: dict[str, Any]) -> str:
     tasks = data["tasks"]
     extra = [o for o in objs if o not in tasks]  # objectives that are not a task's score
     has_test = any(r["test_scores"] for r in data["front"])
-    header = ["id", "gen", *extra]
+    raced = any(r.get("fidelity") == "full" for r in data["front"])  # racing verified some
+    header = ["id", "gen", *(["val items"] if raced else []), *extra]
     for task in tasks:
         header += [f"{task} val"] + ([f"{task} test"] if has_test else [])
     header.append("recipe")
     table = []
     for row in data["front"]:
         cells = [f"{row['id']}{'*' if row['knee'] else ''}", str(row["generation"])]
+        cells += [("all" if row.get("fidelity") == "full" else "estimate")] if raced else []
         cells += [_num(row["objectives"].get(o)) for o in extra]
         for task in tasks:
             score = row["scores"].get(task, row["objectives"].get(task))

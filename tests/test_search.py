@@ -341,7 +341,7 @@ def raced_run(pico_zoo, pico_cache, tmp_path_factory):
     return runs / "raced"
 
 
-def test_racing_promotes_each_generations_best_and_verifies_the_pick(raced_run):
+def test_racing_promotes_each_generations_best_and_verifies_the_pick(raced_run, pico_cache):
     """After each generation its best candidate by estimated mean (a quarter of 4) is re-scored
     on all 16 validation items (fidelity full, the next id, same generation), and the run ends
     with ``best:mean`` a verified candidate."""
@@ -359,6 +359,10 @@ def test_racing_promotes_each_generations_best_and_verifies_the_pick(raced_run):
     assert len({r["recipe_hash"] for r in full}) == len([r for r in full if r["cached_from"] is None])
     chosen = pick(RunDir.open(raced_run), "best:mean")
     assert chosen.fidelity == "full"
+    shown = cli("inspect", str(raced_run), cache=pico_cache)
+    assert shown.returncode == 0 and "val items" in shown.stdout
+    rows = [line.split() for line in shown.stdout.splitlines()]
+    assert any(r and r[0].rstrip("*") == str(chosen.id) and "all" in r for r in rows)
 
 
 @pytest.mark.reliability("fault", "the driver dying while it appends a racing promotion, then `evomerge resume`: the archive equals the uninterrupted run's")

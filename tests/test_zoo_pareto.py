@@ -95,3 +95,34 @@ def test_the_readme_block_is_replaced_by_the_generated_summary(experiment, tmp_p
     plain = tmp_path / "plain.md"
     plain.write_text("no markers\n")
     assert plain not in table.render(results, tmp_path / "report", plain) and plain.read_text() == "no markers\n"
+
+
+def test_learning_curves_read_each_run_at_every_budget(experiment):
+    """curves.py on the same tiny runs (plus the default search, which races): a pick per
+    budget per run, each scored on validation and test; costs never decrease along a run; the
+    default's promotions are counted by their measured cost; the table has a row per searcher."""
+    out, cache = experiment
+    env = {**os.environ, "EVOMERGE_CACHE": str(cache), "RAY_ADDRESS": "local", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "curves.py"), "--quick", "--zoo", "pico",
+                           "--workers", "1", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    curves = json.loads((out / "curves.json").read_text())
+    assert curves["budgets"] == [4, 8]
+    assert sorted({r["searcher"] for r in curves["rows"]}) == ["cmaes", "default", "ga", "random"]
+    for row in curves["rows"]:
+        assert [p["budget"] for p in row["points"]] == [4, 8]
+        assert all(p["pick"]["val"] is not None and p["pick"]["test"] is not None for p in row["points"])
+    sys.path.insert(0, str(SCRIPT.parent))
+    import curves as module
+
+    from evomerge.run import RunDir
+
+    default = next(r for r in curves["rows"] if r["searcher"] == "default")
+    steps = module.cumulative_costs(RunDir(default["folder"]).archive())
+    costs = [c for _, c in steps]
+    assert costs == sorted(costs) and default["promotions"] >= 1
+    promoted = [c - before for (e, c), (_, before) in zip(steps[1:], steps)
+                if e.fidelity == "full" and e.cached_from is None]
+    assert promoted and all(step > 0 for step in promoted)
+    table = (out / "curves.md").read_text()
+    assert all(f"| `{name}` |" in table for name in ("default", "cmaes", "ga", "random"))

@@ -300,15 +300,22 @@ class Search:
         (at most a generation's worth), so ``best:mean`` is never an estimate's lucky draw."""
         if not self.settings.fitness.multi_fidelity:
             return
+        first = next_id
         for _ in range(self.settings.algorithm.pop_size):
             seen = [e for e in self.by_id.values() if e.id < next_id]
             ranked = fronts.by_mean(fronts.competing(seen, self.objectives), self.objectives)
             best = next((e for e in ranked if e.fidelity == "full" or self._verified(e.recipe_hash, next_id) is None),
                         None)
             if best is None or best.fidelity == "full":
-                return
+                break
             self._evaluate([Recipe.from_dict(best.recipe)], [best.genome], generation, next_id, "full")
             next_id += 1
+        if best is not None:
+            promotions = sum(e.fidelity == "full" and e.cached_from is None for e in self.by_id.values())
+            self.log(f"racing: {promotions} candidate(s) scored on every validation item ({next_id - first} to "
+                     f"verify the pick); best:mean is id {best.id} at {fronts.mean(best, self.objectives):.3f}"
+                     + ("" if best.fidelity == "full" else
+                        " (an estimate: a generation's worth of promotions did not settle it)"))
 
     def _parents(self) -> list[ArchiveEntry]:
         """Score the input models and uniform merges of them (``space.parents``) as the

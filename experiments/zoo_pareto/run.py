@@ -76,18 +76,27 @@ from evomerge.search.hooks import SearchHooks  # noqa: E402
 # name -> (what it is, its overrides of evomerge's search config, candidates in its first
 # generation: None = a population like every later one)
 SEARCHERS: dict[str, tuple[str, list[str], int | None]] = {
+    # `evomerge search` as a user runs it (its own length: 12 generations of 12): parents first,
+    # CMA-ES from the best of them over smooth depth profiles, told the tasks' mean, racing.
+    "default": ("evomerge's default search: parents, CMA-ES over 3-knot depth profiles told the tasks' mean, "
+                "racing 1 of 12 per generation to the full validation split", ["space.parents=true"], 1),
     "random": ("random search, layer-wise genes + method gene, per-task objectives",
-               ["space=methods", "algorithm=random"], None),
+               ["space=methods", "algorithm=random", "fitness.multi_fidelity=0"], None),
     # CMA-ES starts its mean at the first known recipe and asks only that one in generation 0
     # (without one, pymoo would spend 20 samples choosing a start).
     "cmaes": ("CMA-ES from uniform task arithmetic 0.3, one global weight per expert, mean accuracy",
-              ["space=global", "algorithm=cmaes", "fitness.objectives=[mean]",
+              ["space=global", "algorithm=cmaes", "fitness.objectives=[mean]", "fitness.multi_fidelity=0",
                "space.initial=[{method:task_arithmetic,weight:0.3}]"], 1),
     "ga": ("evomerge GA, layer-wise task-arithmetic genes, mean accuracy",
-           ["space=layerwise", "algorithm=ga", "fitness.objectives=[mean]"], None),
+           ["space=layerwise", "algorithm=ga", "fitness.objectives=[mean]", "fitness.multi_fidelity=0"], None),
     "nsga2": ("evomerge NSGA-II, layer-wise genes + method gene, per-task objectives",
-              ["space=methods", "algorithm=nsga2"], None),
+              ["space=methods", "algorithm=nsga2", "fitness.multi_fidelity=0"], None),
+    # Ablations of the default: one ingredient taken out each.
+    "default-global": ("the default with one global weight per expert instead of depth profiles",
+                       ["space.parents=true", "space=global"], 1),
+    "default-norace": ("the default without racing", ["space.parents=true", "fitness.multi_fidelity=0"], 1),
 }
+OWN_LENGTH = ("default", "default-global", "default-norace")  # run as long as `evomerge search` does
 EVOMERGE = ("ga", "nsga2")  # the searchers the targets speak of
 PROBE_MERGES = 4
 GRIDS = {  # full: what the table uses; quick: enough to see it run
@@ -333,13 +342,37 @@ class OwnTestScoring(SearchHooks):
         return []
 
 
+def common_overrides(zoo: str, items: int, workers: int, pop: int) -> list[str]:
+    """The settings every searcher shares. Parents off: this experiment scores the input models
+    and the uniform grids itself, and its budgets count the candidates each searcher chose (a
+    searcher whose own settings turn them on counts them too)."""
+    return [f"zoo={zoo}", "fitness=anchors", f"fitness.items_per_task={items}",
+            f"fitness.probe_merges={PROBE_MERGES}", f"runtime.workers={workers}", "runtime.threads_per_worker=1",
+            f"algorithm.pop_size={pop}", "space.parents=false"]
+
+
+def generations(name: str, budget: int, pop: int) -> int:
+    """Generations that spend ``budget`` candidates (whole generations, so rounded up)."""
+    first = SEARCHERS[name][2]
+    return max(1, math.ceil(budget / pop)) if first is None else 1 + max(0, math.ceil((budget - first) / pop))
+
+
+def search_config(name: str, seed: int, common: list[str], budget: int, pop: int, runs: Path) -> dict:
+    from evomerge.config import compose
+
+    length = [] if name in OWN_LENGTH else [f"algorithm.generations={generations(name, budget, pop)}"]
+    return compose(common + SEARCHERS[name][1] + length + [f"runs_dir={runs}", f"name={name}-s{seed}", f"seed={seed}"])
+
+
 def run_search(config: dict, folder: Path, probes: Path, log: Log) -> float:
     """Start, resume or skip the search in ``folder``; returns the wall seconds spent now."""
+    from evomerge.run import RunDir
     from evomerge.search import loop
     from evomerge.search.settings import search_fingerprint
 
     state = read_json(folder / loop.RUN_STATE)
-    if state is not None and state["fingerprint"] != search_fingerprint(config):
+    # A run made before a setting existed reads it as that setting's "off" (as a resume does).
+    if state is not None and search_fingerprint(loop.resumed_config(RunDir(folder))) != search_fingerprint(config):
         raise SystemExit(f"{folder} holds a search with other settings than this command asks for; "
                          f"delete it or choose another --out")
     done = folder / "zoo_pareto_done"  # written once the search returns: nothing left to run
@@ -442,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="validation-front members (best mean first) scored on test, besides the pick "
                              "(default 3)")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers (one torch thread each)")
-    parser.add_argument("--searchers", default=",".join(SEARCHERS),
+    parser.add_argument("--searchers", default="random,cmaes,ga,nsga2",
                         help="comma-separated subset of " + ",".join(SEARCHERS))
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny budget and grids: a check that it all runs")
     parser.add_argument("--out", type=Path, default=HERE, help="where runs/, results.json, results.md and plots go")
@@ -453,11 +486,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = args.budget if args.budget is not None else (8 if quick else 72)
     rescore = args.rescore if args.rescore is not None else 2
     front_cap = args.front_cap if args.front_cap is not None else 3
-
-    def generations(name: str) -> int:
-        """Generations that spend ``budget`` candidates (whole generations, so rounded up)."""
-        first = SEARCHERS[name][2]
-        return max(1, math.ceil(budget / pop)) if first is None else 1 + max(0, math.ceil((budget - first) / pop))
 
     chosen = [s.strip() for s in args.searchers.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SEARCHERS]
@@ -470,11 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from evomerge.zoo.tasks import task_name
 
     started = time.perf_counter()
-    # Parents off: this experiment scores the input models and the uniform grids itself, and its
-    # budgets count the candidates each searcher chose.
-    common = [f"zoo={args.zoo}", "fitness=anchors", f"fitness.items_per_task={args.items}",
-              f"fitness.probe_merges={PROBE_MERGES}", f"runtime.workers={args.workers}", "runtime.threads_per_worker=1",
-              f"algorithm.pop_size={pop}", "space.parents=false"]
+    common = common_overrides(args.zoo, args.items, args.workers, pop)
     config = compose(common + ["space=layerwise"])
     build_zoo_for(config, log=log)
     settings = read_settings(config)
@@ -511,8 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in chosen:
         for seed in range(seeds):
             label = f"{name}-s{seed}"
-            config = compose(common + SEARCHERS[name][1] + [f"algorithm.generations={generations(name)}",
-                                                             f"runs_dir={runs}", f"name={label}", f"seed={seed}"])
+            config = search_config(name, seed, common, budget, pop, runs)
             folders[(name, seed)] = runs / label
             spent("runs", label, run_search(config, runs / label, runs / "probes.json", log))
     spent("stages", "searches", time.perf_counter() - t)
@@ -541,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "zoo": zoo.root.name, "zoo_kind": zoo_config.kind, "experts": list(settings.experts),
         "tasks": skills, "probe_tasks": probes, "searchers": {n: SEARCHERS[n][0] for n in chosen},
         "evomerge_searchers": [s for s in EVOMERGE if s in chosen],
-        "settings": {"seeds": seeds, "pop_size": pop, "generations": {n: generations(n) for n in chosen},
+        "settings": {"seeds": seeds, "pop_size": pop, "generations": {n: generations(n, budget, pop) for n in chosen},
                      "budget": budget,
                      "estimator": "anchors", "items_per_task": args.items, "rescore": rescore,
                      "front_cap": front_cap, "workers": args.workers, "probe_merges": PROBE_MERGES,
