@@ -400,7 +400,11 @@ class Search:
             self.run_dir.append_history(record)
         self._write_pareto(front, generation)
         eta = f", ~{left * count / max(rate, 1e-9):.1f} min left" if left > 0 else ""
-        self.log(f"generation {generation}: {next_id} evaluations ({errors} failed), best "
+        mean = ""
+        if front and len(self.objectives) > 1 and fronts.averageable(self.objectives):
+            top = fronts.best_mean(front, self.objectives)  # what a single-objective algorithm chases
+            mean = f"mean {fronts.mean(top, self.objectives):.3f} ({'all items' if top.fidelity == 'full' else 'estimated'}), "
+        self.log(f"generation {generation}: {next_id} evaluations ({errors} failed), best " + mean
                  + ", ".join(f"{k} {v:.3f}" for k, v in best.items())
                  + f", hypervolume {hv:.4f}, {rate:.1f} candidates/min{eta}")
         self.hooks.after_generation(generation, front)
