@@ -122,24 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown searcher {unknown[0]!r}; valid: {', '.join(zp.SEARCHERS)}")
 
-    from evomerge.config import compose, read_config
-    from evomerge.search.settings import build_zoo_for, read_settings
-    from evomerge.zoo.build import Zoo
-    from evomerge.zoo.tasks import task_name
-
     log = zp.log
     started = time.perf_counter()
-    common = zp.common_overrides(args.zoo, args.items, args.workers, pop)
-    config = compose(common + ["space=layerwise"])
-    build_zoo_for(config, log=log)
-    settings = read_settings(config)
-    zoo_config = read_config(compose(common)).zoo
-    zoo = Zoo.at(zoo_config)
-    skills = list(settings.tasks)
-    probes = [task_name(p) for p in zoo_config.probes]
-    root = args.out / "runs" / zoo.root.name
-    runs = root / f"b{budget}-p{pop}-i{args.items}"
-    scorer = zp.Scorer(settings, {"validation": skills, "test": skills + probes}, root / "scores.json", log)
+    setup = zp.Setup.make(args.zoo, args.items, args.workers, pop, budget, args.out)
+    common, settings, zoo, skills = setup.common, setup.settings, setup.zoo, setup.skills
+    runs, scorer = setup.runs, setup.scorer
     try:
         zp.probe_population(settings, scorer, runs / "probes.json", log)
     finally:

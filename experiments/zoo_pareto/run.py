@@ -364,6 +364,40 @@ def search_config(name: str, seed: int, common: list[str], budget: int, pop: int
     return compose(common + SEARCHERS[name][1] + length + [f"runs_dir={runs}", f"name={name}-s{seed}", f"seed={seed}"])
 
 
+@dataclasses.dataclass
+class Setup:
+    """What every experiment over the zoo's searches shares: the overrides, the settings, the
+    zoo, its tasks, where the runs of one budget live and the cached full-split scorer."""
+
+    common: list[str]
+    settings: Any
+    zoo_config: Any
+    zoo: Any
+    skills: list[str]
+    probes: list[str]
+    runs: Path
+    scorer: Scorer
+
+    @classmethod
+    def make(cls, zoo_name: str, items: int, workers: int, pop: int, budget: int, out: Path) -> "Setup":
+        from evomerge.config import compose, read_config
+        from evomerge.search.settings import build_zoo_for, read_settings
+        from evomerge.zoo.build import Zoo
+        from evomerge.zoo.tasks import task_name
+
+        common = common_overrides(zoo_name, items, workers, pop)
+        config = compose(common + ["space=layerwise"])
+        build_zoo_for(config, log=log)
+        settings = read_settings(config)
+        zoo_config = read_config(compose(common)).zoo
+        zoo = Zoo.at(zoo_config)
+        skills = list(settings.tasks)
+        probes = [task_name(p) for p in zoo_config.probes]
+        root = out / "runs" / zoo.root.name
+        scorer = Scorer(settings, {"validation": skills, "test": skills + probes}, root / "scores.json", log)
+        return cls(common, settings, zoo_config, zoo, skills, probes, root / f"b{budget}-p{pop}-i{items}", scorer)
+
+
 def run_search(config: dict, folder: Path, probes: Path, log: Log) -> float:
     """Start, resume or skip the search in ``folder``; returns the wall seconds spent now."""
     from evomerge.run import RunDir
@@ -492,24 +526,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown searcher {unknown[0]!r}; valid: {', '.join(SEARCHERS)}")
 
-    from evomerge.config import compose, read_config
-    from evomerge.search.settings import build_zoo_for, read_settings
-    from evomerge.zoo.build import Zoo
-    from evomerge.zoo.tasks import task_name
-
     started = time.perf_counter()
-    common = common_overrides(args.zoo, args.items, args.workers, pop)
-    config = compose(common + ["space=layerwise"])
-    build_zoo_for(config, log=log)
-    settings = read_settings(config)
-    zoo_config = read_config(compose(common)).zoo
-    zoo = Zoo.at(zoo_config)
-    skills = list(settings.tasks)
-    probes = [task_name(p) for p in zoo_config.probes]
-    tag = f"b{budget}-p{pop}-i{args.items}"
-    root = args.out / "runs" / zoo.root.name
-    runs = root / tag
-    scorer = Scorer(settings, {"validation": skills, "test": skills + probes}, root / "scores.json", log)
+    setup = Setup.make(args.zoo, args.items, args.workers, pop, budget, args.out)
+    common, settings, zoo_config, zoo = setup.common, setup.settings, setup.zoo_config, setup.zoo
+    skills, probes, runs, scorer = setup.skills, setup.probes, setup.runs, setup.scorer
 
     log(f"zoo {zoo.root.name}: experts {', '.join(settings.experts)}; tasks {', '.join(skills)}; "
         f"probe tasks {', '.join(probes) or 'none'}")
