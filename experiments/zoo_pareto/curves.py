@@ -136,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     search_seconds: dict[str, float] = {}
     for name in chosen:
         for seed in range(seeds):
-            config = zp.search_config(name, seed, common, budget, pop, runs)
+            # --quick: every searcher, the default too, cut to the tiny budget.
+            config = zp.search_config(name, seed, common, budget, pop, runs, own_length=not args.quick)
             folder = runs / f"{name}-s{seed}"
             t = time.perf_counter()
             zp.run_search(config, folder, runs / "probes.json", log)
@@ -150,8 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Validation: grids and parents, every shortlist, then the grid-matching candidates.
         scorer.score(baselines.to_validate(), "validation")
         test_todo = baselines.choose(scorer)
-        grid_best = max(pick["val"] for pick, _, _ in baselines.chosen.values())
-        target = zp.mean_of(grid_best, skills)
+        target = max(zp.mean_of(pick["val"], skills) for pick, _, _ in baselines.chosen.values())
         todo = {}
         for curve in curves:
             for b in budgets:
@@ -276,8 +276,8 @@ def render(results: Mapping[str, Any], out: Path, name: str = "curves") -> list[
         search = 100 * zp.mean_of(p["search_value"], skills)
         val = None if p["val"] is None else 100 * zp.mean_of(p["val"], skills)
         test = None if p["test"] is None else 100 * zp.mean_of(p["test"], skills)
-        kept = (statistics.mean(min(1.0, p["test"][t] / own[t]) for t in skills if own.get(t))
-                if p["test"] and own else None)
+        shares = [min(1.0, p["test"][t] / own[t]) for t in skills if p["test"] and own.get(t)]
+        kept = statistics.mean(shares) if shares else None
         fmt = lambda v, d=1: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
         lines.append(f"| `{row['searcher']}` | {row['seed']} | {p['id']} | {p['fidelity']} | {search:.1f} | "
                      f"{fmt(val)} | {fmt(None if val is None else search - val)} | {fmt(test)} | "

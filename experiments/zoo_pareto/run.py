@@ -357,10 +357,11 @@ def generations(name: str, budget: int, pop: int) -> int:
     return max(1, math.ceil(budget / pop)) if first is None else 1 + max(0, math.ceil((budget - first) / pop))
 
 
-def search_config(name: str, seed: int, common: list[str], budget: int, pop: int, runs: Path) -> dict:
+def search_config(name: str, seed: int, common: list[str], budget: int, pop: int, runs: Path,
+                  own_length: bool = True) -> dict:
     from evomerge.config import compose
 
-    length = [] if name in OWN_LENGTH else [f"algorithm.generations={generations(name, budget, pop)}"]
+    length = [] if own_length and name in OWN_LENGTH else [f"algorithm.generations={generations(name, budget, pop)}"]
     return compose(common + SEARCHERS[name][1] + length + [f"runs_dir={runs}", f"name={name}-s{seed}", f"seed={seed}"])
 
 
