@@ -101,7 +101,7 @@ class SpaceConfig:
 class AlgorithmConfig:
     """Which pymoo algorithm searches, and for how long (see ``evomerge.search.algorithms``)."""
 
-    # CMA-ES told the tasks' mean: the most sample-efficient default measured (experiments/README.md)
+    # CMA-ES told the tasks' mean over depth profiles: see experiments/README.md for what it beat
     name: str = "cmaes"
     pop_size: int = 12
     generations: int = 12
@@ -140,8 +140,9 @@ class FitnessConfig:
     batch_size: int = 32
     seed: int = 0
     # Racing: the share of each generation (by estimated mean) promoted to every validation item,
-    # scored as the estimator scores its items; 0 = off. 0.08 promotes one of 12.
-    multi_fidelity: float = 0.08
+    # scored as the estimator scores its items; 0 = off. 0.08 promotes one of 12. Off by default:
+    # a promotion costs about six estimates here and did not pay (experiments/README.md).
+    multi_fidelity: float = 0.0
     native: bool = True  # batched native scoring where a task allows it; false: everything via lm-eval
     # Estimator items of exact-match generation tasks: one forward pass over prompt + reference,
     # not decoded (false for ece/length).
