@@ -52,10 +52,10 @@ class SearchSpace:
                 if param.evolvable:
                     self._params.setdefault(param.name, param)
         outside = _Group("out", 0, 0, "outside")
-        if self.config.knots:
-            if self.config.knots > self.num_layers:
-                raise UserError(f"space.knots={self.config.knots} is more than the model's {self.num_layers} "
-                                f"layers; use at most {self.num_layers}")
+        # More knots than layers would be a knot per layer: capped there, so the default works
+        # on any depth (a one-layer model has nothing to profile and gets granularity's groups).
+        self._knots = min(self.config.knots, self.num_layers) if self.num_layers >= 2 else 0
+        if self._knots:
             # Genes live at the knots; the recipe has a group per layer, interpolated between them.
             self._groups = [outside] + [_Group(f"L{n}", n, n + 1, "all") for n in range(self.num_layers)]
             self._gene_groups = [outside] + [_Group(f"k{i}", p, p + 1, "all")
@@ -78,7 +78,7 @@ class SearchSpace:
         """The layers the knots sit at, evenly from the first block to the last: on layers, so
         a recipe's value there is the knot's and ``encode`` inverts ``decode``."""
         last = self.num_layers - 1
-        return [round(i * last / (self.config.knots - 1)) for i in range(self.config.knots)]
+        return [round(i * last / (self._knots - 1)) for i in range(self._knots)]
 
     # --- genes -------------------------------------------------------------------------------
     @property
@@ -169,7 +169,7 @@ class SearchSpace:
 
     def decode(self, x: Mapping[str, Any] | Sequence[float]) -> Recipe:
         genome = self.as_genome(x)
-        if self.config.knots:
+        if self._knots:
             genome = self._per_layer(genome)
         outside = self._config(genome, self._groups[0])
         groups = tuple(LayerGroup(g.start, g.end, g.component, self._config(genome, g)) for g in self._groups[1:])

@@ -87,7 +87,7 @@ def test_a_method_mergekit_lacks_is_refused_in_one_line(boosted_method):
 
 
 def test_a_new_method_s_evolvable_parameters_become_genes(boosted_method):
-    space = SearchSpace(SpaceConfig(granularity=0, methods=["boosted"], initial=[]), "base", ("a", "b"), 2)
+    space = SearchSpace(SpaceConfig(granularity=0, knots=0, methods=["boosted"], initial=[]), "base", ("a", "b"), 2)
     assert space.names == ["out.a.weight", "out.a.keep", "out.b.weight", "out.b.keep", "out.boost",
                            "L0-1.a.weight", "L0-1.a.keep", "L0-1.b.weight", "L0-1.b.keep", "L0-1.boost"]
     low, high = space.bounds()
@@ -102,7 +102,7 @@ def test_a_new_method_s_evolvable_parameters_become_genes(boosted_method):
 def test_mixed_spaces_pin_the_genes_a_method_does_not_take(boosted_method):
     """In a space of TIES and the new method, a TIES group ignores keep and boost: genomes that
     differ only there decode to one recipe."""
-    space = SearchSpace(SpaceConfig(granularity=0, methods=["ties", "boosted"], initial=[]), "base", ("a",), 2)
+    space = SearchSpace(SpaceConfig(granularity=0, knots=0, methods=["ties", "boosted"], initial=[]), "base", ("a",), 2)
     assert space.names[:5] == ["out.method", "out.a.weight", "out.a.density", "out.a.keep", "out.boost"]
     genome = {name: 0.5 for name in space.names} | {"out.method": "ties", "L0-1.method": "ties"}
     other = genome | {"out.a.keep": 0.8, "L0-1.boost": 1.9}

@@ -96,7 +96,6 @@ def test_initial_recipes_from_mappings_and_mergekit(tmp_path):
     ({"initial": [{"method": "ties"}]}, "not in space.methods"),
     ({"knots": 1}, "knots=1"),
     ({"knots": -2}, "knots=-2"),
-    ({"knots": 31}, "at most 30"),
     ({"knots": 3, "split_components": True}, "cannot be combined"),
 ])
 def test_bad_space_settings_fail_in_one_line(settings, message):
@@ -178,6 +177,11 @@ def test_knots_interpolate_each_gene_linearly_over_depth():
     assert recipe.outside.experts["b"].weight == genome["out.b.weight"]
     back = s.encode(recipe)
     assert back == pytest.approx(genome)
+
+
+def test_more_knots_than_layers_is_a_knot_per_layer():
+    assert space(knots=31).names == space(knots=30).names
+    assert len(space(knots=31).names) == (1 + 30) * 3
 
 
 def test_a_flat_knot_profile_is_the_uniform_recipe():
