@@ -54,12 +54,14 @@ class SearchSpace:
         outside = _Group("out", 0, 0, "outside")
         # More knots than layers would be a knot per layer: capped there, so the default works
         # on any depth (a one-layer model has nothing to profile and gets granularity's groups).
-        self._knots = min(self.config.knots, self.num_layers) if self.num_layers >= 2 else 0
+        knots = min(self.config.knots, self.num_layers) if self.num_layers >= 2 else 0
+        # The layers the knots sit at, evenly from the first block to the last: on layers, so a
+        # recipe's value there is the knot's and ``encode`` inverts ``decode``.
+        self._knots = [round(i * (self.num_layers - 1) / (knots - 1)) for i in range(knots)]
         if self._knots:
             # Genes live at the knots; the recipe has a group per layer, interpolated between them.
             self._groups = [outside] + [_Group(f"L{n}", n, n + 1, "all") for n in range(self.num_layers)]
-            self._gene_groups = [outside] + [_Group(f"k{i}", p, p + 1, "all")
-                                             for i, p in enumerate(self._knot_positions())]
+            self._gene_groups = [outside] + [_Group(f"k{i}", p, p + 1, "all") for i, p in enumerate(self._knots)]
             return
         size = self.config.granularity or self.num_layers
         spans = [(s, min(s + size, self.num_layers)) for s in range(0, self.num_layers, size)]
@@ -73,12 +75,6 @@ class SearchSpace:
                 groups.append(_Group(key, start, end, "all"))
         self._groups = groups
         self._gene_groups = groups
-
-    def _knot_positions(self) -> list[int]:
-        """The layers the knots sit at, evenly from the first block to the last: on layers, so
-        a recipe's value there is the knot's and ``encode`` inverts ``decode``."""
-        last = self.num_layers - 1
-        return [round(i * last / (self._knots - 1)) for i in range(self._knots)]
 
     # --- genes -------------------------------------------------------------------------------
     @property
@@ -155,7 +151,7 @@ class SearchSpace:
         knots, the method (when evolved) the nearest knot's. A few knots keep the genome small
         (what a sample-efficient search needs) while the recipe still varies layer by layer."""
         out = {k: v for k, v in genome.items() if k.startswith("out.")}
-        positions = self._knot_positions()
+        positions = self._knots
         suffixes = [k.split(".", 1)[1] for k in genome if k.startswith("k0.")]
         for layer in range(self.num_layers):
             left = max(i for i, p in enumerate(positions[:-1]) if p <= layer)

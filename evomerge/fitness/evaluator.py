@@ -121,7 +121,8 @@ class Evaluator:
         tasks = self.suite.tasks(split)
         selection = {name: (list(range(len(t))) if full else self.estimator.select(name, len(t)))
                      for name, t in tasks.items()}
-        results = self.suite.run(model, split, selection, teacher_forcing=self.config.teacher_forcing and (like_estimates or not full))
+        teacher_forcing = self.config.teacher_forcing and (like_estimates or not full)
+        results = self.suite.run(model, split, selection, teacher_forcing=teacher_forcing)
         scores = {name: (r.mean() if full else self.estimator.estimate(name, r.ids, r.correct))
                   for name, r in results.items()}
         objectives = self._measure(model, scores, results)

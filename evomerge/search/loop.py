@@ -147,7 +147,7 @@ class Search:
                 entries = self._evaluate_generation(population, generation, next_id)
                 next_id += len(entries)
                 next_id += len(self._race(entries, generation, next_id))
-                told = [self._verified(e.recipe_hash, next_id) or e if e.error is None else e for e in entries]
+                told = [(self._verified(e.recipe_hash, next_id) or e) if e.error is None else e for e in entries]
                 F = minimized_matrix(self.objectives, [e.objectives for e in told])
                 if F.shape[1] != self.told:
                     F = F.mean(axis=1, keepdims=True)
@@ -190,9 +190,8 @@ class Search:
         """The parents the space can spell, best mean first where the objectives average (the
         order they were scored in otherwise): a search starts from the best model it was given
         instead of from nothing. Parents outside the space (another method) are left out."""
-        if fronts.averageable(self.objectives):
-            parents = sorted(parents, key=lambda e: (e.error is not None, -fronts.mean(e, self.objectives)
-                                                     if e.error is None else 0.0, e.id))
+        if fronts.averageable(self.objectives):  # failed parents last (a stable sort keeps by_mean's order)
+            parents = sorted(fronts.by_mean(parents, self.objectives), key=lambda e: e.error is not None)
         genomes = []
         for entry in parents:
             try:
