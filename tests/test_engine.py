@@ -63,7 +63,7 @@ def reference_model(pico_zoo, reference, recipe: Recipe, method: str):
         fraction = layer / 3 if layer is not None else (0.0 if "embed" in name else 1.0)
         params = MergeParams(weight=WEIGHT[:k], density=DENSITY[:k], gamma=GAMMA[:k], epsilon=EPSILON[:k],
                              lambda_=0.9, t=0.3, alpha=0.4, beta=0.7, k=2, lambda_tall=0.3,
-                             layer_fraction=fraction)
+                             layer_fraction=fraction, in_block=layer is not None)
         generator = torch.Generator().manual_seed(tensor_seed(recipe.seed, name))
         targets[name].copy_(merge_tensor(method, b, deltas[name][index], params, generator))
     return model

@@ -77,6 +77,21 @@ def test_recipe_yaml_round_trips_with_optional_globals(pico_zoo, merger, tmp_pat
     assert "No mergekit config: mergekit applies one merge_method" in (out / "model" / "README.md").read_text()
 
 
+@pytest.mark.parametrize("method", ["tsv_m", "cabs"])
+def test_methods_without_mergekit_export_a_model_and_say_why_there_is_no_config(pico_zoo, merger, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    recipe = recipe_for(pico_zoo, method_config(method))
+    out = export(recipe, merger, tmp_path / "pick")
+    assert not (out / "mergekit.yaml").exists()
+    card = (out / "model" / "README.md").read_text()
+    assert f"merge method '{method}' has no mergekit equivalent" in card
+    assert Recipe.from_yaml((out / "recipe.yaml").read_text()) == recipe
+    loaded = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    expected = unique_parameters(merger.materialize(recipe))
+    for name, tensor in unique_parameters(loaded).items():
+        torch.testing.assert_close(tensor, expected[name], atol=0, rtol=0, msg=name)
+
 
 def test_export_replaces_a_previous_export(pico_zoo, merger, tmp_path):
     first = recipe_for(pico_zoo, method_config("linear"))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import subspace_reference
 import torch
 from scipy import stats
 
@@ -200,9 +202,26 @@ def reference(method: str, base: torch.Tensor, deltas: torch.Tensor, p: MergePar
         alpha = 1 / k if p.alpha is None else p.alpha
         scale = (alpha + p.beta * p.layer_fraction) / (sum(w) if normalize else 1.0)
         out = [x + scale * sum(wi * d[j] for wi, d in zip(w, ds)) for j, x in enumerate(b)]
+    elif method == "cabs":
+        update = subspace_reference.cabs(ds, w, list(p.density), p.lambda_, int(p.block))
+        out = [x + u for x, u in zip(b, update)]
+    elif method in SUBSPACE:
+        stack = deltas.double().numpy()
+        if method == "tsv_m":
+            update = subspace_reference.tsv_m(stack, w, p.lambda_, p.rank_fraction)
+        elif method == "iso_c":
+            update = subspace_reference.iso_c(stack, w, p.lambda_)
+        elif method == "iso_cts":
+            update = subspace_reference.iso_cts(stack, w, p.lambda_, p.common_fraction)
+        else:
+            update = subspace_reference.star(stack, w, p.lambda_, p.eta)
+        return (base.double() + torch.from_numpy(np.asarray(update))).to(base.dtype)
     else:
         raise AssertionError(method)
     return as_tensor(out, base)
+
+
+SUBSPACE = ("tsv_m", "iso_c", "iso_cts", "star")
 
 
 def params_for(method: str, k: int, **overrides: object) -> MergeParams:

@@ -137,6 +137,13 @@ class _ExpertSubset:
     def ranked_l1_norms(self) -> Tensor:
         return self._select(self.stats.ranked_l1_norms())
 
+    def singular_factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        u, s, vh = self.stats.singular_factors()
+        return self._select(u), self._select(s), self._select(vh)
+
+    def tsv_components(self, rank: int) -> Tensor:
+        return self.stats.tsv_components(rank, self.indices)
+
     def _select(self, per_expert: Tensor) -> Tensor:
         return per_expert.index_select(0, torch.tensor(self.indices, device=per_expert.device))
 
@@ -267,15 +274,15 @@ class Merger:
         every = len(plan.included) == len(self.experts)
         deltas = (stack if every else stack.index_select(0, index)).view(-1, *base.shape)
         layer, _ = self._where[name]
-        params = plan.params.with_layer_fraction(layer_fraction(name, layer, self.num_layers))
+        params = plan.params.in_context(layer_fraction=layer_fraction(name, layer, self.num_layers),
+                                        in_block=layer is not None)
         generator = None
         spec = registry.METHODS[plan.method]
         if spec.randomized:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(tensor_seed(recipe.seed, name))
         stats = None
-        variant = spec.variant
-        if variant is not None and variant.reads_stats:  # cached: a table lookup replaces a sort
+        if spec.reads_stats:  # cached: a table lookup replaces a sort, a stored SVD a new one
             stats = self._stats_of(name)
             stats = stats if every else _ExpertSubset(stats, plan.included)
         methods.merge_tensor(plan.method, base, deltas, params, generator, stats, out=target.view(base.shape))

@@ -240,7 +240,9 @@ class MethodSpec:
     mergekit has the method with the same parameters, else None (an export then refuses).
     ``needs_base`` is False for methods that merge the experts' full weights (mergekit would
     count a configured base as one more input). ``variant`` is set for the generalized
-    task-arithmetic family, whose members differ only in it."""
+    task-arithmetic family, whose members differ only in it. ``reads_stats`` says whether the
+    function reads the per-tensor statistics no candidate changes (magnitude tables, SVDs), which
+    the merger then builds once and hands it."""
 
     name: str
     fn: MergeFn | str
@@ -253,6 +255,7 @@ class MethodSpec:
     max_experts: int | None = None
     variant: TaskArithmeticVariant | None = None
     check: Check | None = None
+    reads_stats: bool = False
     _loaded: list[MergeFn] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -289,7 +292,7 @@ def _variant(name: str, description: str) -> MethodSpec:
     check = _della_check if variant.sparsification == "rank" else None
     return MethodSpec(name, "evomerge.merge.methods:generalized_task_arithmetic", variant.params,
                       description, randomized=variant.randomized, mergekit=name, variant=variant,
-                      check=check)
+                      check=check, reads_stats=variant.reads_stats)
 
 
 def _della_check(params: MergeParams, labels: Sequence[str]) -> None:
@@ -306,6 +309,9 @@ def _linear_check(params: MergeParams, labels: Sequence[str]) -> None:
 
 
 _METHODS_MODULE = "evomerge.merge.methods"
+_SUBSPACE_MODULE = "evomerge.merge.subspace"
+
+FRACTION = ParamRange(0.0, 1.0, low_open=True)
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("linear", f"{_METHODS_MODULE}:linear", (WEIGHT, normalize(True)),
@@ -341,6 +347,31 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                 Param("alpha", "global", None, mergekit=False, help="scale at depth 0 (default 1/K)"),
                 Param("beta", "global", 0.5, mergekit=False, help="extra scale at the last block")),
                "task arithmetic scaled by alpha + beta * depth"),
+    # The subspace family: no mergekit equivalent, so an export writes no mergekit.yaml for them.
+    MethodSpec("tsv_m", f"{_SUBSPACE_MODULE}:tsv_m",
+               (WEIGHT, LAMBDA,
+                Param("rank_fraction", "global", None, range=FRACTION, mergekit=False,
+                      help="share of each expert's singular directions kept per matrix (default 1/K)")),
+               "each expert's top singular directions, orthonormalized together, rebuilt", reads_stats=True),
+    MethodSpec("iso_c", f"{_SUBSPACE_MODULE}:iso_c", (WEIGHT, LAMBDA),
+               "the weighted sum of task vectors with its singular values flattened to their mean"),
+    MethodSpec("iso_cts", f"{_SUBSPACE_MODULE}:iso_cts",
+               (WEIGHT, LAMBDA,
+                Param("common_fraction", "global", 0.8, range=FRACTION, mergekit=False, search=(0.5, 1.0),
+                      help="share of the rank given to the sum's top directions; the rest is split "
+                           "among the experts' own")),
+               "Iso-C over a common subspace plus each expert's own directions"),
+    MethodSpec("star", f"{_SUBSPACE_MODULE}:star",
+               (WEIGHT, LAMBDA,
+                Param("eta", "global", 0.4, range=FRACTION, mergekit=False, search=(0.1, 1.0),
+                      help="share of each expert's nuclear norm its kept singular components hold")),
+               "each expert truncated to its top singular components, rescaled to its nuclear norm, averaged",
+               reads_stats=True),
+    MethodSpec("cabs", f"{_METHODS_MODULE}:cabs",
+               (WEIGHT, DENSITY, LAMBDA,
+                Param("block", "global", 32.0, range=ParamRange(1.0, math.inf, integer=True), mergekit=False,
+                      help="n:m block size m: density * m elements are kept in every block")),
+               "experts pruned in turn, each only where earlier ones kept nothing, n:m balanced"),
 )}
 """Every merge method by its recipe name (mergekit's name where mergekit has the method)."""
 
@@ -386,14 +417,19 @@ class MergeParams:
     is ``lambda``, a Python keyword): per-expert values as K numbers, one number for every expert,
     or None for the default. :func:`resolve` checks them against a method's schema and returns
     the method's view: every parameter it takes present, per-expert ones as K floats, defaults
-    filled in. ``layer_fraction`` is the tensor's depth (0 for embeddings, 1 for the last block),
-    context the engine gives layer-aware methods, not a recipe parameter."""
+    filled in. Two fields are context the engine gives, not recipe parameters:
+    ``layer_fraction`` is the tensor's depth (0 for embeddings, 1 for the last block), for
+    layer-aware methods; ``in_block`` says whether the tensor belongs to a transformer block
+    (False for embeddings, final norm and head; None where unknown), for methods that treat a
+    block's weight matrices in their singular-vector basis and the rest as the papers do."""
 
-    __slots__ = ("values", "layer_fraction", "method")
+    __slots__ = ("values", "layer_fraction", "in_block", "method")
 
-    def __init__(self, *, layer_fraction: float | None = None, **values: Any) -> None:
+    def __init__(self, *, layer_fraction: float | None = None, in_block: bool | None = None,
+                 **values: Any) -> None:
         self.values = {("lambda" if k == "lambda_" else k): v for k, v in values.items() if v is not None}
         self.layer_fraction = layer_fraction
+        self.in_block = in_block
         self.method: str | None = None  # set once resolved for that method
 
     def __getitem__(self, name: str) -> Any:
@@ -405,13 +441,16 @@ class MergeParams:
             raise AttributeError(name)
         return self.values.get("lambda" if name == "lambda_" else name)
 
-    def with_layer_fraction(self, fraction: float | None) -> MergeParams:
-        copy = MergeParams(layer_fraction=fraction, **self.values)
+    def in_context(self, *, layer_fraction: float | None, in_block: bool | None) -> MergeParams:
+        """The same values, placed at one tensor of a model (see the class docstring)."""
+        copy = MergeParams(layer_fraction=layer_fraction, in_block=in_block)
+        copy.values = dict(self.values)  # keeps the None a method derives (LiNeS' alpha)
         copy.method = self.method
         return copy
 
     def __repr__(self) -> str:
-        return f"MergeParams({self.values!r}, layer_fraction={self.layer_fraction!r}, method={self.method!r})"
+        return (f"MergeParams({self.values!r}, layer_fraction={self.layer_fraction!r}, "
+                f"in_block={self.in_block!r}, method={self.method!r})")
 
 
 def _floats(raw: Any) -> float | list[float]:
@@ -486,7 +525,7 @@ def resolve(method: str, params: MergeParams, experts: Sequence[str] | int | Non
             if problem:
                 raise MergeParamError(f"{param.name} {value:g} for {method} {problem}")
             resolved[param.name] = value
-    out = MergeParams(layer_fraction=params.layer_fraction)
+    out = MergeParams(layer_fraction=params.layer_fraction, in_block=params.in_block)
     out.values = resolved  # None stays: a default the method derives (LiNeS' alpha)
     if spec.check is not None:
         spec.check(out, labels or ["every expert"])

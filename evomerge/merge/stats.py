@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -158,6 +158,10 @@ def row_ranks(deltas: Tensor) -> Tensor:
     return ranks.view(count, -1)
 
 
+_KEPT_COMPONENTS = 2
+"""TSV-M component stacks kept per tensor (each the size of the deltas): a run needs one."""
+
+
 @dataclass(eq=False)
 class DeltaStats:
     """:class:`MagnitudeStats` of one tensor's stacked deltas, each computed on first use and kept:
@@ -172,6 +176,8 @@ class DeltaStats:
     _ranks: Tensor | None = None
     _norms: Tensor | None = None
     _ranked_norms: Tensor | None = None
+    _svd: tuple[Tensor, Tensor, Tensor] | None = None
+    _components: dict[tuple[int, tuple[int, ...]], Tensor] = field(default_factory=dict)
 
     def magnitude_threshold(self, expert_index: int, keep_fraction: float) -> float:
         if self._quantiles is None:
@@ -192,6 +198,34 @@ class DeltaStats:
         if self._ranked_norms is None:
             self._ranked_norms = ranked_l1_norms(self.deltas, self.row_ranks())
         return self._ranked_norms
+
+    def singular_factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Each expert's thin SVD (STAR): about 1.4 to 2 times the deltas' size in working
+        precision, built only for tensors such a method has merged."""
+        if self._svd is None:
+            from evomerge.merge.subspace import singular_factors
+
+            self._svd = singular_factors(self.deltas)
+        return self._svd
+
+    def tsv_components(self, rank: int, indices: tuple[int, ...] | None = None) -> Tensor:
+        """TSV-M's components for ``rank`` directions of the experts at ``indices`` (all by
+        default): one delta stack's size each. A run merges with one rank and one set of experts,
+        so a couple are kept; the SVDs they come from are kept only if STAR built them."""
+        indices = tuple(range(self.deltas.shape[0])) if indices is None else tuple(indices)
+        key = (rank, indices)
+        if key not in self._components:
+            from evomerge.merge.subspace import singular_factors, tsv_components
+
+            chosen = torch.tensor(indices, device=self.deltas.device)
+            if self._svd is not None:
+                factors = tuple(f.index_select(0, chosen) for f in self._svd)
+            else:
+                factors = singular_factors(self.deltas.index_select(0, chosen))
+            while len(self._components) >= _KEPT_COMPONENTS:
+                self._components.pop(next(iter(self._components)))
+            self._components[key] = tsv_components(factors, rank)
+        return self._components[key]
 
 
 def l1_norms(deltas: Tensor) -> Tensor:
