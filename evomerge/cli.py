@@ -197,8 +197,10 @@ def parser() -> argparse.ArgumentParser:
 
     pool = commands.add_parser(
         "pool", help="task-vector norms per layer and the kinship matrix of the models to merge",
-        description="Per expert, the task-vector L2 norm per layer and relative to the base, and "
-                    "the pairwise cosine similarity of the experts' task vectors (model kinship).",
+        description="Per expert, the task-vector L2 norm per layer and relative to the base; "
+                    "the pairwise cosine similarity of the experts' task vectors (model kinship); "
+                    "and per pair how much their top singular subspaces overlap in the block "
+                    "matrices (where the subspace methods see interference).",
         epilog="examples:\n  evomerge pool path/to/base path/to/expert-a path/to/expert-b\n"
                "  evomerge pool zoo=pico --json      the zoo's base and experts\n"
                "  evomerge pool models.base=BASE models.experts=[A,B]   as a search config names them",

@@ -7,6 +7,11 @@ and the pairwise cosine similarity of the flattened task vectors, the "model kin
 literature uses to pick partners (similar vectors merge with little interference).
 Everything comes from one Gram matrix per layer, accumulated tensor by tensor in float64 in
 column chunks, so no whole-model vector is ever concatenated or upcast.
+
+Cosine misses what the subspace methods (TSV-M, Iso-CTS) act on: two task vectors can be nearly
+orthogonal element-wise while moving a matrix along the same few singular directions, where they
+do interfere. So the report also gives, per pair, how much the experts' top singular subspaces
+overlap in the block matrices: 1 where they coincide, about ``k / m`` for random subspaces.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class Kinship:
     total: dict[str, float]  # expert -> ||tau||
     relative: dict[str, float]  # expert -> ||tau|| / ||theta_base||
     cosine: list[list[float]]  # experts x experts
+    overlap: list[list[float]]  # experts x experts: top singular subspace overlap (:func:`subspace_overlap`)
+    overlap_chance: float  # what random subspaces of the same sizes would overlap
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,7 +65,34 @@ def kinship(pool: ModelPool) -> Kinship:
         norms={e: {k: float(grams[k][i, i].sqrt()) for k in layers} for i, e in enumerate(experts)},
         total={e: float(norm[i]) for i, e in enumerate(experts)},
         relative=pool.relative_norms(),
-        cosine=cosine.tolist())
+        cosine=cosine.tolist(),
+        **dict(zip(("overlap", "overlap_chance"), subspace_overlap(pool))))
+
+
+def subspace_overlap(pool: ModelPool) -> tuple[list[list[float]], float]:
+    """Per pair of experts, ``||U_i^T U_j||_F^2 / k`` averaged over the 2-D tensors inside the
+    blocks, where ``U_i`` holds expert i's top ``k = max(1, min(m, n) // K)`` left singular
+    vectors of its task matrix (the share of directions TSV-M keeps per expert): the fraction of
+    one expert's dominant directions lying in the other's. Returned with the chance level,
+    the mean ``k / m`` of random subspaces. Zero matrices (an expert that left a tensor alone)
+    count as no overlap. Costs one SVD per expert and matrix."""
+    experts = pool.expert_names
+    count = len(experts)
+    total = torch.zeros(count, count, dtype=torch.float64)
+    chance, matrices = 0.0, 0
+    for name, base in pool.base.items():
+        if base.ndim != 2 or layer_index(name) is None or min(base.shape) < 2:
+            continue
+        k = max(1, min(base.shape) // count)
+        stack = torch.stack([pool.task_vectors[e][name].float() for e in experts])
+        u, s, _ = torch.linalg.svd(stack, full_matrices=False)
+        tops = u[:, :, :k].double() * (s[:, :1, None] > 0)  # an all-zero update has no directions
+        total += torch.einsum("ima,jmb->ijab", tops, tops).square().sum((2, 3)) / k
+        chance += k / base.shape[0]
+        matrices += 1
+    if matrices == 0:
+        return [[0.0] * count for _ in range(count)], 0.0
+    return (total / matrices).tolist(), chance / matrices
 
 
 def render(k: Kinship) -> str:
@@ -71,6 +105,9 @@ def render(k: Kinship) -> str:
     lines.append(row("‖τ‖/‖θ‖", [f"{k.relative[e]:.5f}" for e in k.experts]))
     lines += ["", "kinship: cosine similarity of task vectors", row("", k.experts)]
     lines += [row(e, [f"{v:+.3f}" for v in values]) for e, values in zip(k.experts, k.cosine)]
+    lines += ["", f"subspace overlap: top singular directions shared in the block matrices "
+                  f"(1 = the same, {k.overlap_chance:.3f} = random)", row("", k.experts)]
+    lines += [row(e, [f"{v:.3f}" for v in values]) for e, values in zip(k.experts, k.overlap)]
     return "\n".join(lines)
 
 

@@ -86,3 +86,27 @@ def test_pool_command(pico_zoo, pico_cache):
     assert "task-vector L2 norm per layer" in by_path.stdout and "sort" in by_path.stdout
     bad = cli(str(pico_zoo.base), cache=pico_cache)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_subspace_overlap_matches_a_per_matrix_loop(pool):
+    result = kinship(pool)
+    experts = result.experts
+    count = len(experts)
+    want = [[0.0] * count for _ in range(count)]
+    matrices = 0
+    for name, base in pool.base.items():
+        if base.ndim != 2 or layer_index(name) is None:
+            continue
+        k = max(1, min(base.shape) // count)
+        tops = [torch.linalg.svd(pool.task_vectors[e][name].double(), full_matrices=False)[0][:, :k] for e in experts]
+        for i in range(count):
+            for j in range(count):
+                want[i][j] += float((tops[i].T @ tops[j]).square().sum()) / k
+        matrices += 1
+    assert matrices > 0
+    for i in range(count):
+        assert result.overlap[i][i] == pytest.approx(1.0, abs=1e-4)
+        for j in range(count):
+            assert result.overlap[i][j] == pytest.approx(want[i][j] / matrices, abs=1e-4)
+    assert 0 < result.overlap_chance < 1
+    assert "subspace overlap" in render(result)
