@@ -54,10 +54,11 @@ class SpaceConfig:
     weight: Optional[list[float]] = None
     density: Optional[list[float]] = None
     # Known recipes in the first population, besides random ones (see ``SearchSpace.initial_recipes``).
-    initial: list[Any] = field(default_factory=lambda: [{"method": "task_arithmetic", "weight": 0.3},
-                                                        {"method": "task_arithmetic", "weight": 0.5}])
-    # The input models as candidates: base, each expert alone and uniform task-arithmetic merges
-    # at these weights open every archive, so no front is dominated by a model the user gave.
+    # An entry without a method takes the space's first method.
+    initial: list[Any] = field(default_factory=lambda: [{"weight": 0.3}, {"weight": 0.5}])
+    # The input models as candidates: base, each expert alone and uniform merges (the space's
+    # first method) at these weights open every archive, so no front is dominated by a model the
+    # user gave, and a search starts from the best of them.
     parents: bool = True
     uniform: list[float] = field(default_factory=lambda: [0.3, 0.5, 1.0])
 

@@ -203,16 +203,19 @@ class SearchSpace:
 
     def parent_recipes(self) -> dict[str, Recipe]:
         """The input models and the simplest merges of them, by name: ``base``, ``expert:<name>``
-        (that expert alone) and ``uniform:<w>`` (task arithmetic with weight w for every expert,
-        for each weight of ``space.uniform``). They need no gene: a search scores them as
-        candidates so that what it returns is never worse than what the user brought."""
-        def weights(values: Mapping[str, float]) -> Recipe:
-            config = MethodConfig("task_arithmetic", {e: ExpertParams(weight=values.get(e, 0.0)) for e in self.experts})
+        (that expert alone, as task arithmetic with weight 1) and ``uniform:<w>`` (the space's
+        first method with weight w for every expert and its other parameters at their defaults,
+        for each weight of ``space.uniform``: a merge the space can spell, so a search can start
+        from it). They need no gene: a search scores them as candidates so that what it returns
+        is never worse than what the user brought."""
+        def weights(values: Mapping[str, float], method: str = "task_arithmetic") -> Recipe:
+            config = MethodConfig(method, {e: ExpertParams(weight=values.get(e, 0.0)) for e in self.experts})
             return Recipe.uniform(self.base, self.experts, self.num_layers, config, expert_refs=self.expert_refs)
 
         recipes = {"base": weights({})}
         recipes.update({f"expert:{e}": weights({e: 1.0}) for e in self.experts})
-        recipes.update({f"uniform:{w:g}": weights(dict.fromkeys(self.experts, w)) for w in self.config.uniform})
+        recipes.update({f"uniform:{w:g}": weights(dict.fromkeys(self.experts, w), self.config.methods[0])
+                        for w in self.config.uniform})
         return recipes
 
     def initial_recipes(self) -> list[Recipe]:

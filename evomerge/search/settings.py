@@ -140,8 +140,14 @@ def _check_models(base: str, experts: Mapping[str, str], allow_pickle: bool, tru
 
 
 def search_fingerprint(config: Mapping[str, Any]) -> str:
-    """Hash of what a run searches: everything but the settings listed in RESUMABLE."""
+    """Hash of what a run searches: everything but the settings listed in RESUMABLE. A
+    ``space.initial`` entry without a method is hashed with the method it takes (the space's
+    first), so a run that spelled it out and one that did not are the same search."""
     reduced = json.loads(json.dumps(dict(config), default=str))
+    space = reduced.get("space")
+    if isinstance(space, dict) and isinstance(space.get("initial"), list) and space.get("methods"):
+        space["initial"] = [{"method": space["methods"][0], **entry} if isinstance(entry, dict) else entry
+                            for entry in space["initial"]]
     for key in RESUMABLE:
         parts = key.split(".")
         node = reduced
