@@ -297,3 +297,20 @@ def test_every_algorithm_resumes_from_a_checkpoint_alike(name):
 
     cut = asked(cut=True)
     assert cut == asked(cut=False)[: len(cut)]
+
+
+def test_uniform_parents_and_default_initial_recipes_use_the_spaces_first_method():
+    from evomerge.search.settings import search_fingerprint
+
+    tsv = SearchSpace(parse(SpaceConfig, {"methods": ["tsv_m"]}), "base", EXPERTS, 30)
+    parents = tsv.parent_recipes()
+    assert parents["uniform:1"].outside.method == "tsv_m"
+    assert {e: c.weight for e, c in parents["uniform:0.5"].outside.experts.items()} == dict.fromkeys(EXPERTS, 0.5)
+    # the input models themselves stay the experts (task arithmetic with a one-hot weight)
+    assert parents[f"expert:{EXPERTS[0]}"].outside.method == "task_arithmetic"
+    assert [r.outside.method for r in tsv.initial_recipes()] == ["tsv_m", "tsv_m"]
+    assert tsv.encode(parents["uniform:1"])  # a start the space can spell
+    spelled = {"space": {"methods": ["task_arithmetic"], "initial": [{"method": "task_arithmetic", "weight": 0.3}]}}
+    implied = {"space": {"methods": ["task_arithmetic"], "initial": [{"weight": 0.3}]}}
+    assert search_fingerprint(spelled) == search_fingerprint(implied)
+    assert search_fingerprint(implied) != search_fingerprint({"space": {"methods": ["tsv_m"], "initial": [{"weight": 0.3}]}})
