@@ -5,7 +5,12 @@ SmolLM2-135M's shape made here (30 layers, hidden 576). For each method it times
 materialization (median of ``--repeats``) and prints it beside
 
 * a floor: the bytes any merge must move (read the base and K task vectors, write the model)
-  divided by the copy bandwidth measured in the same run, and
+  divided by the copy bandwidth measured in the same run,
+* for the subspace methods that decompose per candidate (Iso-C, Iso-CTS), a compute floor: the
+  SVDs a candidate cannot avoid (one of every block matrix for Iso-C; for Iso-CTS that one, one
+  per expert and the two orthonormalizations, counted as SVDs of the same size), timed in the
+  same run; TSV-M and STAR read their SVDs from the merger's cache, so only bandwidth bounds
+  them (their first materialization pays the SVDs once), and
 * with ``--mergekit``, ``mergekit-yaml`` on the same recipe (slow: it loads and writes models).
 
 It also prints how far bf16 task vectors move a task-arithmetic merge from fp32 ones.
@@ -33,7 +38,8 @@ from evomerge.merge.registry import METHODS
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 
 ALL_METHODS = ("task_arithmetic", "linear", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-               "della", "slerp", "model_stock", "magmax", "consensus", "lines")
+               "della", "slerp", "model_stock", "magmax", "consensus", "lines",
+               "tsv_m", "iso_c", "iso_cts", "star", "cabs")
 QUICK_METHODS = ("task_arithmetic", "ties", "dare_ties")
 
 
@@ -103,6 +109,23 @@ def floor_seconds(merger: Merger, method_experts: int, bandwidth: float) -> floa
     return (plan.base + delta_bytes + plan.working) / bandwidth
 
 
+def svd_seconds(merger: Merger) -> float:
+    """One SVD of every 2-D tensor inside the blocks (of its first delta: the same size as any
+    sum of them), the work an SVD-per-candidate method cannot skip."""
+    from evomerge.pool import layer_index
+
+    start = time.perf_counter()
+    for name, base in merger.pool.base.items():
+        if base.ndim == 2 and layer_index(name) is not None:
+            torch.linalg.svd(merger.pool.task_vectors[merger.experts[0]][name].float(), full_matrices=False)
+    _sync(merger.device)
+    return time.perf_counter() - start
+
+
+def svds_per_candidate(method: str, experts: int) -> int:
+    return {"iso_c": 1, "iso_cts": experts + 3}.get(method, 0)
+
+
 def time_materialize(merger: Merger, recipe: Recipe, repeats: int) -> tuple[float, float]:
     """Seconds of the first materialization (which builds the quantile tables a sparsifying
     method needs and compiles its kernels, once per worker) and the median of the next ones."""
@@ -152,12 +175,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--mergekit", action="store_true", help="also time mergekit-yaml (slow)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(ALL_METHODS))
     parser.add_argument("--random-model", action="store_true",
                         help="a random SmolLM2-shaped Llama even when the zoo is built (machines without it)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = QUICK_METHODS if args.quick else ALL_METHODS
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            parser.error(f"unknown method {unknown[0]!r}; valid: {', '.join(ALL_METHODS)}")
     repeats = 1 if args.quick else args.repeats
 
     with tempfile.TemporaryDirectory(prefix="bench_merge.") as tmp:
@@ -171,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{torch.get_num_threads()} threads")
         print(f"memory plan: {merger.memory_plan().summary()}")
         print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
-        header = f"{'method':<16} {'first s':>8} {'merger s':>9} {'floor s':>8} {'x floor':>8}"
+        svd = svd_seconds(merger) if any(svds_per_candidate(m, len(experts)) for m in methods) else 0.0
+        header = (f"{'method':<16} {'first s':>8} {'merger s':>9} {'floor s':>8} {'x floor':>8} "
+                  f"{'SVD floor s':>11} {'x SVD floor':>11}")
         print(header + (f" {'mergekit s':>11} {'mk/merger':>10}" if args.mergekit else ""))
         for method in methods:
             recipe = recipe_for(method, base, experts, merger.num_layers)
@@ -179,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
             used = 1 if method == "slerp" else len(experts)
             floor = floor_seconds(merger, used, bandwidth)
             row = f"{method:<16} {first:>8.2f} {seconds:>9.3f} {floor:>8.3f} {seconds / floor:>8.1f}"
+            svds = svds_per_candidate(method, used)
+            row += (f" {svds * svd:>11.3f} {seconds / (svds * svd):>11.1f}" if svds else f" {'-':>11} {'-':>11}")
             if args.mergekit and METHODS[method].mergekit is not None:
                 theirs = time_mergekit(recipe, merger, workdir / method)
                 row += f" {theirs:>11.2f} {theirs / seconds:>10.1f}"

@@ -171,7 +171,9 @@ class Merger:
     ``resolution + 1`` elements get exact thresholds, larger ones interpolate, keeping within
     ``numel / resolution`` elements of the exact count. The tables (a few KiB per tensor) and
     DELLA's in-row ranks (2 bytes per delta element, only for tensors DELLA merges: a quarter of
-    an fp32 stack on top of the memory plan) are built on first use and kept for the merger's life.
+    an fp32 stack on top of the memory plan) are built on first use and kept for the merger's life,
+    as are TSV-M's per-expert components (one more delta stack, in the stacks' dtype, for the
+    block matrices) and STAR's SVD factors (1.4 to 2 fp32 stacks), none of them in the plan.
     """
 
     def __init__(self, pool: ModelPool, *, device: str | torch.device = "cpu",

@@ -277,7 +277,8 @@ def cabs(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Gen
     An expert whose share of a block is already taken keeps what is free there; the last block
     of a tensor that ``block`` does not divide is shorter. Every tensor is treated alike, as in
     the authors' K-expert version (their mergekit contribution); ``block`` 32 is the m of their
-    examples."""
+    examples. A candidate costs K top-n selections in every block, one expert after another (each
+    depends on the earlier masks): a partial sort per block, which bounds its speed, not memory."""
     count = deltas.shape[0]
     work = work_dtype(base.dtype)
     block = int(params.block)
@@ -293,7 +294,7 @@ def cabs(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Gen
         scores = torch.full((padded,), -math.inf, dtype=work, device=base.device)
         scores[:numel] = delta.abs().to(work)
         scores.masked_fill_(taken, -math.inf)
-        top = scores.view(-1, block).topk(keep, dim=1)
+        top = scores.view(-1, block).topk(keep, dim=1, sorted=False)  # which, not in what order
         mask = torch.zeros_like(taken).view(-1, block).scatter_(1, top.indices, top.values > -math.inf).view(-1)
         taken |= mask
         update += (weight * params.lambda_) * delta.to(work) * mask[:numel]

@@ -224,7 +224,7 @@ class DeltaStats:
                 factors = singular_factors(self.deltas.index_select(0, chosen))
             while len(self._components) >= _KEPT_COMPONENTS:
                 self._components.pop(next(iter(self._components)))
-            self._components[key] = tsv_components(factors, rank)
+            self._components[key] = tsv_components(factors, rank).to(self.deltas.dtype)  # bf16 deltas: bf16 too
         return self._components[key]
 
 
