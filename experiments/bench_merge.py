@@ -6,6 +6,8 @@ materialization (median of ``--repeats``) and prints it beside
 
 * a floor: the bytes any merge must move (read the base and K task vectors, write the model)
   divided by the copy bandwidth measured in the same run,
+* the memory the method's per-tensor statistics add (kept for the merger's life, outside the
+  memory plan): quantile tables, DELLA's ranks, STAR's SVDs, TSV-M's components,
 * for the subspace methods that decompose per candidate (Iso-C, Iso-CTS), a compute floor: the
   SVDs a candidate cannot avoid (one of every block matrix for Iso-C; for Iso-CTS that one, one
   per expert and the two orthonormalizations, counted as SVDs of the same size), timed in the
@@ -202,16 +204,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
         svd = svd_seconds(merger) if any(svds_per_candidate(m, len(experts)) for m in methods) else 0.0
         header = (f"{'method':<16} {'first s':>8} {'merger s':>9} {'floor s':>8} {'x floor':>8} "
-                  f"{'SVD floor s':>11} {'x SVD floor':>11}")
+                  f"{'SVD floor s':>11} {'x SVD floor':>11} {'cache MiB':>10}")
         print(header + (f" {'mergekit s':>11} {'mk/merger':>10}" if args.mergekit else ""))
         for method in methods:
             recipe = recipe_for(method, base, experts, merger.num_layers)
+            cached = merger.cached_bytes()
             first, seconds = time_materialize(merger, recipe, repeats)
+            cached = merger.cached_bytes() - cached  # what this method's statistics added
             used = 1 if method == "slerp" else len(experts)
             floor = floor_seconds(merger, used, bandwidth)
             row = f"{method:<16} {first:>8.2f} {seconds:>9.3f} {floor:>8.3f} {seconds / floor:>8.1f}"
             svds = svds_per_candidate(method, used)
             row += (f" {svds * svd:>11.3f} {seconds / (svds * svd):>11.1f}" if svds else f" {'-':>11} {'-':>11}")
+            row += f" {cached / 2**20:>10.1f}"
             if args.mergekit and METHODS[method].mergekit is not None:
                 theirs = time_mergekit(recipe, merger, workdir / method)
                 row += f" {theirs:>11.2f} {theirs / seconds:>10.1f}"

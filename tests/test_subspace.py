@@ -120,6 +120,7 @@ def test_cached_spectra_merge_like_fresh_ones() -> None:
     factors = stats.singular_factors()
     assert stats.singular_factors() is factors  # built once
     assert stats.tsv_components(5) is stats.tsv_components(5)
+    assert stats.cached_bytes() == sum(f.nbytes for f in factors) + stats.tsv_components(5).nbytes
 
 
 @pytest.mark.parametrize("method,params,message", [

@@ -216,6 +216,10 @@ class Merger:
     def memory_plan(self) -> MemoryPlan:
         return self.plan
 
+    def cached_bytes(self) -> int:
+        """Bytes of the per-tensor statistics built so far (tables, ranks, SVDs, TSV-M components)."""
+        return sum(stats.cached_bytes() for stats in self._stats.values())
+
     # --- validation ------------------------------------------------------------------------------
 
     def validate(self, recipe: Recipe) -> None:

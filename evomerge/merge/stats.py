@@ -199,6 +199,13 @@ class DeltaStats:
             self._ranked_norms = ranked_l1_norms(self.deltas, self.row_ranks())
         return self._ranked_norms
 
+    def cached_bytes(self) -> int:
+        """Bytes of what is built so far (the memory plan leaves these out)."""
+        tensors = [self._ranks, self._norms, self._ranked_norms, *(self._svd or ()), *self._components.values()]
+        if self._quantiles is not None:
+            tensors.append(self._quantiles.values)
+        return sum(t.nbytes for t in tensors if t is not None)
+
     def singular_factors(self) -> tuple[Tensor, Tensor, Tensor]:
         """Each expert's thin SVD (STAR): about 1.4 to 2 times the deltas' size in working
         precision, built only for tensors such a method has merged."""
