@@ -104,6 +104,7 @@ def test_learning_curves_read_each_run_at_every_budget(experiment):
     out, cache = experiment
     env = {**os.environ, "EVOMERGE_CACHE": str(cache), "RAY_ADDRESS": "local", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(SCRIPT.parent / "curves.py"), "--quick", "--zoo", "pico",
+                           "--searchers", "default,cmaes,ga,random",  # the TSV-M rows add time, not plumbing
                            "--workers", "1", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     curves = json.loads((out / "curves.json").read_text())
