@@ -79,7 +79,7 @@ def _export(args: argparse.Namespace) -> int:
     from evomerge.report import export_pick
     from evomerge.run import RunDir
 
-    entry, out = export_pick(RunDir.open(args.run_dir), args.pick, args.out, device=args.device)
+    entry, out = export_pick(RunDir.open(args.run_dir), args.pick, args.out, device=args.device, force=args.force)
     print(f"exported archive id {entry.id} (recipe {entry.recipe_hash}) to {out}")
     return 0
 
@@ -101,7 +101,10 @@ def _resume(args: argparse.Namespace) -> int:
     from evomerge.search.loop import resume, resumed_config
     from evomerge.search.settings import build_zoo_for
 
-    build_zoo_for(resumed_config(RunDir.open(args.run_dir)), log=_log)
+    run = RunDir.open(args.run_dir)
+    with run.driving():  # refused now, not after a zoo build, when another process drives it
+        pass
+    build_zoo_for(resumed_config(run), log=_log)
     run = resume(args.run_dir, log=_log)
     print(f"done: {run.root}\n  evomerge inspect {run.root}")
     return 0
@@ -193,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
                              "best:mean (the best mean over task objectives), or an archive id")
     export.add_argument("--out", help="output folder (default: RUN/exports/<pick>)")
     export.add_argument("--device", default="cpu", help="where to merge, e.g. cpu or cuda")
+    export.add_argument("--force", action="store_true",
+                        help="replace an existing export folder (whole, at the end; refused without)")
     export.set_defaults(run=_export)
 
     pool = commands.add_parser(

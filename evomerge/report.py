@@ -334,17 +334,19 @@ def _message(text: str):
 
 
 def export_pick(run: RunDir, spec: str, out_dir: str | Path | None = None, *,
-                device: str = "cpu") -> tuple[ArchiveEntry, Path]:
+                device: str = "cpu", force: bool = False) -> tuple[ArchiveEntry, Path]:
     """Materialize the picked recipe from its own base and experts and export it (model folder,
     recipe.yaml, mergekit.yaml) to ``out_dir`` (default: ``RUN/exports/<pick label>``); the
-    model card lists its objectives and its validation and test scores."""
+    model card lists its objectives and its validation and test scores. An existing folder is
+    refused before anything loads, unless ``force``."""
     import torch
 
     from evomerge.merge.engine import Merger
-    from evomerge.merge.export import export
+    from evomerge.merge.export import check_destination, export
     from evomerge.pool import ModelPool
 
     entry = pick(run, spec)
+    out = check_destination(out_dir if out_dir is not None else run.export_dir(pick_label(spec)), force)
     recipe = Recipe.from_dict(entry.recipe)
     dtype = getattr(torch, recipe.dtype, None)
     if not isinstance(dtype, torch.dtype):
@@ -356,5 +358,4 @@ def export_pick(run: RunDir, spec: str, out_dir: str | Path | None = None, *,
     scores = {**{f"{t} (validation)": v for t, v in entry.scores.items()},
               **{f"{t} (test)": v for t, v in tests.items()},
               **{o: v for o, v in entry.objectives.items() if o not in entry.scores}}
-    out = Path(out_dir) if out_dir is not None else run.export_dir(pick_label(spec))
-    return entry, export(recipe, merger, out, scores=scores)
+    return entry, export(recipe, merger, out, scores=scores, force=force)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,6 +34,7 @@ CONFIG = "config.yaml"
 ARCHIVE = "archive.jsonl"
 HISTORY = "history.jsonl"
 PROBES = "probes.json"
+DRIVER_LOCK = ".driver.lock"
 PARETO = "pareto.json"
 
 
@@ -133,6 +135,32 @@ class RunDir:
             raise UserError(f"{run.root} is not an evomerge run folder (no {CONFIG}); "
                             f"pass the folder `evomerge search` created under runs/")
         return run
+
+    @contextmanager
+    def driving(self) -> Iterator[None]:
+        """Hold the folder for one search or resume: two drivers would append to one archive. An
+        OS lock (``flock``) on a file in the folder, so a driver that is killed releases it with
+        its process and never leaves a stale lock behind; the holder's pid is written in the file
+        for the message a second driver gets."""
+        import fcntl
+
+        handle = open(self.root / DRIVER_LOCK, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise UserError(f"{self.root} is being searched by another process (pid {holder}); wait for it "
+                            f"to finish or stop it, then resume") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # closing releases the lock
 
     def config(self) -> dict[str, Any]:
         try:

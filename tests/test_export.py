@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from evomerge.errors import UserError
 from evomerge.merge.engine import Merger
 from evomerge.merge.export import export
 from evomerge.pool import ModelPool, unique_parameters
@@ -97,7 +98,11 @@ def test_export_replaces_a_previous_export(pico_zoo, merger, tmp_path):
     first = recipe_for(pico_zoo, method_config("linear"))
     second = recipe_for(pico_zoo, method_config("task_arithmetic"))
     export(first, merger, tmp_path / "pick")
-    out = export(second, merger, tmp_path / "pick")
+    with pytest.raises(UserError, match=r"already exists; replace it with --force") as info:
+        export(second, merger, tmp_path / "pick")
+    assert "\n" not in str(info.value)
+    assert Recipe.from_yaml((tmp_path / "pick" / "recipe.yaml").read_text()) == first  # untouched
+    out = export(second, merger, tmp_path / "pick", force=True)
     assert Recipe.from_yaml((out / "recipe.yaml").read_text()) == second
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pick"]
 

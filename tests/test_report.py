@@ -213,6 +213,8 @@ def test_help_shows_examples():
         assert done.returncode == 0 and "example" in done.stdout, command
 
 
+@pytest.mark.reliability("safety", "`evomerge export` into an existing folder: refused in one line unless --force, "
+                                   "which replaces it whole")
 def test_export_command_writes_a_model_equal_to_the_merge(pico_zoo, pico_cache, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -233,6 +235,10 @@ def test_export_command_writes_a_model_equal_to_the_merge(pico_zoo, pico_cache, 
     assert {"recipe.yaml", "mergekit.yaml", "model"} <= {p.name for p in out.iterdir()}
     assert Recipe.from_yaml((out / "recipe.yaml").read_text()).hash == chosen.hash
     assert "| zoo_add (validation) | 0.7000 |" in (out / "model" / "README.md").read_text()
+    again = cli("export", str(run.root), "--pick", "best:zoo_add", cache=pico_cache)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+    assert "already exists; replace it with --force" in again.stderr
+    assert cli("export", str(run.root), "--pick", "best:zoo_add", "--force", cache=pico_cache).returncode == 0
     loaded = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
     tokens = AutoTokenizer.from_pretrained(out / "model")("add: 12+30 =", return_tensors="pt").input_ids
     merged = Merger(ModelPool(str(pico_zoo.base), refs)).materialize(chosen)

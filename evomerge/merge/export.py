@@ -20,19 +20,31 @@ from evomerge.merge.engine import Merger
 from evomerge.recipe import Recipe
 
 
+def check_destination(out_dir: str | Path, force: bool) -> Path:
+    """``out_dir`` as a Path, refused in one line when it exists and ``force`` is off: an export
+    into a folder someone already has is a choice to make, not a default. Call it before the
+    merge, so the refusal costs nothing."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise UserError(f"export folder {out_dir} already exists; replace it with --force "
+                        f"(force=True in Python) or choose another --out")
+    return out_dir
+
+
 def export(recipe: Recipe, source: Merger | torch.nn.Module, out_dir: str | Path, *,
            tokenizer=None, scores: Mapping[str, float] | None = None,
-           max_shard_size: str = "2GB") -> Path:
+           max_shard_size: str = "2GB", force: bool = False) -> Path:
     """Write ``out_dir/model/`` (safetensors, config, tokenizer, generation config, README model
     card), ``out_dir/recipe.yaml`` and ``out_dir/mergekit.yaml``; returns ``out_dir``.
 
     ``source`` is a Merger, which materializes ``recipe`` into its working model and supplies its
     pool's tokenizer, or a model already holding the recipe's weights, with ``tokenizer`` given.
     The weights are saved in the model's dtype. mergekit.yaml is left out, with the reason in the
-    model card, when mergekit cannot express the recipe.
+    model card, when mergekit cannot express the recipe. An existing ``out_dir`` is refused
+    unless ``force``; with it, the old folder is replaced whole at the end, never half-overwritten.
     """
+    out_dir = check_destination(out_dir, force)
     model, tokenizer = _model_and_tokenizer(recipe, source, tokenizer)
-    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared

@@ -56,14 +56,16 @@ def start(config: dict[str, Any], log: Log = _stderr, *, hooks: SearchHooks | No
     run = RunDir.create(Path(config.get("runs_dir") or "runs") / str(name), config)
     run.write_json(run.root / RUN_STATE, {"fingerprint": search_fingerprint(config), "config": config})
     log(f"run folder: {run.root}")
-    search.run(run)
+    with run.driving():
+        search.run(run)
     return run
 
 
 def resume(folder: str | Path, log: Log = _stderr, *, hooks: SearchHooks | None = None) -> RunDir:
     """Continue the run in ``folder`` from its archive and newest checkpoint."""
     run = RunDir.open(folder)
-    Search(read_settings(resumed_config(run)), log, hooks=hooks).run(run)
+    with run.driving():
+        Search(read_settings(resumed_config(run)), log, hooks=hooks).run(run)
     return run
 
 
