@@ -24,9 +24,10 @@ PARENTS = 1 + 4 + 3  # base, the pico zoo's four experts, uniform merges at 0.3,
 TESTS = Path(__file__).resolve().parent
 
 
-# NSGA-II over layer groups without racing: a checkpointed algorithm, so resume is tested from
-# checkpoints; the default search (CMA-ES, depth profiles, racing) resumes by replay (RACING).
-CLASSIC = ("algorithm=nsga2", "space.knots=0", "fitness.multi_fidelity=0")
+# NSGA-II over layer groups of task arithmetic without racing: a checkpointed algorithm, so resume
+# is tested from checkpoints, and exports a mergekit config; the default search (CMA-ES, TSV-M depth
+# profiles) with racing resumes by replay (RACING).
+CLASSIC = ("algorithm=nsga2", "space.knots=0", "fitness.multi_fidelity=0", "space.methods=[task_arithmetic]")
 
 
 def search_args(runs: Path, name: str, *extra: str, classic: bool = True) -> list[str]:

@@ -15,9 +15,10 @@ EXPERTS = ("a", "b", "c")
 
 
 def space(**kw) -> SearchSpace:
-    # One layer per group, no depth profiles and no known recipes unless a test says otherwise
+    # One layer per group, no depth profiles, task arithmetic and no known recipes unless a test says otherwise
     # (the numbers below count on it), whatever the search's defaults are.
-    return SearchSpace(parse(SpaceConfig, {"granularity": 1, "knots": 0, "initial": [], **kw}), "base", EXPERTS, 30)
+    return SearchSpace(parse(SpaceConfig, {"granularity": 1, "knots": 0, "initial": [], "methods": ["task_arithmetic"],
+                                           **kw}), "base", EXPERTS, 30)
 
 
 def test_gene_count_follows_granularity_components_and_methods():

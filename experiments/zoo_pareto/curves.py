@@ -1,6 +1,6 @@
 """Learning curves: how good is each searcher's pick after 25, 50, 100, 150 evaluations?
 
-    python experiments/zoo_pareto/curves.py               # default, cmaes, ga, random; 3 seeds
+    python experiments/zoo_pareto/curves.py               # every searcher below; 3 seeds
     python experiments/zoo_pareto/curves.py --quick --zoo pico --workers 1 --out /tmp/zc   # plumbing
 
 Each searcher runs once per seed to the largest budget, in run.py's run folders (the same
@@ -34,7 +34,9 @@ sys.path.insert(0, str(HERE))
 
 import run as zp  # noqa: E402  (experiments/zoo_pareto/run.py: searchers, scoring, baselines)
 
-SEARCHERS = ("default", "cmaes", "ga", "random")
+# evomerge search as it ships (TSV-M), CMA-ES over global TSV-M weights, then the eighth session's
+# task-arithmetic default and its baselines.
+SEARCHERS = ("default-tsv", "cmaes-tsv", "default", "cmaes", "ga", "random")
 BUDGETS = (25, 50, 100, 150)
 MATCH_CHECKS = 2  # candidates per run checked on full validation for "matches the grid"
 

@@ -76,29 +76,43 @@ from evomerge.search.hooks import SearchHooks  # noqa: E402
 # name -> (what it is, its overrides of evomerge's search config, candidates in its first
 # generation: None = a population like every later one)
 SEARCHERS: dict[str, tuple[str, list[str], int | None]] = {
-    # `evomerge search` as a user runs it (its own length: 12 generations of 12): parents first,
-    # CMA-ES from the best of them over smooth depth profiles, told the tasks' mean, racing.
-    "default": ("CMA-ES from the best parent over 3-knot depth profiles told the tasks' mean, racing 1 of 12 "
-                "per generation to the full validation split (the default while it was measured; racing is "
-                "now off by default)", ["space.parents=true", "fitness.multi_fidelity=0.08"], 1),
+    # `evomerge search` as a user ran it in the eighth session (its own length: 12 generations of
+    # 12): parents first, CMA-ES from the best of them over smooth depth profiles of task
+    # arithmetic weights, told the tasks' mean, racing. The default method is now TSV-M and
+    # racing is off: "default-tsv" is what `evomerge search` runs.
+    "default": ("CMA-ES from the best parent over 3-knot depth profiles of task arithmetic told the tasks' mean, "
+                "racing 1 of 12 per generation to the full validation split (the default of the eighth session)",
+                ["space.parents=true", "fitness.multi_fidelity=0.08", "space.methods=[task_arithmetic]"], 1),
     "random": ("random search, layer-wise genes + method gene, per-task objectives",
                ["space=methods", "algorithm=random", "fitness.multi_fidelity=0"], None),
     # CMA-ES starts its mean at the first known recipe and asks only that one in generation 0
     # (without one, pymoo would spend 20 samples choosing a start).
     "cmaes": ("CMA-ES from uniform task arithmetic 0.3, one global weight per expert, mean accuracy",
               ["space=global", "algorithm=cmaes", "fitness.objectives=[mean]", "fitness.multi_fidelity=0",
-               "space.initial=[{method:task_arithmetic,weight:0.3}]"], 1),
+               "space.methods=[task_arithmetic]", "space.initial=[{method:task_arithmetic,weight:0.3}]"], 1),
     "ga": ("evomerge GA, layer-wise task-arithmetic genes, mean accuracy",
-           ["space=layerwise", "algorithm=ga", "fitness.objectives=[mean]", "fitness.multi_fidelity=0"], None),
+           ["space=layerwise", "algorithm=ga", "fitness.objectives=[mean]", "fitness.multi_fidelity=0",
+            "space.methods=[task_arithmetic]"], None),
     "nsga2": ("evomerge NSGA-II, layer-wise genes + method gene, per-task objectives",
               ["space=methods", "algorithm=nsga2", "fitness.multi_fidelity=0"], None),
     # Ablations of the default: one ingredient taken out each.
     "default-global": ("the default with one global weight per expert instead of depth profiles",
-                       ["space.parents=true", "space=global", "fitness.multi_fidelity=0.08"], 1),
-    "default-norace": ("the default without racing: `evomerge search` as it now ships",
-                       ["space.parents=true", "fitness.multi_fidelity=0"], 1),
+                       ["space.parents=true", "space=global", "fitness.multi_fidelity=0.08",
+                        "space.methods=[task_arithmetic]"], 1),
+    "default-norace": ("the default without racing, task arithmetic: `evomerge search` of the eighth session",
+                       ["space.parents=true", "fitness.multi_fidelity=0", "space.methods=[task_arithmetic]"], 1),
+    # The subspace method TSV-M (experiments/zoo_methods) as the searched method: `evomerge search`
+    # as it now ships.
+    "default-tsv": ("the default without racing, merging by TSV-M instead of task arithmetic: `evomerge search` "
+                    "as it now ships", ["space.parents=true", "fitness.multi_fidelity=0", "space.methods=[tsv_m]"], 1),
+    "default-tsv-race": ("`evomerge search` as it ships (TSV-M) with racing 1 of 12: does verifying the best close "
+                         "the winner's curse at a price worth paying?",
+                         ["space.parents=true", "fitness.multi_fidelity=0.08", "space.methods=[tsv_m]"], 1),
+    "cmaes-tsv": ("CMA-ES from uniform TSV-M 1.0, one global weight per expert, mean accuracy",
+                  ["space=global", "algorithm=cmaes", "fitness.objectives=[mean]", "fitness.multi_fidelity=0",
+                   "space.methods=[tsv_m]", "space.initial=[{method:tsv_m,weight:1.0}]"], 1),
 }
-OWN_LENGTH = ("default", "default-global", "default-norace")  # run as long as `evomerge search` does
+OWN_LENGTH = ("default", "default-global", "default-norace", "default-tsv", "default-tsv-race")  # as long as `evomerge search` runs
 EVOMERGE = ("ga", "nsga2")  # the searchers the targets speak of
 PROBE_MERGES = 4
 GRIDS = {  # full: what the table uses; quick: enough to see it run
