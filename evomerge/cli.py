@@ -14,7 +14,8 @@ import traceback
 from evomerge.errors import UserError
 
 EXAMPLES = """examples:
-  evomerge search                    evolve merges of the zoo's experts (CMA-ES on the skills' mean)
+  evomerge search                    evolve TSV-M merges of the zoo's experts (CMA-ES on the skills' mean)
+  evomerge search space.methods=[task_arithmetic]   a method mergekit can redo from the exported YAML
   evomerge search algorithm=ga fitness=irt space=layerwise space.granularity=2 runtime.workers=2
   evomerge resume runs/RUN           continue a stopped run
   evomerge inspect runs/RUN          Pareto front, progress, plots
