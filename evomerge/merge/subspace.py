@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from evomerge.merge.kernels import combine, work_dtype
+from evomerge.merge.methods import _output  # one rule for where a merged tensor goes
 from evomerge.merge.registry import MergeParams
 
 
@@ -91,10 +92,6 @@ def tsv_components(factors: tuple[Tensor, Tensor, Tensor], rank: int) -> Tensor:
 
 def _is_block_matrix(base: Tensor, params: MergeParams) -> bool:
     return base.ndim == 2 and min(base.shape) > 1 and params.in_block is not False
-
-
-def _output(base: Tensor, out: Tensor | None) -> Tensor:
-    return torch.empty(base.shape, dtype=base.dtype, device=base.device) if out is None else out
 
 
 def _write(base: Tensor, update: Tensor, out: Tensor | None) -> Tensor:
