@@ -140,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in chosen:
         for seed in range(seeds):
             # --quick: every searcher, the default too, cut to the tiny budget.
-            config = zp.search_config(name, seed, common, budget, pop, runs, own_length=not args.quick)
+            config = zp.search_config(name, seed, common, budget, pop, runs, own_length=not args.quick,
+                                      experts=len(settings.experts))
             folder = runs / f"{name}-s{seed}"
             zp.run_search(config, folder, runs / "probes.json", log)
             curves.append(Curve(name, seed, folder, skills, args.rescore, args.front_cap))

@@ -374,11 +374,20 @@ def generations(name: str, budget: int, pop: int) -> int:
 
 
 def search_config(name: str, seed: int, common: list[str], budget: int, pop: int, runs: Path,
-                  own_length: bool = True) -> dict:
+                  own_length: bool = True, experts: int = 0) -> dict:
     from evomerge.config import compose
 
-    length = [] if own_length and name in OWN_LENGTH else [f"algorithm.generations={generations(name, budget, pop)}"]
-    return compose(common + SEARCHERS[name][1] + length + [f"runs_dir={runs}", f"name={name}-s{seed}", f"seed={seed}"])
+    overrides = common + SEARCHERS[name][1] + [f"runs_dir={runs}", f"name={name}-s{seed}", f"seed={seed}"]
+    config = compose(overrides)
+    if not (own_length and name in OWN_LENGTH):
+        return compose(overrides + [f"algorithm.generations={generations(name, budget, pop)}"])
+    # A searcher with its own length runs it, or longer where the budget asks for more; its
+    # parents (base, experts, uniform merges) count in its budget.
+    parents = 1 + experts + len(config["space"]["uniform"]) if config["space"]["parents"] else 0
+    needed = math.ceil(max(0, budget - parents) / pop)
+    if config["algorithm"]["generations"] < needed:
+        config = compose(overrides + [f"algorithm.generations={needed}"])
+    return config
 
 
 @dataclasses.dataclass
@@ -417,7 +426,9 @@ class Setup:
 
 def run_search(config: dict, folder: Path, probes: Path, log: Log) -> float:
     """Start, resume or skip the search in ``folder``; returns the wall seconds spent now."""
-    from evomerge.run import RunDir
+    import yaml
+
+    from evomerge.run import RunDir, atomic_write
     from evomerge.search import loop
     from evomerge.search.settings import search_fingerprint
 
@@ -427,6 +438,15 @@ def run_search(config: dict, folder: Path, probes: Path, log: Log) -> float:
         raise SystemExit(f"{folder} holds a search with other settings than this command asks for; "
                          f"delete it or choose another --out")
     done = folder / "zoo_pareto_done"  # written once the search returns: nothing left to run
+    if state is not None:
+        run = RunDir(folder)
+        recorded = run.config()
+        asked = config["algorithm"]["generations"]
+        if recorded["algorithm"]["generations"] < asked:
+            # A larger budget extends the run: its generations are what a resume may change.
+            recorded["algorithm"]["generations"] = asked
+            atomic_write(run.config_path, yaml.safe_dump(recorded, sort_keys=False))
+            done.unlink(missing_ok=True)
     if state is not None and done.exists():
         return 0.0
     started = time.perf_counter()
@@ -572,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in chosen:
         for seed in range(seeds):
             label = f"{name}-s{seed}"
-            config = search_config(name, seed, common, budget, pop, runs)
+            config = search_config(name, seed, common, budget, pop, runs, experts=len(setup.settings.experts))
             folders[(name, seed)] = runs / label
             spent("runs", label, run_search(config, runs / label, runs / "probes.json", log))
     spent("stages", "searches", time.perf_counter() - t)
