@@ -194,7 +194,8 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN", help="the run folder, e.g. runs/my-run")
     export.add_argument("--pick", default="knee",
                         help="knee (default: the front's balanced compromise), best:<objective>, "
-                             "best:mean (the best mean over task objectives), or an archive id")
+                             "best:mean (the best mean over task objectives, among the candidates the "
+                             "search verified on every validation item where it verified any), or an archive id")
     export.add_argument("--out", help="output folder (default: RUN/exports/<pick>)")
     export.add_argument("--device", default="cpu", help="where to merge, e.g. cpu or cuda")
     export.add_argument("--force", action="store_true",

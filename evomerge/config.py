@@ -146,6 +146,10 @@ class FitnessConfig:
     # scored as the estimator scores its items; 0 = off. 0.08 promotes one of 12. Off by default:
     # a promotion costs about six estimates here and did not pay (experiments/README.md).
     multi_fidelity: float = 0.0
+    # The winner's curse: the best of many 10-item estimates is the luckiest, not the best. When
+    # the search ends, this many candidates (best estimated mean first) are re-scored on every
+    # validation item, and ``best:mean`` is the best of the verified ones; 0 = off.
+    verify: int = 3
     native: bool = True  # batched native scoring where a task allows it; false: everything via lm-eval
     # Estimator items of exact-match generation tasks: one forward pass over prompt + reference,
     # not decoded (false for ece/length).
@@ -165,6 +169,9 @@ class FitnessConfig:
                 raise UserError(f"fitness.{key}={value!r} must be an integer >= 1")
         if not isinstance(self.probe_merges, int) or self.probe_merges < 0:
             raise UserError(f"fitness.probe_merges={self.probe_merges!r} must be an integer >= 0")
+        if not isinstance(self.verify, int) or isinstance(self.verify, bool) or self.verify < 0:
+            raise UserError(f"fitness.verify={self.verify!r} must be an integer >= 0 (candidates re-scored on "
+                            f"every validation item when the search ends; 0 = off)")
         if not 0.0 <= self.multi_fidelity <= 1.0:
             raise UserError(f"fitness.multi_fidelity={self.multi_fidelity:g} must be in [0, 1] "
                             f"(the share of a generation promoted to every validation item; 0 = off)")

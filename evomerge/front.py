@@ -101,21 +101,42 @@ def best_mean(entries: Sequence[ArchiveEntry], objectives: Sequence[Objective]) 
     return by_mean(entries, objectives)[0]
 
 
+def verified(entries: Iterable[ArchiveEntry], objectives: Sequence[Objective]) -> list[ArchiveEntry]:
+    """The competing entries scored on every validation item (racing promotions and the end's
+    verification), best mean first where the objectives average, else in id order."""
+    chosen = [e for e in competing(entries, objectives) if e.fidelity == "full"]
+    return by_mean(chosen, objectives) if averageable(objectives) else chosen
+
+
+def pick_mean(entries: Iterable[ArchiveEntry], objectives: Sequence[Objective]) -> ArchiveEntry:
+    """What ``best:mean`` hands a user: the best verified entry by mean where any was verified,
+    else the best competing one. Not simply the best mean: the top of many few-item estimates is
+    mostly the luckiest, and a verified score is the one that holds up on held-out data."""
+    entries = list(entries)
+    pool = verified(entries, objectives) or competing(entries, objectives)
+    if not pool:
+        raise UserError("no successful evaluation yet; nothing to pick")
+    return best_mean(pool, objectives)
+
+
 def best_values(objectives: Sequence[Objective], entries: Sequence[ArchiveEntry]) -> dict[str, float]:
     """The best value reached on each objective; empty when there is no entry."""
     return {o.name: best(o, entries).objectives[o.name] for o in objectives} if entries else {}
 
 
-def picks(members: Sequence[ArchiveEntry], objectives: Sequence[Objective]) -> list[ArchiveEntry]:
-    """The members a user would pick: the knee, the best on each objective and, where several
-    objectives average, the best mean (each once), in id order. These get held-out test scores
-    at the end of a search."""
+def picks(entries: Iterable[ArchiveEntry], objectives: Sequence[Objective]) -> list[ArchiveEntry]:
+    """What a user would pick from ``entries``: the front's knee and best on each objective and,
+    where the objectives average, ``best:mean`` (``pick_mean``: verified where any was), each
+    once, in id order. These get held-out test scores at the end of a search."""
+    entries = list(entries)
+    members = front(entries, objectives)
     if not members:
         return []
-    chosen = {knee(members, objectives).id, *(best(o, members).id for o in objectives)}
-    if len(objectives) > 1 and averageable(objectives):
-        chosen.add(best_mean(members, objectives).id)
-    return [e for e in members if e.id in chosen]
+    chosen = {e.id: e for e in [knee(members, objectives), *(best(o, members) for o in objectives)]}
+    if averageable(objectives):
+        top = pick_mean(entries, objectives)
+        chosen[top.id] = top
+    return sorted(chosen.values(), key=lambda e: e.id)
 
 
 def _finite(entry: ArchiveEntry, objectives: Sequence[Objective]) -> bool:

@@ -62,10 +62,10 @@ def pick(run: RunDir, spec: str) -> ArchiveEntry:
     if spec.startswith("best:"):
         name = spec.removeprefix("best:")
         by_name = {o.name: o for o in objs}
-        if name == "mean" and name not in by_name and fronts.averageable(objs) and members:
-            # One objective per task: the best mean is still a front member, and what a
-            # single-objective search over those tasks was told to maximize.
-            return fronts.best_mean(members, objs)
+        if name == "mean" and fronts.averageable(objs) and members:
+            # The tasks' mean (or the mean objective): what a single-objective search was told to
+            # maximize; the best verified candidate where the search verified any.
+            return fronts.pick_mean(run.archive(), objs)
         if name not in by_name:
             raise UserError(f"unknown objective {name!r} in --pick {spec}; objectives of this run: "
                             f"{', '.join(by_name)}")
@@ -105,7 +105,8 @@ def held_out_scores(run: RunDir) -> dict[str, dict[str, float]]:
     """Held-out test scores by recipe hash, for the members ``pareto.json`` has them for."""
     pareto = run.read_json(run.pareto_path)
     members = pareto.get("members", []) if isinstance(pareto, dict) else []
-    return {m["recipe_hash"]: m["test_scores"] for m in members
+    verified = pareto.get("verified", []) if isinstance(pareto, dict) else []
+    return {m["recipe_hash"]: m["test_scores"] for m in [*members, *verified]
             if isinstance(m, dict) and m.get("test_scores") and "recipe_hash" in m}
 
 
@@ -117,18 +118,23 @@ def summary(run: RunDir) -> dict[str, Any]:
     members = fronts.front(valid, objs)
     tests = held_out_scores(run)
     chosen = fronts.knee(members, objs).id if members else None
-    rows = [{"id": e.id, "generation": e.generation, "recipe_hash": e.recipe_hash,
-             "objectives": e.objectives, "scores": e.scores,
-             "test_scores": tests.get(e.recipe_hash), "recipe": _recipe_summary(e),
-             "knee": e.id == chosen, "fidelity": e.fidelity} for e in members]
+    top = fronts.pick_mean(valid, objs).id if valid and fronts.averageable(objs) else None
+
+    def row(e: ArchiveEntry) -> dict[str, Any]:
+        return {"id": e.id, "generation": e.generation, "recipe_hash": e.recipe_hash,
+                "objectives": e.objectives, "scores": e.scores,
+                "test_scores": tests.get(e.recipe_hash), "recipe": _recipe_summary(e),
+                "knee": e.id == chosen, "best_mean": e.id == top, "fidelity": e.fidelity}
     history = run.history()
     return {
         "run": str(run.root),
         "references": references(run),
         "objectives": [o.to_dict() for o in objs],
         "tasks": _tasks(run, entries),
-        "front": rows,
+        "front": [row(e) for e in members],
         "knee": chosen,
+        "verified": [row(e) for e in fronts.verified(valid, objs)],
+        "best_mean": top,
         "progress": {
             "evaluations": len(entries),
             "unique": len({e.recipe_hash for e in entries}),
@@ -170,40 +176,28 @@ def _tasks(run: RunDir, entries: Sequence[ArchiveEntry]) -> list[str]:
 
 
 def render(data: dict[str, Any]) -> str:
-    """``summary`` as text: the front (knee marked *), then progress per generation."""
+    """``summary`` as text: the front (knee marked *), the verified candidates (best:mean marked
+    +), then progress per generation."""
     objs = [o["name"] for o in data["objectives"]]
     tasks = data["tasks"]
-    extra = [o for o in objs if o not in tasks]  # objectives that are not a task's score
-    has_test = any(r["test_scores"] for r in data["front"])
-    raced = any(r.get("fidelity") == "full" for r in data["front"])  # racing verified some
-    header = ["id", "gen", *(["val items"] if raced else []), *extra]
-    for task in tasks:
-        header += [f"{task} val"] + ([f"{task} test"] if has_test else [])
-    header.append("recipe")
-    table = []
-    for row in data["front"]:
-        cells = [f"{row['id']}{'*' if row['knee'] else ''}", str(row["generation"])]
-        cells += [("all" if row.get("fidelity") == "full" else "estimate")] if raced else []
-        cells += [_num(row["objectives"].get(o)) for o in extra]
-        for task in tasks:
-            score = row["scores"].get(task, row["objectives"].get(task))
-            cells.append(_num(score))
-            if has_test:
-                cells.append(_num((row["test_scores"] or {}).get(task)))
-        cells.append(row["recipe"])
-        table.append(cells)
+    verified = data.get("verified", [])
+    table = _candidates(data["front"], tasks, objs)
     progress = data["progress"]
     lines = [f"run {data['run']}"]
     if not objs:
         lines.append("objectives not known yet (no generation finished); no front to show")
     else:
         directions = ", ".join(f"{o['name']} ({o['direction']})" for o in data["objectives"])
-        lines += [f"Pareto front: {len(table)} of {progress['unique']} distinct recipes "
-                  f"(* knee); objectives {directions}", _table(header, table)]
+        lines += [f"Pareto front: {len(table[1])} of {progress['unique']} distinct recipes "
+                  f"(* knee, + best:mean); objectives {directions}", _table(*table)]
     lines.append(f"evaluations {progress['evaluations']} ({progress['errors']} failed), "
                  f"generations {progress['generations']}, hypervolume "
                  f"{_num(progress['hypervolume'])}, best "
                  + (", ".join(f"{k} {_num(v)}" for k, v in progress["best"].items()) or "-"))
+    if verified:
+        header, rows = _candidates(verified, tasks, objs)
+        lines += ["", f"scored on every validation item: {len(rows)} candidate(s), best mean first "
+                      f"(+ best:mean, what `export --pick best:mean` takes)", _table(header, rows)]
     if data.get("references"):
         rows = [[r["name"], *(_num(r["scores"].get(t)) for t in tasks), _num(r["mean"])]
                 for r in data["references"]]
@@ -217,6 +211,33 @@ def render(data: dict[str, Any]) -> str:
         lines += ["", "progress per generation",
                   _table(["generation", "evaluations", "hypervolume", "best", "cand/min"], rows)]
     return "\n".join(lines)
+
+
+def _candidates(rows: Sequence[dict[str, Any]], tasks: Sequence[str], objs: Sequence[str]
+                ) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of a candidate table: id (* knee, + best:mean), generation, the items
+    scored where any row was verified, objectives that are not a task, validation (and test) per
+    task, the recipe."""
+    extra = [o for o in objs if o not in tasks]  # objectives that are not a task's score
+    has_test = any(r["test_scores"] for r in rows)
+    raced = any(r.get("fidelity") == "full" for r in rows)
+    header = ["id", "gen", *(["val items"] if raced else []), *extra]
+    for task in tasks:
+        header += [f"{task} val"] + ([f"{task} test"] if has_test else [])
+    header.append("recipe")
+    table = []
+    for row in rows:
+        marks = ("*" if row["knee"] else "") + ("+" if row.get("best_mean") else "")
+        cells = [f"{row['id']}{marks}", str(row["generation"])]
+        cells += [("all" if row.get("fidelity") == "full" else "estimate")] if raced else []
+        cells += [_num(row["objectives"].get(o)) for o in extra]
+        for task in tasks:
+            cells.append(_num(row["scores"].get(task, row["objectives"].get(task))))
+            if has_test:
+                cells.append(_num((row["test_scores"] or {}).get(task)))
+        cells.append(row["recipe"])
+        table.append(cells)
+    return header, table
 
 
 def _num(value: Any, spec: str = ".4f") -> str:

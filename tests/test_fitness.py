@@ -313,6 +313,7 @@ def test_hydra_fitness_configs_compose(name):
     ({"items_per_task": 0}, "items_per_task=0 must be an integer >= 1"),
     ({"objectives": ["tasks", "speed"]}, "unknown fitness objective 'speed'; valid: tasks, mean"),
     ({"multi_fidelity": 2}, "multi_fidelity=2 must be in"),
+    ({"verify": -1}, "fitness.verify=-1 must be an integer >= 0"),
     ({"budget": 3}, "unknown fitness setting 'budget'; valid: batch_size"),
     ({"teacher_forcing": True, "objectives": ["tasks", "length"]}, "teacher_forcing=true scores answers without"),
 ])

@@ -123,7 +123,8 @@ def test_summary_and_table(run):
     assert lines[2].split() == ["id", "gen", "add", "val", "add", "test", "sort", "val", "sort",
                                 "test", "recipe"]
     rows = lines[4:7]
-    assert [row.split()[0] for row in rows] == ["1*", "2", "3"]
+    assert [row.split()[0] for row in rows] == ["1*+", "2", "3"]  # knee and best:mean
+    assert "(* knee, + best:mean)" in lines[1] and "every validation item" not in text  # nothing verified
     assert rows[0].split()[2:6] == ["0.5000", "0.4500", "0.5000", "0.5500"]
     assert rows[1].split()[2:6] == ["0.9000", "-", "0.1000", "-"] and "task_arithmetic" in rows[1]
     assert lines[7].startswith("evaluations 6 (1 failed), generations 2")
@@ -267,7 +268,8 @@ def test_one_front_rule_for_the_search_the_report_and_the_experiments(run):
 
 def test_a_promotion_replaces_the_estimate_it_verified(tmp_path):
     """Racing's full-split value of a recipe is what competes, not its earlier estimate (whatever
-    their ids), and ``best:mean`` picks by the tasks' mean on a per-task run."""
+    their ids), and ``best:mean`` picks among the verified candidates by the tasks' mean on a
+    per-task run, even where an unverified estimate has the higher mean."""
     from evomerge import front as fronts
 
     recipes = {i: recipe(0.1 + 0.1 * i) for i in ROWS}
@@ -279,6 +281,35 @@ def test_a_promotion_replaces_the_estimate_it_verified(tmp_path):
     objs = objectives_of(MAX2)
     assert [e.id for e in fronts.competing(run.archive(), objs)] == [0, 1, 3, 6]
     assert [e.id for e in front(run)] == [1, 3, 6]
-    assert pick(run, "best:add").id == 6 and pick(run, "best:mean").id == 1
+    assert pick(run, "best:add").id == 6 and pick(run, "best:mean").id == 6
     assert fronts.averageable(objs) and not fronts.averageable(
         objectives_of([{"name": "err", "direction": "min", "reference": 1.0}]))
+
+
+def test_best_mean_is_the_best_verified_candidate_and_inspect_lists_them(tmp_path):
+    """Estimates 0.9 (lucky) and 0.6 verified at 0.55 and 0.58: best:mean is the 0.58 one, not the
+    best estimate nor the first verified; summary and text list the verified candidates best
+    first with their test scores, best:mean marked +, and the knee stays a front member."""
+    from evomerge import front as fronts
+
+    r = {i: recipe(0.1 * i) for i in range(1, 5)}
+    entries = [entry(0, {"add": 0.9, "sort": 0.9}, r[1]), entry(1, {"add": 0.6, "sort": 0.6}, r[2]),
+               entry(2, {"add": 0.2, "sort": 0.3}, r[3])]
+    for i, (source, value) in enumerate([(r[1], 0.55), (r[2], 0.58)], start=3):
+        verified = entry(i, {"add": value, "sort": value}, source, generation=1)
+        verified.fidelity = "full"
+        entries.append(verified)
+    members = [{"id": 4, "recipe_hash": r[2].hash, "test_scores": {"add": 0.5, "sort": 0.52}}]
+    run = write_run(tmp_path / "verified", MAX2, entries, members=[], config={"tasks": ["add", "sort"]})
+    run.write_json(run.pareto_path, {"generation": 1, "objectives": MAX2, "members": [], "verified": members})
+    objs = objectives_of(MAX2)
+    assert [e.id for e in fronts.verified(run.archive(), objs)] == [4, 3]
+    assert pick(run, "best:mean").id == 4
+    assert [e.id for e in fronts.picks(run.archive(), objs)] == [4]  # knee, best add/sort and mean agree
+    data = summary(run)
+    assert data["best_mean"] == 4 and [v["id"] for v in data["verified"]] == [4, 3]
+    assert data["verified"][0]["test_scores"] == {"add": 0.5, "sort": 0.52}
+    text = render(data).splitlines()
+    at = next(i for i, line in enumerate(text) if "scored on every validation item: 2 candidate(s)" in line)
+    assert [line.split()[0] for line in text[at + 3:at + 5]] == ["4*+", "3"]
+    assert text[at + 3].split()[2:7] == ["all", "0.5800", "0.5000", "0.5800", "0.5200"]

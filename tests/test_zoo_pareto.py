@@ -125,5 +125,11 @@ def test_learning_curves_read_each_run_at_every_budget(experiment):
     promoted = [c - before for (e, c), (_, before) in zip(steps[1:], steps)
                 if e.fidelity == "full" and e.cached_from is None]
     assert promoted and all(step > 0 for step in promoted)
+    # A searcher that verifies its best estimates pays for them out of the budget it is read at.
+    verifying = module.Curve("default", 0, Path(default["folder"]), curves["tasks"], 2, 3, verify=3, verify_cost=1.5)
+    assert verifying.searched(8) == 8 - 4.5 and verifying.searched(1) == steps[0][1]
+    cost = {e.id: c for e, c in steps}
+    shortlist = verifying.shortlist(8)
+    assert len(shortlist) == 3 and all(cost[e.id] <= 3.5 for e in shortlist)
     table = (out / "curves.md").read_text()
     assert all(f"| `{name}` |" in table for name in ("default", "cmaes", "ga", "random"))

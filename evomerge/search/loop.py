@@ -13,9 +13,10 @@ first population, best first (CMA-ES starts its mean at the best).
 Racing (``fitness.multi_fidelity``): after a generation is evaluated on the estimator's items,
 its most promising share is promoted, re-scored on every validation item, and appended as new
 entries (``fidelity: full``) with the next ids, before the algorithm is told; it is told each
-candidate's highest-fidelity value. When the search ends, the best candidate by mean is
-promoted until the best is a verified one, so the pick a user exports is never a lucky
-estimate. Promotions depend only on archived values, so a resumed run promotes the same ones.
+candidate's highest-fidelity value. Verification (``fitness.verify``): when the search ends,
+its few best candidates by estimated mean are promoted the same way, and ``best:mean`` is the
+best verified one, so the pick a user exports is not an estimate's lucky draw. Promotions
+depend only on archived values, so a resumed run promotes the same ones.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def resumed_config(run: RunDir) -> dict[str, Any]:
         # Runs made before teacher forcing existed decoded their estimator items (their
         # fingerprint has no such key): a resumed run goes on estimating as it began.
         config["fitness"].setdefault("teacher_forcing", False)
+        config["fitness"].setdefault("verify", 0)  # and before the end verified the best estimates
     if isinstance(config.get("space"), dict):
         # Runs made before parents were candidates numbered their first generation from 0, and
         # before smooth depth profiles they had genes per layer group.
@@ -161,7 +163,7 @@ class Search:
                 self._after_generation(generation, next_id, started, generation_started, len(entries))
                 self._checkpoint(algorithm, generation + 1, next_id)
                 generation += 1
-            self._verify_pick(generation, next_id)
+            self._verify(generation, next_id)
             self._test_front()
         finally:
             if self.pool is not None:
@@ -296,27 +298,30 @@ class Search:
         pending = [e for e in entries if self._verified(e.recipe_hash, before) is None]
         return fronts.by_mean(fronts.competing(pending, self.objectives), self.objectives)
 
-    def _verify_pick(self, generation: int, next_id: int) -> None:
-        """Racing's last rung: promote the best candidate by mean until the best is verified
-        (at most a generation's worth), so ``best:mean`` is never an estimate's lucky draw."""
-        if not self.settings.fitness.multi_fidelity:
+    def _verify(self, generation: int, next_id: int) -> None:
+        """The last step of a search: the ``fitness.verify`` best candidates by estimated mean
+        (each recipe once) are re-scored on every validation item, so that ``best:mean`` is the
+        best verified candidate instead of the luckiest of many estimates."""
+        count = self.settings.fitness.verify
+        if not count or self.settings.fitness.estimator == "full":
+            return  # nothing asked, or every estimate already scored every validation item
+        if not fronts.averageable(self.objectives):
+            self.log(f"fitness.verify={count}: objectives {[o.name for o in self.objectives]} do not average, "
+                     f"so there is no best mean to verify; nothing verified")
             return
-        first = next_id
-        for _ in range(self.settings.algorithm.pop_size):
-            seen = [e for e in self.by_id.values() if e.id < next_id]
-            ranked = fronts.by_mean(fronts.competing(seen, self.objectives), self.objectives)
-            best = next((e for e in ranked if e.fidelity == "full" or self._verified(e.recipe_hash, next_id) is None),
-                        None)
-            if best is None or best.fidelity == "full":
-                break
-            self._evaluate([Recipe.from_dict(best.recipe)], [best.genome], generation, next_id, "full")
-            next_id += 1
-        if best is not None:
-            promotions = sum(e.fidelity == "full" and e.cached_from is None for e in self.by_id.values())
-            self.log(f"racing: {promotions} candidate(s) scored on every validation item ({next_id - first} to "
-                     f"verify the pick); best:mean is id {best.id} at {fronts.mean(best, self.objectives):.3f}"
-                     + ("" if best.fidelity == "full" else
-                        " (an estimate: a generation's worth of promotions did not settle it)"))
+        seen = [e for e in self.by_id.values() if e.id < next_id]
+        chosen = self._unverified(seen, next_id)[:count]
+        entries = self._evaluate([Recipe.from_dict(e.recipe) for e in chosen], [e.genome for e in chosen],
+                                 generation, next_id, "full")
+        if not entries:
+            return
+        gaps = [fronts.mean(e, self.objectives) - fronts.mean(v, self.objectives)
+                for e, v in zip(chosen, entries) if v.error is None]
+        top = fronts.pick_mean(self.by_id.values(), self.objectives)
+        self.log(f"verified the {len(entries)} best estimates on every validation item (estimates were "
+                 f"{min(gaps):+.3f} to {max(gaps):+.3f} off); best:mean is id {top.id} at "
+                 f"{fronts.mean(top, self.objectives):.3f}" if gaps else
+                 f"verifying the {len(entries)} best estimates failed; best:mean stays an estimate")
 
     def _parents(self) -> list[ArchiveEntry]:
         """Score the input models and uniform merges of them (``space.parents``) as the
@@ -413,26 +418,34 @@ class Search:
     def _write_pareto(self, front: list[ArchiveEntry], generation: int, tests: dict[int, dict] | None = None) -> None:
         old = self.run_dir.read_json(self.run_dir.pareto_path) or {}
         known = {m["id"]: m.get("test_scores") for m in old.get("members", [])}
+        known.update({m["id"]: m.get("test_scores") for m in old.get("verified", [])})
         tests = tests or {}
+
+        def member(e: ArchiveEntry) -> dict[str, Any]:
+            return {"id": e.id, "recipe_hash": e.recipe_hash, "objectives": e.objectives, "scores": e.scores,
+                    "test_scores": tests.get(e.id, known.get(e.id))}
+
         self.run_dir.write_json(self.run_dir.pareto_path, {
             "generation": generation,
             "objectives": [o.to_dict() for o in self.objectives],
-            "members": [{"id": e.id, "recipe_hash": e.recipe_hash, "objectives": e.objectives,
-                         "scores": e.scores, "test_scores": tests.get(e.id, known.get(e.id))}
-                        for e in sorted(front, key=lambda e: e.id)]})
+            "members": [member(e) for e in sorted(front, key=lambda e: e.id)],
+            # scored on every validation item, best mean first: where best:mean comes from
+            "verified": [member(e) for e in fronts.verified(self.by_id.values(), self.objectives)]})
 
     def _test_front(self) -> None:
-        """Held-out test scores (full test split) for the front members a user would pick: the
-        knee and the best on each objective. Scoring every member of a 4-objective front would
+        """Held-out test scores (full test split) for what a user would pick: the front's knee and
+        best on each objective, and ``best:mean``. Scoring every member of a 4-objective front would
         cost more than the search itself; ``inspect`` marks the others' test scores as unknown."""
         front = self._front()
         if not front:
             return
         old = self.run_dir.read_json(self.run_dir.pareto_path) or {}
-        known = {m["id"]: m.get("test_scores") for m in old.get("members", []) if m.get("test_scores")}
-        todo = self.hooks.before_test_scoring([e for e in fronts.picks(front, self.objectives) if e.id not in known])
+        known = {m["id"]: m.get("test_scores") for m in old.get("members", []) + old.get("verified", [])
+                 if m.get("test_scores")}
+        todo = self.hooks.before_test_scoring([e for e in fronts.picks(self.by_id.values(), self.objectives)
+                                               if e.id not in known])
         if todo:
-            self.log(f"test split: scoring {len(todo)} front member(s) (the knee and the best per objective)")
+            self.log(f"test split: scoring {len(todo)} pick(s) (the knee, the best per objective, best:mean)")
         results: dict[int, EvalResult] = {}
         self.pool.run({e.id: EvalRequest(Recipe.from_dict(e.recipe), split="test", full=True) for e in todo},
                       results.__setitem__)

@@ -1,4 +1,4 @@
-"""Learning curves: how good is each searcher's pick after 25, 50, 100, 150 evaluations?
+"""Learning curves: how good is each searcher's pick after 25, 50, 100, 150, 200, 300 evaluations?
 
     python experiments/zoo_pareto/curves.py               # every searcher below; 3 seeds
     python experiments/zoo_pareto/curves.py --quick --zoo pico --workers 1 --out /tmp/zc   # plumbing
@@ -13,7 +13,10 @@ evaluates them (the default search does: base, experts and uniform merges open i
 
 At every budget, every searcher's pick is made by one rule: its ``--rescore`` best candidates by
 the search's own value (the highest fidelity the candidate reached) are scored on the FULL
-validation split, decoded, and the best of those is the pick, scored on the full test split.
+validation split, decoded, and the best of those is the pick, scored on the full test split. A
+searcher that verifies its best estimates itself (``VERIFYING``: `evomerge search`'s
+``fitness.verify``) has its ``verify`` best re-scored instead, and pays for them out of the budget
+(``VERIFY_COST`` each), as a run of that length would.
 At the largest budget the test front (validation front capped at ``--front-cap`` by mean, plus
 the pick) is scored on test for its hypervolume. "Evaluations to match the grid": the cost at
 which a searcher first evaluated a candidate whose full-validation mean reaches the best uniform
@@ -37,8 +40,14 @@ import run as zp  # noqa: E402  (experiments/zoo_pareto/run.py: searchers, scori
 # evomerge search as it ships (TSV-M), CMA-ES over global TSV-M weights, then the eighth session's
 # task-arithmetic default and its baselines.
 SEARCHERS = ("default-tsv", "cmaes-tsv", "default", "cmaes", "ga", "random")
-BUDGETS = (25, 50, 100, 150)
+BUDGETS = (25, 50, 100, 150, 200, 300)
 MATCH_CHECKS = 2  # candidates per run checked on full validation for "matches the grid"
+# `evomerge search` ends by verifying its best estimates (fitness.verify); the runs here are made
+# without it (common_overrides), and its cost is paid out of the budget where the pick is read.
+VERIFYING = ("default-tsv",)
+# A verification's cost in estimator-equivalents: default-tsv-race-s0's 24 promotions (every
+# validation item, teacher-forced, TSV-M) took 5.23x its mean estimate's worker seconds.
+VERIFY_COST = 5.2
 
 
 def cumulative_costs(archive) -> list[tuple[Any, float]]:
@@ -57,12 +66,13 @@ def cumulative_costs(archive) -> list[tuple[Any, float]]:
 class Curve:
     """One search run read at several budgets."""
 
-    def __init__(self, name: str, seed: int, folder: Path, skills: list[str], rescore: int, front_cap: int) -> None:
+    def __init__(self, name: str, seed: int, folder: Path, skills: list[str], rescore: int, front_cap: int,
+                 verify: int = 0, verify_cost: float = VERIFY_COST) -> None:
         from evomerge.report import objectives
         from evomerge.run import RunDir
 
         self.name, self.seed, self.folder, self.skills = name, seed, folder, skills
-        self.rescore, self.front_cap = rescore, front_cap
+        self.rescore, self.front_cap, self.verify, self.verify_cost = rescore, front_cap, verify, verify_cost
         run = RunDir(folder)
         self.objectives = objectives(run)
         self.steps = cumulative_costs(run.archive())
@@ -73,14 +83,21 @@ class Curve:
     def value(self, entry) -> float:
         return zp.mean_of(entry.scores, self.skills)
 
+    def searched(self, budget: float) -> float:
+        """What the search itself may spend of ``budget``: all of it, less the verification of
+        its best estimates for a searcher that verifies them (the pick rule then costs it); at
+        least its first candidate."""
+        first = self.steps[0][1] if self.steps else 0.0
+        return max(first, budget - self.verify * self.verify_cost)
+
     def competing(self, budget: float) -> list:
         from evomerge import front
 
-        prefix = [e for e, cost in self.steps if cost <= budget + 1e-9]
+        prefix = [e for e, cost in self.steps if cost <= self.searched(budget) + 1e-9]
         return [e for e in front.competing(prefix, self.objectives) if all(t in e.scores for t in self.skills)]
 
     def shortlist(self, budget: float) -> list:
-        return sorted(self.competing(budget), key=lambda e: (-self.value(e), e.id))[:self.rescore]
+        return sorted(self.competing(budget), key=lambda e: (-self.value(e), e.id))[:self.verify or self.rescore]
 
     def front(self, budget: float) -> list:
         members = self.competing(budget)
@@ -111,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--front-cap", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--searchers", default=",".join(SEARCHERS))
+    parser.add_argument("--verify-cost", type=float, default=None,
+                        help=f"estimator-equivalents per verification (default {VERIFY_COST:g}; --quick 1)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--search-only", action="store_true",
                         help="run (or resume) the searches and stop: nothing scored, no table")
@@ -120,11 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     budgets = [int(b) for b in (args.budgets or ("4,8" if args.quick else ",".join(map(str, BUDGETS)))).split(",")]
     pop = args.pop if args.pop is not None else (4 if args.quick else 12)
+    verify_cost = args.verify_cost if args.verify_cost is not None else (1.0 if args.quick else VERIFY_COST)
     budget = max(budgets)
     chosen = [s.strip() for s in args.searchers.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in zp.SEARCHERS]
     if unknown:
         parser.error(f"unknown searcher {unknown[0]!r}; valid: {', '.join(zp.SEARCHERS)}")
+
+    from evomerge.config import FitnessConfig
 
     log = zp.log
     started = time.perf_counter()
@@ -144,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       experts=len(settings.experts))
             folder = runs / f"{name}-s{seed}"
             zp.run_search(config, folder, runs / "probes.json", log)
-            curves.append(Curve(name, seed, folder, skills, args.rescore, args.front_cap))
+            curves.append(Curve(name, seed, folder, skills, args.rescore, args.front_cap,
+                                verify=FitnessConfig().verify if name in VERIFYING else 0, verify_cost=verify_cost))
     if args.search_only:
         return 0
 
@@ -180,12 +203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     own = {t: parent_rows[f"expert:{t.removeprefix('zoo_')}"]["pick"]["test"][t] for t in skills
            if f"expert:{t.removeprefix('zoo_')}" in parent_rows}
 
-    def member(e) -> dict:
+    def member(e, verified: bool = False) -> dict:
+        """A verified pick's search value is its full validation score: what the search reports."""
         from evomerge.recipe import Recipe
 
-        return {"id": e.id, "recipe_hash": e.recipe_hash, "fidelity": e.fidelity,
-                "search_value": {t: e.scores[t] for t in skills}, "summary": Recipe.from_dict(e.recipe).summary(),
-                "val": scorer.get(e.recipe_hash, "validation"), "test": scorer.get(e.recipe_hash, "test")}
+        val = scorer.get(e.recipe_hash, "validation")
+        return {"id": e.id, "recipe_hash": e.recipe_hash, "fidelity": "verified" if verified else e.fidelity,
+                "search_value": dict(val) if verified else {t: e.scores[t] for t in skills},
+                "summary": Recipe.from_dict(e.recipe).summary(),
+                "val": val, "test": scorer.get(e.recipe_hash, "test")}
 
     out_rows = []
     for curve, points, match in rows:
@@ -196,13 +222,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "evaluations": len(curve.steps), "search_seconds": curve.seconds,
             "promotions": sum(e.fidelity == "full" and e.cached_from is None for e, _ in curve.steps),
             "match_grid_at": match,
-            "points": [{"budget": p["budget"], "pick": member(p["pick"])} for p in points],
+            "verify": curve.verify,
+            "points": [{"budget": p["budget"], "pick": member(p["pick"], verified=curve.verify > 0)} for p in points],
             "hv_test": zp.hv(skills, [m["test"] for m in front]), "front": front})
     results = {
         "zoo": zoo.root.name, "tasks": skills, "experts": list(settings.experts), "budgets": budgets,
         "searchers": {n: zp.SEARCHERS[n][0] for n in chosen}, "overrides": {n: zp.SEARCHERS[n][1] for n in chosen},
         "common_overrides": common, "seeds": seeds, "pop_size": pop, "rescore": args.rescore,
         "front_cap": args.front_cap, "grid_best": {"val_mean": target},
+        "verifying": [n for n in chosen if n in VERIFYING], "verify": FitnessConfig().verify, "verify_cost": verify_cost,
         "experts_own_test": own, "parents": {k: v["pick"] for k, v in parent_rows.items()},
         "rows": out_rows, "seconds": time.perf_counter() - started, "finished": time.strftime("%Y-%m-%d %H:%M"),
         "command": "python experiments/zoo_pareto/curves.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -247,8 +275,12 @@ def render(results: Mapping[str, Any], out: Path, name: str = "curves") -> list[
              "the archive 0, a racing promotion (every validation item) its measured seconds over the run's "
              "mean estimate seconds. The pick at every budget: the "
              f"{results['rescore']} best candidates by the search's own value re-scored on the full validation "
-             "split (decoded), the best of them scored on the full test split. Mean test accuracy in points, "
-             "mean ± sd over seeds.", "",
+             "split (decoded), the best of them scored on the full test split; for a searcher that verifies "
+             f"its best estimates itself ({', '.join(f'`{n}`' for n in results.get('verifying', [])) or 'none'}: "
+             f"`evomerge search`, fitness.verify), its {results.get('verify', 0)} best are re-scored instead, "
+             f"paid out of its budget at {results.get('verify_cost', 0):g} estimator-equivalents each, so its "
+             "pick at budget b comes from the candidates of its first b minus that. Mean test accuracy in "
+             "points, mean ± sd over seeds.", "",
              "## Pick's mean test accuracy by budget", "",
              "| searcher | " + " | ".join(str(b) for b in budgets) + " | test-front HV at "
              f"{budgets[-1]} | evaluations to match the best grid (median) | search wall min |",

@@ -362,7 +362,9 @@ def common_overrides(zoo: str, items: int, workers: int, pop: int) -> list[str]:
     """The settings every searcher shares. Parents off: this experiment scores the input models
     and the uniform grids itself, and its budgets count the candidates each searcher chose (a
     searcher whose own settings turn them on counts them too)."""
-    return [f"zoo={zoo}", "fitness=anchors", f"fitness.items_per_task={items}",
+    # verify=0: every searcher's pick is made by this experiment's own rule (curves.py counts the
+    # default's verification in its budget, as `evomerge search` spends it).
+    return [f"zoo={zoo}", "fitness=anchors", f"fitness.items_per_task={items}", "fitness.verify=0",
             f"fitness.probe_merges={PROBE_MERGES}", f"runtime.workers={workers}", "runtime.threads_per_worker=1",
             f"algorithm.pop_size={pop}", "space.parents=false"]
 
