@@ -131,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
     search = commands.add_parser(
         "search", help="evolve merge recipes (default: CMA-ES on the mean of the SmolLM2 zoo's four skills)",
         description="Compose conf/ with hydra overrides, create runs/<name>/ (config.yaml, "
-                    "archive.jsonl, checkpoints/, pareto.json) and search. Groups: models, space, "
+                    "archive.jsonl, pareto.json) and search. Groups: models, space, "
                     "algorithm, fitness, runtime, zoo; top-level keys: name, runs_dir, seed, tasks, "
                     "include_path.",
         epilog="examples:\n  evomerge search name=first\n"
@@ -145,9 +145,10 @@ def parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser(
         "resume", help="continue a stopped run from its folder",
-        description="Replay the run's archive (no candidate is evaluated twice), load its newest "
-                    "intact checkpoint and finish the search. Refuses a config.yaml edited in a way "
-                    "that changes the search; runtime.* and algorithm.generations may change.",
+        description="Replay the run's archive through a fresh algorithm set up from the run's seed "
+                    "(no candidate is evaluated twice, nothing is unpickled) and finish the search. "
+                    "Refuses a config.yaml edited in a way that changes the search; runtime.* and "
+                    "algorithm.generations may change.",
         epilog="example:\n  evomerge resume runs/first",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     resume.add_argument("run_dir", metavar="RUN", help="the run folder, e.g. runs/first")

@@ -7,14 +7,14 @@ runs/<name>/
                      algorithm is told, so a crash never loses a finished evaluation)
   history.jsonl      one line per finished generation: evaluations, best per objective, hypervolume
   probes.json        the probe population's per-item results (fits the estimators; reused on resume)
-  checkpoints/       algorithm state after each generation (tmp + rename, never half-written)
   pareto.json        the current non-dominated set, with test scores once measured
   plots/             pareto.png, hypervolume.png
   exports/<pick>/    recipe.yaml, mergekit.yaml, model/
 ```
 
-Resume reads only files evomerge wrote here; YAML is loaded safely and checkpoints are read
-only from this folder.
+Resume reads only data here (JSON lines, YAML loaded safely): no file of a run folder is ever
+unpickled, so a folder received from someone else cannot run their code. The algorithm's state
+is not saved at all; a resume rebuilds it by replaying the archive (``evomerge.search.loop``).
 """
 
 from __future__ import annotations
@@ -106,10 +106,6 @@ class RunDir:
         return self.root / PARETO
 
     @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
     def plots(self) -> Path:
         return self.root / "plots"
 
@@ -124,7 +120,6 @@ class RunDir:
             raise UserError(f"run folder {run.root} already holds a run; resume it with "
                             f"`evomerge resume {run.root}` or choose another name=")
         run.root.mkdir(parents=True, exist_ok=True)
-        run.checkpoints.mkdir(exist_ok=True)
         atomic_write(run.config_path, yaml.safe_dump(config, sort_keys=False))
         return run
 

@@ -40,14 +40,13 @@ class DriverDiesInArchiveLine(SearchHooks):
 
 
 @dataclass
-class DriverDiesInCheckpoint(SearchHooks):
-    """The driver dies halfway through writing the checkpoint after ``generation`` generations."""
+class DriverDiesAfterGeneration(SearchHooks):
+    """The driver dies once ``generation`` is archived, told and its pareto.json written."""
 
     generation: int
 
-    def before_checkpoint(self, generation: int, path: Path, data: bytes) -> None:
+    def after_generation(self, generation: int, front) -> None:
         if generation == self.generation:
-            path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
             os._exit(DRIVER_EXIT)
 
 

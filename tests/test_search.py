@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from search_faults import DRIVER_EXIT, DriverDiesInArchiveLine, DriverDiesInCheckpoint, WorkerFaults
+from search_faults import DRIVER_EXIT, DriverDiesAfterGeneration, DriverDiesInArchiveLine, WorkerFaults
 
 from evomerge.search.hooks import SearchHooks
 
@@ -25,9 +26,9 @@ VERIFY = 3  # fitness.verify's default: the best estimates re-scored on every va
 TESTS = Path(__file__).resolve().parent
 
 
-# NSGA-II over layer groups of task arithmetic without racing: a checkpointed algorithm, so resume
-# is tested from checkpoints, and exports a mergekit config; the default search (CMA-ES over depth
-# profiles) with racing resumes by replay (RACING).
+# NSGA-II over layer groups of task arithmetic without racing: a population-based algorithm whose
+# replay on resume must rebuild its survivors, and exports a mergekit config; the default search
+# (CMA-ES over depth profiles) with racing is tested too (RACING).
 CLASSIC = ("algorithm=nsga2", "space.knots=0", "fitness.multi_fidelity=0", "space.methods=[task_arithmetic]")
 
 
@@ -73,7 +74,8 @@ def reference_run(pico_zoo, pico_cache, tmp_path_factory):
 def test_a_search_fills_its_run_folder(reference_run):
     run, done = reference_run
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "archive.jsonl", "history.jsonl", "probes.json",
-                                                "pareto.json", "checkpoints", "run.json"}
+                                                "pareto.json", "run.json"}
+    assert not [p for p in run.rglob("*") if p.suffix in (".pkl", ".pickle")]  # data only
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["algorithm"]["pop_size"] == POP and config["fitness"]["estimator"] == "anchors"
     rows = comparable(run)
@@ -141,21 +143,23 @@ def test_probe_population_is_measured_once_on_the_full_split(reference_run):
 
 
 @pytest.mark.reliability("fault", "the driver dying halfway through an archive line, then `evomerge resume`: the archive equals the uninterrupted run's")
-@pytest.mark.reliability("fault", "the driver dying halfway through writing a checkpoint, then `evomerge resume`: the archive equals the uninterrupted run's")
-def test_resume_after_crashes_while_writing_the_archive_and_a_checkpoint(reference_run, pico_cache, tmp_path):
-    """One run, two crashes: mid archive line in generation 1, then (in the resumed run) mid
-    checkpoint of generation 2; each resume picks up where the files say."""
-    done = with_hooks(DriverDiesInArchiveLine(entry_id=POP + 1), *search_args(tmp_path, "crash"), cache=pico_cache,
-                      folder=tmp_path)
+@pytest.mark.reliability("fault", "the driver dying between two generations, then `evomerge resume`: the archive equals the uninterrupted run's")
+def test_resume_after_crashes_in_an_archive_line_and_between_generations(reference_run, pico_cache, tmp_path):
+    """One run, two crashes: mid archive line in generation 1, then (in the resumed run) right
+    after generation 2; each resume replays what the archive holds and goes on from there."""
+    done = with_hooks(DriverDiesInArchiveLine(entry_id=PARENTS + POP + 1), *search_args(tmp_path, "crash"),
+                      cache=pico_cache, folder=tmp_path)
     assert done.returncode == DRIVER_EXIT == 9, done.stderr[-3000:]
-    done = with_hooks(DriverDiesInCheckpoint(generation=2), "resume", str(tmp_path / "crash"), cache=pico_cache,
+    done = with_hooks(DriverDiesAfterGeneration(generation=2), "resume", str(tmp_path / "crash"), cache=pico_cache,
                       folder=tmp_path)
     assert done.returncode == 9, done.stderr[-3000:]
     assert "dropped 1 unreadable line" in done.stderr
-    assert not (tmp_path / "crash" / "checkpoints" / "generation-0002.pkl").exists()
+    assert f"archive: {PARENTS + POP + 1} evaluations replayed" in done.stderr
+    kept = len((tmp_path / "crash" / "archive.jsonl").read_text().splitlines())
+    assert kept == PARENTS + POP * GENS  # generation 2 was complete when it died
     done = cli("resume", str(tmp_path / "crash"), cache=pico_cache)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming after generation 1" in done.stderr
+    assert f"archive: {kept} evaluations replayed" in done.stderr
     assert comparable(tmp_path / "crash") == comparable(reference_run[0])
 
 
@@ -168,7 +172,7 @@ def test_resume_after_a_killed_driver_ends_with_the_same_archive(reference_run, 
                                start_new_session=True)
     archive = tmp_path / "cut" / "archive.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill it mid-search: after gen 0's checkpoint, inside gen 1
+    while time.time() < deadline:  # kill it mid-search: inside generation 1
         if archive.exists() and len(archive.read_text().splitlines()) >= PARENTS + POP + 2:
             break
         time.sleep(0.05)
@@ -306,21 +310,44 @@ def test_bad_search_input_fails_fast_in_one_line(override, named, pico_zoo, pico
     assert time.time() - started < 60
 
 
-@pytest.mark.reliability("fault", "a torn last archive line and a corrupt newest checkpoint: resume drops them, says so, and ends equal to the uninterrupted run")
-def test_resume_survives_a_torn_archive_line_and_a_corrupt_checkpoint(reference_run, pico_cache, tmp_path):
+class _Planted:
+    """A pickle that, loaded, runs a shell command: what a shared run folder could carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.reliability("safety", "a run folder from someone else with a malicious pickle planted in it: resume never loads it, and ends equal to the uninterrupted run")
+@pytest.mark.reliability("fault", "a torn last archive line: resume drops it, says so, and ends equal to the uninterrupted run")
+def test_resume_runs_no_planted_pickle_and_survives_a_torn_archive_line(reference_run, pico_cache, tmp_path):
     import shutil
 
-    run = tmp_path / "damaged"
+    run = tmp_path / "shared"
     shutil.copytree(reference_run[0], run)
     archive = run / "archive.jsonl"
     text = archive.read_text()
     archive.write_text(text[: len(text) - 40])  # the last line torn mid-write
-    newest = sorted((run / "checkpoints").glob("generation-*.pkl"))[-1]
-    newest.write_bytes(b"not a pickle")
+    marker = tmp_path / "code-ran"
+    (run / "checkpoints").mkdir(exist_ok=True)  # where evomerge once kept pickled algorithm state
+    for name in ("checkpoints/generation-0099.pkl", "algorithm.pkl", "probes.pkl"):
+        (run / name).write_bytes(pickle.dumps(_Planted(marker)))
     done = cli("resume", str(run), cache=pico_cache)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "dropped 1 unreadable line" in done.stderr and f"{newest.name} is unreadable" in done.stderr
+    assert "dropped 1 unreadable line" in done.stderr
+    assert not marker.exists()
     assert comparable(run) == comparable(reference_run[0])
+
+
+def test_no_module_unpickles_a_file():
+    """The guarantee above, for every code path: evomerge has no pickle load at all (model
+    weights load from safetensors; a user's own pickled weights go through torch.load with
+    weights_only, and only when they opt in)."""
+    package = TESTS.parent / "evomerge"
+    loads = re.compile(r"\b(cloud)?pickle\.loads?\(|\bdill\.loads?\(")
+    assert [p.name for p in package.rglob("*.py") if loads.search(p.read_text())] == []
 
 
 @pytest.mark.reliability("fault", "a worker over its memory cap: a one-line error naming runtime.memory_limit_gb and what to lower")

@@ -16,7 +16,6 @@ A worker hook that raises costs that candidate (recorded with the error), not th
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
@@ -29,13 +28,9 @@ class SearchHooks:
     def before_archive_line(self, run: RunDir, entry: ArchiveEntry) -> None:
         """``entry`` is about to be appended to ``run``'s archive (nothing else knows of it yet)."""
 
-    def before_checkpoint(self, generation: int, path: Path, data: bytes) -> None:
-        """The algorithm's state after ``generation`` generations is about to be written to
-        ``path`` (via a temporary file and a rename)."""
-
     def after_generation(self, generation: int, front: Sequence[ArchiveEntry]) -> None:
         """``generation`` is finished: archived, told to the algorithm, its history line and
-        ``pareto.json`` written (its checkpoint not yet). ``front`` is the current front. A
+        ``pareto.json`` written. ``front`` is the current front. A
         resumed run calls it again for the generations it replays from the archive."""
 
     def before_test_scoring(self, members: Sequence[ArchiveEntry]) -> list[ArchiveEntry]:

@@ -2,10 +2,13 @@
 
 Order of events per generation, chosen so that a crash at any point loses nothing:
 ask -> decode -> (archive hit? reuse : evaluate on a worker -> append to archive) -> tell ->
-history line -> pareto.json -> checkpoint. Candidate ids are fixed by (generation, position), so
-a resumed run re-asks the interrupted generation from the last checkpoint (the algorithm's random
-state is inside it), finds the candidates already in the archive by id, and evaluates only the
-rest: the archive ends identical to an uninterrupted run's, whatever the worker count or timing.
+history line -> pareto.json. Candidate ids are fixed by (generation, position), and an algorithm
+set up from the run's seed asks the same candidates when told the same results: so a resumed
+run builds a fresh algorithm and replays the archive through it from the first generation
+(asked candidates are found by id and told their archived results, nothing is evaluated), then
+evaluates only what was never archived. The archive ends identical to an uninterrupted run's,
+whatever the worker count or timing, and resume unpickles nothing: a run folder holds data
+only (JSON, YAML, safetensors), so one received from someone else cannot run their code.
 The parents (base, experts, uniform merges; ``space.parents``) come first, as generation -1 with
 ids 0..P-1, so the algorithm's candidates are numbered from P; they also open the algorithm's
 first population, best first (CMA-ES starts its mean at the best).
@@ -34,8 +37,7 @@ from evomerge import front as fronts
 from evomerge.errors import UserError
 from evomerge.fitness.objectives import Objective, hypervolume, minimized_matrix
 from evomerge.recipe import Recipe
-from evomerge.run import ArchiveEntry, RunDir, atomic_write
-from evomerge.search import checkpoint
+from evomerge.run import ArchiveEntry, RunDir
 from evomerge.search.algorithms import SINGLE, make_algorithm, make_problem, setup
 from evomerge.search.hooks import SearchHooks
 from evomerge.search.settings import Settings, changed_keys, read_settings, search_fingerprint
@@ -63,7 +65,7 @@ def start(config: dict[str, Any], log: Log = _stderr, *, hooks: SearchHooks | No
 
 
 def resume(folder: str | Path, log: Log = _stderr, *, hooks: SearchHooks | None = None) -> RunDir:
-    """Continue the run in ``folder`` from its archive and newest checkpoint."""
+    """Continue the run in ``folder``: replay its archive, then search on."""
     run = RunDir.open(folder)
     with run.driving():
         Search(read_settings(resumed_config(run)), log, hooks=hooks).run(run)
@@ -161,7 +163,6 @@ class Search:
                 PymooEvaluator().eval(StaticProblem(algorithm.problem, F=F), population)
                 algorithm.tell(infills=asked)  # MOEA/D wants back the very individual it asked
                 self._after_generation(generation, next_id, started, generation_started, len(entries))
-                self._checkpoint(algorithm, generation + 1, next_id)
                 generation += 1
             self._verify(generation, next_id)
             self._test_front()
@@ -170,20 +171,9 @@ class Search:
                 self.pool.shutdown()
 
     def _algorithm(self, parents: list[ArchiveEntry]):
-        """The newest intact checkpoint, or a fresh algorithm whose candidates take ids after the
-        parents' and whose first population opens with them."""
-        for path in sorted(self.run_dir.checkpoints.glob("generation-*.pkl"), reverse=True):
-            try:
-                state = checkpoint.loads(path.read_bytes())
-            except Exception as error:
-                self.log(f"checkpoint {path.name} is unreadable ({type(error).__name__}); trying an older one")
-                continue
-            algorithm = state["algorithm"]
-            from pymoo.termination import get_termination
-
-            algorithm.termination = get_termination("n_gen", self.settings.algorithm.generations)
-            self.log(f"resuming after generation {state['generation']} ({state['next_id']} candidates)")
-            return algorithm, state["generation"], state["next_id"]
+        """A fresh algorithm, set up from the run's seed, whose candidates take ids after the
+        parents' and whose first population opens with them. A resumed run replays its archive
+        through it (see the module docstring); returns (algorithm, first generation, first id)."""
         algorithm = make_algorithm(self.settings.algorithm, self.space, self.told,
                                    self._parent_genomes(parents) + self.initial)
         setup(algorithm, make_problem(self.space, self.told), self.settings.algorithm.generations,
@@ -203,19 +193,6 @@ class Search:
             except UserError:
                 continue
         return genomes
-
-    def _checkpoint(self, algorithm, generation: int, next_id: int) -> None:
-        path = self.run_dir.checkpoints / f"generation-{generation:04d}.pkl"
-        data = checkpoint.dumps(algorithm, generation=generation, next_id=next_id)
-        if data is None:
-            if generation == 1:
-                self.log(f"algorithm {self.settings.algorithm.name} cannot be checkpointed; a resume "
-                         f"replays the archive from the first generation instead (nothing is re-evaluated)")
-            return
-        self.hooks.before_checkpoint(generation, path, data)
-        atomic_write(path, data)
-        for old in sorted(self.run_dir.checkpoints.glob("generation-*.pkl"))[:-2]:
-            old.unlink()  # two kept: the newest may be the one a crash corrupts
 
     # --- evaluation ------------------------------------------------------------------------------
     def _evaluate_generation(self, population, generation: int, first_id: int) -> list[ArchiveEntry]:
