@@ -8,3 +8,13 @@ and keeps its traceback. Messages name the bad value and what would be valid.
 class UserError(Exception):
     """Bad input: a path, a name, a value. Raised before any expensive work starts."""
 
+
+
+class DiskError(UserError):
+    """A write the machine refused (disk full, read-only or vanished folder, quota): not a bug,
+    and not bad input either, but something the user fixes, so it takes the same one-line path."""
+
+    @classmethod
+    def of(cls, path: object, error: OSError, advice: str) -> "DiskError":
+        reason = error.strerror or type(error).__name__
+        return cls(f"cannot write {path}: {reason}; {advice}")

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from evomerge.errors import UserError
+from evomerge.errors import DiskError, UserError
 
 CONFIG = "config.yaml"
 ARCHIVE = "archive.jsonl"
@@ -71,13 +71,20 @@ class ArchiveEntry:
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write via a temporary file and rename: readers see the old file or the new, never half."""
+    """Write via a temporary file and rename: readers see the old file or the new, never half.
+    A write the disk refuses leaves the old file as it was, removes the partial temporary file
+    and raises a one-line ``DiskError``."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as out:
-        out.write(data.encode() if isinstance(data, str) else data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as out:
+            out.write(data.encode() if isinstance(data, str) else data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise DiskError.of(path, error, f"the previous {path.name} is intact; free space or make "
+                                        f"{path.parent} writable and try again") from None
 
 
 class RunDir:
@@ -169,10 +176,24 @@ class RunDir:
     # --- archive ------------------------------------------------------------------------------
     def append(self, entry: ArchiveEntry) -> None:
         """Append one line and fsync it: once this returns, the evaluation survives a crash."""
-        with open(self.archive_path, "a") as out:
-            out.write(entry.to_json() + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+        self._append_line(self.archive_path, entry.to_json())
+
+    def _append_line(self, path: Path, line: str) -> None:
+        """A write the disk refuses (full, read-only) is cut back to where it began, so no torn
+        line is left after the lines already there, and becomes a one-line ``DiskError``."""
+        size = path.stat().st_size if path.exists() else 0
+        try:
+            with open(path, "a") as out:
+                out.write(line + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as error:
+            try:
+                os.truncate(path, size)
+            except OSError:
+                pass  # what could not be cut back, repair_archive drops on resume
+            raise DiskError.of(path, error, f"every line before it is kept; free space or make {self.root} "
+                                            f"writable, then `evomerge resume {self.root}`") from None
 
     def archive(self) -> list[ArchiveEntry]:
         """Every intact entry; a torn last line (a crash mid-write) is skipped."""
@@ -198,10 +219,7 @@ class RunDir:
         return len(lines) - len(intact)
 
     def append_history(self, record: dict[str, Any]) -> None:
-        with open(self.history_path, "a") as out:
-            out.write(json.dumps(record, sort_keys=True) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+        self._append_line(self.history_path, json.dumps(record, sort_keys=True))
 
     def history(self) -> list[dict[str, Any]]:
         return list(self._json_lines(self.history_path))

@@ -51,6 +51,23 @@ class DriverDiesAfterGeneration(SearchHooks):
 
 
 @dataclass
+class DiskFullAtArchiveLine(SearchHooks):
+    """From archive line ``entry_id`` on, the driver's disk is full: its fsync fails as a
+    kernel reports a full disk under delayed allocation (the line's bytes written, not kept)."""
+
+    entry_id: int
+
+    def before_archive_line(self, run: RunDir, entry: ArchiveEntry) -> None:
+        if entry.id == self.entry_id:
+            import errno
+
+            def full(_fd: int) -> None:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            os.fsync = full
+
+
+@dataclass
 class Observer(SearchHooks):
     """Writes one line per finished generation to ``generations_file`` (its number and front ids,
     as the driver's ``after_generation`` saw them); with ``test_scoring`` false the search ends

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from search_faults import DRIVER_EXIT, DriverDiesAfterGeneration, DriverDiesInArchiveLine, WorkerFaults
+from search_faults import (DRIVER_EXIT, DiskFullAtArchiveLine, DriverDiesAfterGeneration, DriverDiesInArchiveLine,
+                           WorkerFaults)
 
 from evomerge.search.hooks import SearchHooks
 
@@ -161,6 +162,21 @@ def test_resume_after_crashes_in_an_archive_line_and_between_generations(referen
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"archive: {kept} evaluations replayed" in done.stderr
     assert comparable(tmp_path / "crash") == comparable(reference_run[0])
+
+
+@pytest.mark.reliability("fault", "the disk filling up while the search appends to its archive: a one-line error naming the file and `evomerge resume`, which then ends equal to the uninterrupted run")
+def test_a_full_disk_stops_the_search_in_one_line_and_resume_finishes_it(reference_run, pico_cache, tmp_path):
+    cut = PARENTS + POP + 2
+    done = with_hooks(DiskFullAtArchiveLine(entry_id=cut), *search_args(tmp_path, "full"), cache=pico_cache,
+                      folder=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "archive.jsonl: No space left on device" in last and "evomerge resume" in last
+    archive = tmp_path / "full" / "archive.jsonl"
+    assert [json.loads(line)["id"] for line in archive.read_text().splitlines()] == list(range(cut))
+    done = cli("resume", str(tmp_path / "full"), cache=pico_cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert comparable(tmp_path / "full") == comparable(reference_run[0])
 
 
 @pytest.mark.reliability("fault", "the driver killed (SIGKILL) mid-generation, then `evomerge resume`: the archive equals the uninterrupted run's")

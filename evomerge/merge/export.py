@@ -15,7 +15,7 @@ from typing import Mapping
 
 import torch
 
-from evomerge.errors import UserError
+from evomerge.errors import DiskError, UserError
 from evomerge.merge.engine import Merger
 from evomerge.recipe import Recipe
 
@@ -45,9 +45,12 @@ def export(recipe: Recipe, source: Merger | torch.nn.Module, out_dir: str | Path
     """
     out_dir = check_destination(out_dir, force)
     model, tokenizer = _model_and_tokenizer(recipe, source, tokenizer)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        staging.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+    except OSError as error:
+        raise DiskError.of(out_dir.parent, error, "nothing was written; choose another --out") from None
     try:
         (staging / "recipe.yaml").write_text(recipe.to_yaml())
         mergekit_note = _write_mergekit(recipe, staging / "mergekit.yaml")
@@ -56,6 +59,10 @@ def export(recipe: Recipe, source: Merger | torch.nn.Module, out_dir: str | Path
         card = model_card(recipe, scores, mergekit_note, _name(model.dtype))
         (staging / "model" / "README.md").write_text(card)
         _replace(staging, out_dir)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = "the previous export there is intact" if out_dir.exists() else "nothing was left behind"
+        raise DiskError.of(out_dir, error, f"{kept}; free space or choose another --out") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
