@@ -197,6 +197,10 @@ class RuntimeConfig:
     workers: int = 2
     threads_per_worker: int = 1
     address: str | None = None  # join an existing Ray cluster ("auto" or "host:port"); None: local Ray
+    # A file holding that cluster's Ray token (`ray get-auth-token` on its head), for a head
+    # started with RAY_AUTH_MODE=token: the driver then authenticates with it. A file, never the
+    # token itself: config.yaml is saved in the run folder, which users share.
+    auth_token_file: str | None = None
     device: str = "auto"  # auto: cuda when available (one GPU per worker), else cpu
     dtype: str = "float32"
     delta_dtype: str | None = None  # e.g. bfloat16 to halve the task vectors' memory
@@ -214,6 +218,14 @@ class RuntimeConfig:
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
                 raise UserError(f"runtime.{key}={value!r} is not one of {', '.join(DTYPES)}")
+        if self.auth_token_file is not None:
+            if not self.address:
+                raise UserError(f"runtime.auth_token_file={self.auth_token_file} is for joining a Ray cluster; set "
+                                f"runtime.address too (a local Ray makes its own token)")
+            token = Path(self.auth_token_file).expanduser()
+            if not token.is_file() or not token.read_text().strip():
+                raise UserError(f"runtime.auth_token_file={self.auth_token_file} is not a file holding a token; "
+                                f"write the cluster's token there (`ray get-auth-token` on its head)")
 
     def resolved_device(self) -> str:
         if self.device != "auto":

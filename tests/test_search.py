@@ -289,7 +289,38 @@ def test_a_search_joins_a_ray_cluster_by_address(pico_zoo, pico_cache, tmp_path)
         done = cli(*search_args(tmp_path, "cluster", f"runtime.address=127.0.0.1:{port}", "algorithm.generations=1"),
                    cache=pico_cache, env={"RAY_AUTH_MODE": "disabled"})
         assert done.returncode == 0, done.stderr[-3000:]
-        assert len(comparable(tmp_path / "cluster")) == PARENTS + POP
+        assert len(comparable(tmp_path / "cluster")) == PARENTS + POP + VERIFY
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.mark.reliability("safety", "joining a Ray cluster started with token authentication: the right token file joins it, a wrong one or none is a one-line error")
+def test_a_search_joins_a_token_protected_cluster_only_with_its_token(pico_zoo, pico_cache, tmp_path):
+    port = 6392
+    secret, wrong = tmp_path / "token", tmp_path / "wrong-token"
+    secret.write_text("evomerge-test-token-7f3a9c\n")
+    wrong.write_text("not-the-token\n")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secret.read_text().strip()}
+    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
+                   env=env, timeout=120)
+    clean = {"RAY_AUTH_MODE": "", "RAY_AUTH_TOKEN": "", "RAY_AUTH_TOKEN_PATH": ""}  # nothing leaks in from CI
+    try:
+        for token in (wrong, None):
+            started = time.time()
+            extra = [f"runtime.auth_token_file={token}"] if token else []
+            done = cli(*search_args(tmp_path, f"refused-{bool(token)}", f"runtime.address=127.0.0.1:{port}", *extra),
+                       cache=pico_cache, env=clean, timeout=300)
+            assert done.returncode == 2, done.stderr[-3000:]
+            last = done.stderr.strip().splitlines()[-1]
+            assert "cannot join the Ray cluster at runtime.address=127.0.0.1" in last and "auth_token_file" in last
+            assert time.time() - started < 120
+        done = cli(*search_args(tmp_path, "joined", f"runtime.address=127.0.0.1:{port}",
+                                f"runtime.auth_token_file={secret}", "algorithm.generations=1"),
+                   cache=pico_cache, env=clean)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert len(comparable(tmp_path / "joined")) == PARENTS + POP + VERIFY
+        assert "evomerge-test-token" not in (tmp_path / "joined" / "config.yaml").read_text()
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
 
@@ -315,6 +346,7 @@ def _bad(override: str, named: str, what: str):
     _bad("tasks=[zoo_add,zoo_telepathy]", "zoo_telepathy", "`evomerge search` with an unknown lm-eval task"),
     _bad("models.base=/no/such/model", "/no/such/model", "`evomerge search` with a missing model path"),
     _bad("+colour=red", "colour", "`evomerge search` with an unknown config key"),
+    _bad("runtime.auth_token_file=/no/token", "/no/token", "`evomerge search` with a Ray token file that does not exist"),
 ])
 def test_bad_search_input_fails_fast_in_one_line(override, named, pico_zoo, pico_cache, tmp_path):
     started = time.time()

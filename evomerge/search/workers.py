@@ -15,6 +15,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Mapping, Sequence, TypeVar
 
 from evomerge.config import FitnessConfig, RuntimeConfig
@@ -162,12 +163,15 @@ class WorkerPool:
         if not ray.is_initialized():
             if runtime.address:
                 _check_reachable(runtime.address)
+                if runtime.auth_token_file:
+                    _use_token_file(runtime.auth_token_file)
                 try:
                     ray.init(address=runtime.address, log_to_driver=False)
-                except (ConnectionError, RuntimeError) as error:
+                except (ConnectionError, RuntimeError, ray.exceptions.RaySystemError) as error:
                     raise UserError(f"cannot join the Ray cluster at runtime.address={runtime.address}: "
-                                    f"{str(error).strip().splitlines()[-1]}; is `ray start --head` running "
-                                    f"there (with the same RAY_AUTH_MODE / token)?") from None
+                                    f"{_last_line(error)}; is `ray start --head` running there, and if it was "
+                                    f"started with RAY_AUTH_MODE=token, does runtime.auth_token_file (or "
+                                    f"RAY_AUTH_TOKEN) hold its token?") from None
             else:  # "local": a fresh instance, never a stray cluster this machine happens to run
                 ray.init(address="local", num_cpus=max(os.cpu_count() or 1, runtime.workers * runtime.threads_per_worker),
                          include_dashboard=False, log_to_driver=False)
@@ -235,6 +239,20 @@ class WorkerPool:
         for actor, _ in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def _use_token_file(path: str) -> None:
+    """Authenticate this driver to a token-protected cluster the way Ray reads it: token mode,
+    the token from a file. The file is authoritative: a RAY_AUTH_TOKEN left in the environment
+    would take precedence in Ray, so it goes."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(path).expanduser().resolve())
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _check_reachable(address: str) -> None:
