@@ -89,7 +89,7 @@ def test_a_run_folders_config_without_newer_keys_reads_with_the_defaults():
 @pytest.mark.parametrize("overrides, message", [
     (["colour=red"], "unknown config key 'colour'; valid: algorithm, fitness, include_path, models"),
     (["+colour=red"], "unknown config key 'colour'"),
-    (["runtime.gpus=1"], "unknown runtime setting 'gpus'; valid: address, delta_dtype, device"),
+    (["runtime.gpus=1"], "unknown runtime setting 'gpus'; valid: address, auth_token_file, delta_dtype, device"),
     (["+models.token=x"], "unknown models setting 'token'; valid: allow_pickle, base, experts"),
     (["+zoo.finetune.momentum=0.9"], "unknown zoo.finetune setting 'momentum'; valid: batch_size"),
     (["runtime.workers=many"], "runtime.workers='many' must be an integer >= 1"),
