@@ -155,16 +155,16 @@ class WorkerPool:
     """A fixed number of ``MergeWorker`` actors on local Ray or a cluster joined by address."""
 
     def __init__(self, spec: WorkerSpec, log: Callable[[str], None] = print) -> None:
+        runtime = spec.runtime
+        if runtime.address and runtime.auth_token_file:
+            _use_token_file(runtime.auth_token_file)  # before ray is imported: it reads them then
         import ray
 
         self.spec = spec
         self.log = log
-        runtime = spec.runtime
         if not ray.is_initialized():
             if runtime.address:
                 _check_reachable(runtime.address)
-                if runtime.auth_token_file:
-                    _use_token_file(runtime.auth_token_file)
                 try:
                     ray.init(address=runtime.address, log_to_driver=False)
                 except (ConnectionError, RuntimeError, ray.exceptions.RaySystemError) as error:
@@ -243,8 +243,15 @@ class WorkerPool:
 
 def _use_token_file(path: str) -> None:
     """Authenticate this driver to a token-protected cluster the way Ray reads it: token mode,
-    the token from a file. The file is authoritative: a RAY_AUTH_TOKEN left in the environment
-    would take precedence in Ray, so it goes."""
+    the token from a file, in the environment Ray reads when it is first imported (set later,
+    they are ignored). The file is authoritative: a RAY_AUTH_TOKEN left in the environment would
+    take precedence in Ray, so it goes."""
+    import sys
+
+    if "ray" in sys.modules and os.environ.get("RAY_AUTH_TOKEN_PATH") != str(Path(path).expanduser().resolve()):
+        raise UserError(f"runtime.auth_token_file={path} must be in place before Ray is imported, and this "
+                        f"process imported it already; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH={path} "
+                        f"in the environment instead")
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(path).expanduser().resolve())
     os.environ.pop("RAY_AUTH_TOKEN", None)
