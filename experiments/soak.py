@@ -9,6 +9,8 @@ retries, wall time against the undisturbed run's.
 
     python experiments/soak.py                                    # pico zoo, ~500 candidates
     python experiments/soak.py --pop 6 --generations 3 --driver-kills 1 --kill-every 4   # quick
+    python experiments/soak.py --zoo smollm2 --algorithm cmaes --pop 12 --generations 16 --kill-every 25 \
+        fitness=random "space.methods=[task_arithmetic]"       # the zoo, ~200 candidates
 
 The faulty driver is this script in ``--drive`` mode, with the hooks described on its command
 line (no pickle); its Ray workers import this module, so the experiments folder goes on their
@@ -87,6 +89,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--kill-every", type=int, default=7, help="each worker dies on its Nth candidate")
     parser.add_argument("--driver-kills", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="more hydra overrides for both runs, e.g. fitness=random")
     parser.add_argument("--drive", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
@@ -98,7 +101,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         common = [f"zoo={args.zoo}", f"runs_dir={tmp}", f"algorithm={args.algorithm}", f"algorithm.pop_size={args.pop}",
                   f"algorithm.generations={args.generations}", f"runtime.workers={args.workers}",
-                  "runtime.max_retries=3"]
+                  "runtime.max_retries=3", *args.overrides]
 
         def driver(every: int, *command: str, log: Path) -> subprocess.Popen:
             with open(log, "a") as out:
