@@ -9,8 +9,8 @@ retries, wall time against the undisturbed run's.
 
     python experiments/soak.py                                    # pico zoo, ~500 candidates
     python experiments/soak.py --pop 6 --generations 3 --driver-kills 1 --kill-every 4   # quick
-    python experiments/soak.py --zoo smollm2 --algorithm cmaes --pop 12 --generations 16 --kill-every 25 \
-        fitness=random "space.methods=[task_arithmetic]"       # the zoo, ~200 candidates
+    python experiments/soak.py --zoo smollm2 --algorithm cmaes --pop 12 --generations 17 --kill-every 10 \
+        fitness=random "space.methods=[task_arithmetic]"       # the zoo, 204 candidates
 
 The faulty driver is this script in ``--drive`` mode, with the hooks described on its command
 line (no pickle); its Ray workers import this module, so the experiments folder goes on their

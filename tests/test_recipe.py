@@ -512,7 +512,7 @@ def test_recipes_survive_pickling_as_ray_ships_them():
     and its parameters read as the original's."""
     import pickle
 
-    import cloudpickle
+    from ray import cloudpickle  # the copy Ray ships its tasks with
 
     recipe = layerwise()
     for module in (pickle, cloudpickle):

@@ -9,7 +9,7 @@ its end, without a single test branch in the search itself.
 The object travels to every worker inside the ``WorkerSpec`` (pickled by Ray), so each worker
 holds its own copy: state a subclass keeps (e.g. a call counter) is per worker. A subclass must
 be importable by name in the worker processes (a module on their ``PYTHONPATH``), or registered
-with ``cloudpickle.register_pickle_by_value``.
+with ``ray.cloudpickle.register_pickle_by_value``.
 
 A worker hook that raises costs that candidate (recorded with the error), not the run.
 """
