@@ -9,7 +9,6 @@ class UserError(Exception):
     """Bad input: a path, a name, a value. Raised before any expensive work starts."""
 
 
-
 class DiskError(UserError):
     """A write the machine refused (disk full, read-only or vanished folder, quota): not a bug,
     and not bad input either, but something the user fixes, so it takes the same one-line path."""

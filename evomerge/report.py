@@ -56,7 +56,8 @@ def pick(run: RunDir, spec: str) -> ArchiveEntry:
     if not objs:
         raise UserError(f"{run.root} has no finished generation yet, so no front to pick "
                         f"{spec!r} from; pick an archive id or wait for the first generation")
-    members = front(run)
+    entries = run.archive()
+    members = fronts.front(entries, objs)
     if spec == "knee":
         return fronts.knee(members, objs)
     if spec.startswith("best:"):
@@ -65,7 +66,7 @@ def pick(run: RunDir, spec: str) -> ArchiveEntry:
         if name == "mean" and fronts.averageable(objs) and members:
             # The tasks' mean (or the mean objective): what a single-objective search was told to
             # maximize; the best verified candidate where the search verified any.
-            return fronts.pick_mean(run.archive(), objs)
+            return fronts.pick_mean(entries, objs)
         if name not in by_name:
             raise UserError(f"unknown objective {name!r} in --pick {spec}; objectives of this run: "
                             f"{', '.join(by_name)}")
