@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar
@@ -38,6 +39,9 @@ class ModelsConfig:
     experts: Any = None  # a list of references, or a mapping name: reference
     allow_pickle: bool = False  # refuse pytorch_model.bin (pickle can run code); safetensors only
     trust_remote_code: bool = False
+
+
+SPACE_KINDS = ("params", "dataflow")
 
 
 @dataclass
@@ -63,6 +67,16 @@ class SpaceConfig:
     # user gave, and a search starts from the best of them.
     parents: bool = True
     uniform: list[float] = field(default_factory=lambda: [0.3, 0.5, 1.0])
+    # params: evolve merge coefficients (everything above). dataflow: evolve the path a token
+    # takes through the models' blocks instead (Sakana's data-flow space; evomerge.path_space),
+    # with the keys below; the parameter keys are then unused.
+    kind: str = "params"
+    slices: int = 3  # slices of consecutive blocks per path, each from one source model
+    overlap: int = 6  # most blocks a boundary between two slices repeats (or skips)
+    scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # a slice's entry scale range
+    # PS+DFS: a parameter-space merge as one more source of the path: an evomerge recipe file,
+    # or an export folder holding recipe.yaml (from `evomerge export`).
+    merge: Optional[str] = None
 
     def __post_init__(self) -> None:
         from evomerge.merge.registry import METHODS, known_params
@@ -98,6 +112,18 @@ class SpaceConfig:
         for weight in self.uniform:
             if known_params("expert")["weight"].range.complaint(weight):
                 raise UserError(f"space.uniform weight {weight!r} is not a finite number")
+        if self.kind not in SPACE_KINDS:
+            raise UserError(f"space.kind={self.kind!r} is not one of {', '.join(SPACE_KINDS)}")
+        if not isinstance(self.slices, int) or isinstance(self.slices, bool) or self.slices < 1:
+            raise UserError(f"space.slices={self.slices!r} must be an integer >= 1")
+        if not isinstance(self.overlap, int) or isinstance(self.overlap, bool) or self.overlap < 0:
+            raise UserError(f"space.overlap={self.overlap!r} must be an integer >= 0 (blocks)")
+        if not isinstance(self.scale, (list, tuple)) or len(self.scale) != 2 or \
+                not all(isinstance(v, (int, float)) and math.isfinite(v) for v in self.scale) or \
+                not 0 < self.scale[0] <= 1 <= self.scale[1]:
+            raise UserError(f"space.scale={self.scale!r} must be [low, high] with 0 < low <= 1 <= high")
+        if self.merge is not None and self.kind != "dataflow":
+            raise UserError(f"space.merge={self.merge} adds a merge to a layer path; it needs space.kind=dataflow")
 
 
 @dataclass

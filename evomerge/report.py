@@ -18,7 +18,7 @@ import numpy as np
 from evomerge import front as fronts
 from evomerge.errors import UserError
 from evomerge.fitness.objectives import Objective, hypervolume
-from evomerge.recipe import Recipe
+from evomerge.layer_path import plan_from_dict
 from evomerge.run import ArchiveEntry, RunDir, atomic_write
 
 _ID = re.compile(r"^\d+$")
@@ -163,7 +163,7 @@ def references(run: RunDir) -> list[dict[str, Any]]:
 
 def _recipe_summary(entry: ArchiveEntry) -> str:
     try:
-        return Recipe.from_dict(entry.recipe).summary()
+        return plan_from_dict(entry.recipe).summary()
     except UserError as error:
         return f"(unreadable recipe: {error})"
 
@@ -369,7 +369,7 @@ def export_pick(run: RunDir, spec: str, out_dir: str | Path | None = None, *,
 
     entry = pick(run, spec)
     out = check_destination(out_dir if out_dir is not None else run.export_dir(pick_label(spec)), force)
-    recipe = Recipe.from_dict(entry.recipe)
+    recipe = plan_from_dict(entry.recipe)
     dtype = getattr(torch, recipe.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise UserError(f"recipe dtype {recipe.dtype!r} is not a torch dtype (e.g. float32, bfloat16)")

@@ -16,12 +16,13 @@ from __future__ import annotations
 import random as _random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 from evomerge.config import SpaceConfig
 from evomerge.errors import UserError
 from evomerge.merge import registry
 from evomerge.merge.registry import Param
+from evomerge.path_space import PathSpace
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 
 Genome = dict[str, Any]
@@ -284,3 +285,16 @@ def _renamed(data: dict[str, Any], rename: Mapping[str, str]) -> dict[str, Any]:
     return {**data, "experts": [rename.get(e, e) for e in data["experts"]], "expert_refs": {},
             "outside": config(data["outside"]),
             "groups": [{**g, "config": config(g["config"])} for g in data["groups"]]}
+
+
+# A genome's space: merge coefficients or layer paths; both decode, encode and name their genes alike.
+Space = Union[SearchSpace, PathSpace]
+
+
+def search_space(config: SpaceConfig, base: str, experts: Sequence[str], num_layers: int,
+                 expert_refs: Mapping[str, str] | None = None) -> Space:
+    """The space ``space.kind`` names: merge coefficients (``params``) or layer paths (``dataflow``)."""
+    refs = dict(expert_refs or {})
+    if config.kind == "dataflow":
+        return PathSpace(config, base, tuple(experts), num_layers, expert_refs=refs)
+    return SearchSpace(config, base, tuple(experts), num_layers, expert_refs=refs)

@@ -17,7 +17,7 @@ import torch
 
 from evomerge.errors import DiskError, UserError
 from evomerge.merge.engine import Merger
-from evomerge.recipe import Recipe
+from evomerge.layer_path import LayerPath, Plan
 
 
 def check_destination(out_dir: str | Path, force: bool) -> Path:
@@ -31,13 +31,14 @@ def check_destination(out_dir: str | Path, force: bool) -> Path:
     return out_dir
 
 
-def export(recipe: Recipe, source: Merger | torch.nn.Module, out_dir: str | Path, *,
+def export(recipe: Plan, source: Merger | torch.nn.Module, out_dir: str | Path, *,
            tokenizer=None, scores: Mapping[str, float] | None = None,
            max_shard_size: str = "2GB", force: bool = False) -> Path:
     """Write ``out_dir/model/`` (safetensors, config, tokenizer, generation config, README model
     card), ``out_dir/recipe.yaml`` and ``out_dir/mergekit.yaml``; returns ``out_dir``.
 
-    ``source`` is a Merger, which materializes ``recipe`` into its working model and supplies its
+    ``source`` is a Merger, which materializes ``recipe`` into its working model (a layer path:
+    into a model of the path's depth, its scales folded into the weights) and supplies its
     pool's tokenizer, or a model already holding the recipe's weights, with ``tokenizer`` given.
     The weights are saved in the model's dtype. mergekit.yaml is left out, with the reason in the
     model card, when mergekit cannot express the recipe. An existing ``out_dir`` is refused
@@ -69,7 +70,11 @@ def export(recipe: Recipe, source: Merger | torch.nn.Module, out_dir: str | Path
     return out_dir
 
 
-def _model_and_tokenizer(recipe: Recipe, source: Merger | torch.nn.Module, tokenizer):
+def _model_and_tokenizer(recipe: Plan, source: Merger | torch.nn.Module, tokenizer):
+    if isinstance(source, Merger) and isinstance(recipe, LayerPath):
+        from evomerge.merge.path_model import PathSources, folded
+
+        return folded(recipe, PathSources(source)), tokenizer or source.tokenizer
     if isinstance(source, Merger):
         return source.materialize(recipe), tokenizer or source.tokenizer
     if tokenizer is None:
@@ -77,7 +82,7 @@ def _model_and_tokenizer(recipe: Recipe, source: Merger | torch.nn.Module, token
     return source, tokenizer
 
 
-def _write_mergekit(recipe: Recipe, path: Path) -> str | None:
+def _write_mergekit(recipe: Plan, path: Path) -> str | None:
     """Write the mergekit config; the reason instead when mergekit cannot express the recipe."""
     try:
         text = recipe.to_mergekit_yaml()
@@ -87,7 +92,7 @@ def _write_mergekit(recipe: Recipe, path: Path) -> str | None:
     return None
 
 
-def model_card(recipe: Recipe, scores: Mapping[str, float] | None, mergekit_note: str | None,
+def model_card(recipe: Plan, scores: Mapping[str, float] | None, mergekit_note: str | None,
                dtype: str) -> str:
     """The README a model hub shows: what was merged how, how it scored, how to redo it."""
     lines = ["---", "library_name: transformers", "tags: [merge, evomerge]", "---", "",

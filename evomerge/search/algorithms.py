@@ -1,4 +1,4 @@
-"""pymoo algorithms by name, set up for a ``SearchSpace`` and driven by ask/tell.
+"""pymoo algorithms by name, set up for a search space and driven by ask/tell.
 
 Evaluation is ours (Ray workers, the archive), so algorithms only ask for genomes and are told
 objective values. A space with a method gene is a pymoo mixed-variable problem: the algorithms
@@ -13,14 +13,14 @@ from typing import Any, Callable
 import numpy as np
 
 from evomerge.config import AlgorithmConfig
-from evomerge.space import SearchSpace
+from evomerge.space import Space
 
 SINGLE = ("ga", "de", "cmaes")
 MULTI = ("nsga2", "nsga3", "smsemoa", "agemoea", "moead")
 ANY = ("random",)  # any number of objectives: the baseline every other algorithm must beat
 
 
-def make_problem(space: SearchSpace, n_obj: int):
+def make_problem(space: Space, n_obj: int):
     from pymoo.core.problem import Problem
 
     if space.mixed:
@@ -45,7 +45,7 @@ def _ref_dirs(n_obj: int, pop_size: int):
     return get_reference_directions("energy", n_obj, pop_size, seed=1)
 
 
-def make_algorithm(config: AlgorithmConfig, space: SearchSpace, n_obj: int,
+def make_algorithm(config: AlgorithmConfig, space: Space, n_obj: int,
                    initial: list[dict[str, Any]] | None = None):
     """The pymoo algorithm ``config.name`` for ``space``.
 
@@ -84,7 +84,7 @@ def setup(algorithm, problem, generations: int, seed: int) -> None:
         algorithm.options["seed"] = seed + 1
 
 
-def _seeded_population(space: SearchSpace, initial: list[dict[str, Any]], size: int):
+def _seeded_population(space: Space, initial: list[dict[str, Any]], size: int):
     import random
 
     from pymoo.core.population import Population
@@ -97,7 +97,7 @@ def _seeded_population(space: SearchSpace, initial: list[dict[str, Any]], size: 
     return Population.new("X", np.array([space.vector(g) for g in genomes]))
 
 
-def _ga(config: AlgorithmConfig, space: SearchSpace, mixed: dict[str, Any]):
+def _ga(config: AlgorithmConfig, space: Space, mixed: dict[str, Any]):
     # ``mixed`` may hold only the seeded sampling of a real-valued space: the space decides.
     if space.mixed:
         from pymoo.core.mixed import MixedVariableGA
@@ -108,7 +108,7 @@ def _ga(config: AlgorithmConfig, space: SearchSpace, mixed: dict[str, Any]):
     return GA(pop_size=config.pop_size, eliminate_duplicates=True, **mixed)
 
 
-def _random_search(config: AlgorithmConfig, space: SearchSpace, mixed: dict[str, Any]):
+def _random_search(config: AlgorithmConfig, space: Space, mixed: dict[str, Any]):
     """Random search: every generation asks ``pop_size`` fresh genomes drawn uniformly from the
     space (pymoo's sampling, so the run's seed decides them); the first generation opens with the
     initial genomes, as the other algorithms' do. It learns nothing from what it is told."""

@@ -36,13 +36,13 @@ from typing import Any, Callable
 from evomerge import front as fronts
 from evomerge.errors import UserError
 from evomerge.fitness.objectives import Objective, hypervolume, minimized_matrix
-from evomerge.recipe import Recipe
+from evomerge.layer_path import Plan, plan_from_dict
 from evomerge.run import ArchiveEntry, RunDir
 from evomerge.search.algorithms import SINGLE, make_algorithm, make_problem, setup
 from evomerge.search.hooks import SearchHooks
 from evomerge.search.settings import Settings, changed_keys, read_settings, search_fingerprint
 from evomerge.search.workers import EvalRequest, EvalResult, WorkerPool, worst_objectives
-from evomerge.space import SearchSpace
+from evomerge.space import search_space
 
 Log = Callable[[str], None]
 RUN_STATE = "run.json"
@@ -103,8 +103,8 @@ class Search:
         self.settings = settings
         self.log = log
         self.hooks = hooks or SearchHooks()
-        self.space = SearchSpace(settings.space, settings.base, tuple(settings.experts), settings.num_layers,
-                                 expert_refs=dict(settings.experts))
+        self.space = search_space(settings.space, settings.base, tuple(settings.experts), settings.num_layers,
+                                  expert_refs=dict(settings.experts))
         # A driver-side evaluator validates the tasks and names the objectives before workers start.
         self.evaluator = Evaluator(settings.fitness, settings.tasks, _tokenizer(settings.base),
                                    include_path=settings.include_path)
@@ -189,7 +189,7 @@ class Search:
         genomes = []
         for entry in parents:
             try:
-                genomes.append(self.space.encode(Recipe.from_dict(entry.recipe)))
+                genomes.append(self.space.encode(plan_from_dict(entry.recipe)))
             except UserError:
                 continue
         return genomes
@@ -203,7 +203,7 @@ class Search:
     def _known(self, fidelity: str) -> dict[str, ArchiveEntry]:
         return self.verified if fidelity == "full" else self.by_hash
 
-    def _evaluate(self, recipes: list[Recipe], vectors: list[list[float]], generation: int,
+    def _evaluate(self, recipes: list[Plan], vectors: list[list[float]], generation: int,
                   first_id: int, fidelity: str = "estimate") -> list[ArchiveEntry]:
         """Archive entries for ``recipes`` with ids from ``first_id``, at ``fidelity`` (the
         estimator's items, or every validation item scored alike): replayed when archived
@@ -241,7 +241,7 @@ class Search:
                 fidelity=fidelity))
         return [entries[first_id + i] for i in range(len(recipes))]
 
-    def _replayed(self, entry_id: int, recipe: Recipe) -> ArchiveEntry:
+    def _replayed(self, entry_id: int, recipe: Plan) -> ArchiveEntry:
         """The archived entry ``entry_id``, which must hold the recipe asked for at that point:
         an algorithm that does not ask again what it asked before would be told other
         candidates' results, silently; a clear refusal is better."""
@@ -259,7 +259,7 @@ class Search:
         if not share:
             return []
         chosen = self._unverified(entries, first_id)[:math.ceil(share * len(entries))]
-        return self._evaluate([Recipe.from_dict(e.recipe) for e in chosen], [e.genome for e in chosen],
+        return self._evaluate([plan_from_dict(e.recipe) for e in chosen], [e.genome for e in chosen],
                               generation, first_id, "full")
 
     def _verified(self, recipe_hash: str, before: int) -> ArchiveEntry | None:
@@ -288,7 +288,7 @@ class Search:
             return
         seen = [e for e in self.by_id.values() if e.id < next_id]
         chosen = self._unverified(seen, next_id)[:count]
-        entries = self._evaluate([Recipe.from_dict(e.recipe) for e in chosen], [e.genome for e in chosen],
+        entries = self._evaluate([plan_from_dict(e.recipe) for e in chosen], [e.genome for e in chosen],
                                  generation, next_id, "full")
         if not entries:
             return
@@ -311,7 +311,7 @@ class Search:
         recipes = list(self.space.parent_recipes().values())
         return self._evaluate(recipes, [[] for _ in recipes], -1, 0)
 
-    def _entry(self, entry_id: int, generation: int, vector: list[float], recipe: Recipe,
+    def _entry(self, entry_id: int, generation: int, vector: list[float], recipe: Plan,
                result: EvalResult, fidelity: str) -> ArchiveEntry:
         if result.evaluation is not None:
             objectives, scores = result.evaluation.objectives, result.evaluation.scores
@@ -355,7 +355,7 @@ class Search:
                         "seconds": results[n].seconds} for n in recipes]})
         self.pool.load_state(state)
 
-    def _probe_recipes(self) -> dict[str, Recipe]:
+    def _probe_recipes(self) -> dict[str, Plan]:
         """Base, experts and a few random candidates: answers that differ, for the fit."""
         parents = self.space.parent_recipes()
         recipes = {name: parents[name] for name in ["base", *(f"expert:{e}" for e in self.space.experts)]}
@@ -424,7 +424,7 @@ class Search:
         if todo:
             self.log(f"test split: scoring {len(todo)} pick(s) (the knee, the best per objective, best:mean)")
         results: dict[int, EvalResult] = {}
-        self.pool.run({e.id: EvalRequest(Recipe.from_dict(e.recipe), split="test", full=True) for e in todo},
+        self.pool.run({e.id: EvalRequest(plan_from_dict(e.recipe), split="test", full=True) for e in todo},
                       results.__setitem__)
         tests = dict(known)
         tests.update({k: r.evaluation.scores for k, r in results.items() if r.evaluation is not None})

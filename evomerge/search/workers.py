@@ -24,7 +24,7 @@ from evomerge.search.hooks import SearchHooks
 
 if TYPE_CHECKING:
     from evomerge.fitness import Evaluation
-    from evomerge.recipe import Recipe
+    from evomerge.layer_path import Plan
 
 
 @dataclass
@@ -51,7 +51,7 @@ class EvalRequest:
     where the fitness config says so), so a promoted candidate's full-split value measures
     exactly what its estimate estimated, at a fraction of decoding's cost."""
 
-    recipe: Recipe
+    recipe: Plan
     split: str = "validation"
     full: bool = False
     like_estimates: bool = False
@@ -106,10 +106,29 @@ class MergeWorker:
         if spec.estimator_state is not None:
             self.evaluator.load_state(spec.estimator_state)
         self.hooks = spec.hooks
+        self._sources = None  # a data-flow search's source models, materialized on first use
         # Time inside the model's forward passes, so benchmarks can tell evaluation from overhead.
         self.forward_seconds = 0.0
-        self.merger.model.register_forward_pre_hook(self._forward_starts)
-        self.merger.model.register_forward_hook(self._forward_ends)
+        self._timed(self.merger.model)
+
+    def _timed(self, model) -> None:
+        model.register_forward_pre_hook(self._forward_starts)
+        model.register_forward_hook(self._forward_ends)
+
+    def _model_for(self, plan: Plan):
+        """The model a candidate is scored with: the working model with the recipe merged in
+        place, or a layer path's model over the resident source models (no weight copied)."""
+        from evomerge.layer_path import LayerPath
+
+        if not isinstance(plan, LayerPath):
+            return self.merger.materialize(plan)
+        from evomerge.merge.path_model import PathSources, path_model
+
+        if self._sources is None:
+            self._sources = PathSources(self.merger)
+        model = path_model(plan, self._sources)
+        self._timed(model)
+        return model
 
     def _forward_starts(self, module, args) -> None:
         self._forward_started = time.perf_counter()
@@ -129,7 +148,7 @@ class MergeWorker:
         forward_before = self.forward_seconds
         try:
             self.hooks.candidate_starts(self.name, request)
-            model = self.merger.materialize(request.recipe)
+            model = self._model_for(request.recipe)
             self.hooks.materialized(self.name, request, model)
             # A sum is NaN or inf when any element is: one read per tensor, no mask allocated.
             bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p.sum())), None)

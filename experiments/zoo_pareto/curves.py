@@ -44,7 +44,7 @@ BUDGETS = (25, 50, 100, 150, 200, 300)
 MATCH_CHECKS = 2  # candidates per run checked on full validation for "matches the grid"
 # `evomerge search` ends by verifying its best estimates (fitness.verify); the runs here are made
 # without it (common_overrides), and its cost is paid out of the budget where the pick is read.
-VERIFYING = ("default-tsv",)
+VERIFYING = ("default-tsv", "dfs", "psdfs100", "psdfs150")
 # A verification's cost in estimator-equivalents: default-tsv-race-s0's 24 promotions (every
 # validation item, teacher-forced, TSV-M) took 5.23x its mean estimate's worker seconds.
 VERIFY_COST = 5.2
@@ -158,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         scorer.close()
 
+    if any(name.startswith("psdfs") for name in chosen):
+        zp.write_ps_picks(runs)
     curves: list[Curve] = []
     for name in chosen:
         for seed in range(seeds):
@@ -205,12 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def member(e, verified: bool = False) -> dict:
         """A verified pick's search value is its full validation score: what the search reports."""
-        from evomerge.recipe import Recipe
+        from evomerge.layer_path import plan_from_dict
 
         val = scorer.get(e.recipe_hash, "validation")
         return {"id": e.id, "recipe_hash": e.recipe_hash, "fidelity": "verified" if verified else e.fidelity,
                 "search_value": dict(val) if verified else {t: e.scores[t] for t in skills},
-                "summary": Recipe.from_dict(e.recipe).summary(),
+                "summary": plan_from_dict(e.recipe).summary(),
                 "val": val, "test": scorer.get(e.recipe_hash, "test")}
 
     out_rows = []

@@ -111,8 +111,18 @@ SEARCHERS: dict[str, tuple[str, list[str], int | None]] = {
     "cmaes-tsv": ("CMA-ES from uniform TSV-M 1.0, one global weight per expert, mean accuracy",
                   ["space=global", "algorithm=cmaes", "fitness.objectives=[mean]", "fitness.multi_fidelity=0",
                    "space.methods=[tsv_m]", "space.initial=[{method:tsv_m,weight:1.0}]"], 1),
+    # Data-flow space (issue 21): `evomerge search space=dataflow`, the default search over layer
+    # paths of the base's and experts' blocks; PS+DFS adds the default search's pick at budget B
+    # of the same seed (``ps_picks``) as one more source, so its total budget is B + its own.
+    "dfs": ("`evomerge search space=dataflow`: CMA-ES from the best parent over 3-slice layer paths "
+            "of the base's and the experts' blocks", ["space=dataflow", "space.parents=true",
+                                                       "fitness.multi_fidelity=0"], 1),
+    **{f"psdfs{b}": (f"PS+DFS: `space=dataflow` with the default search's pick at budget {b} (same seed) as one "
+                     f"more source", ["space=dataflow", "space.parents=true", "fitness.multi_fidelity=0",
+                                      f"space.merge={{picks}}/default-tsv-b{b}-s{{seed}}.yaml"], 1)
+       for b in (100, 150)},
 }
-OWN_LENGTH = ("default", "default-global", "default-norace", "default-tsv", "default-tsv-race")  # as long as `evomerge search` runs
+OWN_LENGTH = ("default", "default-global", "default-norace", "default-tsv", "default-tsv-race", "dfs")  # as long as `evomerge search` runs
 EVOMERGE = ("ga", "nsga2")  # the searchers the targets speak of
 PROBE_MERGES = 4
 GRIDS = {  # full: what the table uses; quick: enough to see it run
@@ -214,7 +224,7 @@ class Scorer:
         todo = {h: r for h, r in recipes.items() if items or split not in self.cache.get(h, {})}
         out: dict[str, Any] = {}
         if todo:
-            from evomerge.recipe import Recipe
+            from evomerge.layer_path import plan_from_dict
             from evomerge.search.workers import EvalRequest, EvalResult
 
             self.log(f"scoring {len(todo)} recipe(s) on the full {split} split")
@@ -231,7 +241,7 @@ class Scorer:
                 entry[f"{split}_seconds"] = result.seconds
                 write_json(self.path, self.cache)  # a crash loses at most the evaluations running
 
-            self._pool(split).run({h: EvalRequest(Recipe.from_dict(r), split=split, full=True)
+            self._pool(split).run({h: EvalRequest(plan_from_dict(r), split=split, full=True)
                                    for h, r in todo.items()}, done)
         if items:
             return out
@@ -379,17 +389,44 @@ def search_config(name: str, seed: int, common: list[str], budget: int, pop: int
                   own_length: bool = True, experts: int = 0) -> dict:
     from evomerge.config import compose
 
-    overrides = common + SEARCHERS[name][1] + [f"runs_dir={runs}", f"name={name}-s{seed}", f"seed={seed}"]
+    own = [o.format(seed=seed, picks=ps_picks(runs)) for o in SEARCHERS[name][1]]
+    overrides = common + own + [f"runs_dir={runs}", f"name={name}-s{seed}", f"seed={seed}"]
     config = compose(overrides)
     if not (own_length and name in OWN_LENGTH):
         return compose(overrides + [f"algorithm.generations={generations(name, budget, pop)}"])
     # A searcher with its own length runs it, or longer where the budget asks for more; its
-    # parents (base, experts, uniform merges) count in its budget.
-    parents = 1 + experts + len(config["space"]["uniform"]) if config["space"]["parents"] else 0
+    # parents (base, experts, uniform merges; a path's sources) count in its budget.
+    space = config["space"]
+    extra = (1 if space.get("merge") else 0) if space.get("kind") == "dataflow" else len(space["uniform"])
+    parents = 1 + experts + extra if space["parents"] else 0
     needed = math.ceil(max(0, budget - parents) / pop)
     if config["algorithm"]["generations"] < needed:
         config = compose(overrides + [f"algorithm.generations={needed}"])
     return config
+
+
+def ps_picks(runs: Path) -> Path:
+    """Where PS+DFS searchers find their PS merge: ``default-tsv-b<B>-s<seed>.yaml`` beside the
+    budget folders, written by :func:`write_ps_picks`."""
+    return runs.parent / "ps-picks"
+
+
+def write_ps_picks(runs: Path, curves: Path = HERE / "curves-300.json") -> None:
+    """The default search's pick per seed at each budget of the learning curves (curves.py's
+    rule, recorded in ``curves``) as recipe files, the PS source of the PS+DFS searchers."""
+    from evomerge.recipe import Recipe
+    from evomerge.run import RunDir
+
+    out = ps_picks(runs)
+    for row in read_json(curves, {}).get("rows", []):
+        if row["searcher"] != "default-tsv":
+            continue
+        by_hash = {e.recipe_hash: e.recipe for e in RunDir(Path(row["folder"])).archive()}
+        for point in row["points"]:
+            file = out / f"default-tsv-b{point['budget']}-s{row['seed']}.yaml"
+            if not file.exists():
+                out.mkdir(parents=True, exist_ok=True)
+                file.write_text(Recipe.from_dict(by_hash[point["pick"]["recipe_hash"]]).to_yaml())
 
 
 @dataclasses.dataclass
@@ -502,10 +539,10 @@ class RunResult:
         return {e.recipe_hash: e.recipe for e in self.members}
 
     def row(self, scorer: Scorer, seconds: float) -> dict:
-        from evomerge.recipe import Recipe
+        from evomerge.layer_path import plan_from_dict
 
         def member(e) -> dict:
-            return {"id": e.id, "recipe_hash": e.recipe_hash, "summary": Recipe.from_dict(e.recipe).summary(),
+            return {"id": e.id, "recipe_hash": e.recipe_hash, "summary": plan_from_dict(e.recipe).summary(),
                     "estimated_val": {t: e.scores[t] for t in self.skills},
                     "val": scorer.get(e.recipe_hash, "validation"), "test": scorer.get(e.recipe_hash, "test")}
 

@@ -1,0 +1,239 @@
+"""A layer path: which decoder blocks, of which models, in which order a token passes through.
+
+The data-flow counterpart of a :class:`~evomerge.recipe.Recipe` (Sakana's evolutionary model
+merge, "data-flow space"): no weights are combined; the candidate is a sequence of slices, each
+a run of consecutive blocks of one *source* model, entered with the hidden state scaled by the
+slice's ``scale``. Sources are the base, the experts, and optionally one parameter-space merge
+(``merge``: a recipe, the PS half of PS+DFS). The embeddings, the final norm and the LM head come
+from the ``outside`` source.
+
+Like a recipe it is plain data (no torch) that crosses every boundary: the archive keys it by
+hash, workers receive it, users export it. Slices are stored, not single steps, because that is
+how the search spells a path and how mergekit's ``passthrough`` slices express one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Mapping, Union
+
+from evomerge.errors import UserError
+from evomerge.recipe import Recipe, _canonical_json, _dump_yaml, _load_yaml, _mapping, _short
+
+KIND = "path"  # the ``kind`` key of a path's dict; recipes have none
+BASE = "base"
+MERGE = "merge"  # the source name of the parameter-space merge in PS+DFS
+# The block tensors whose outputs are added to the residual stream (Llama-style names). Scaling
+# the hidden state entering a block by s equals, in a pre-norm transformer and up to the norms'
+# epsilon, scaling these writes of that block and every later one by 1/s: how an exported path
+# folds its scales into ordinary weights (and into mergekit's ``scale``).
+RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Blocks ``start`` .. ``end - 1`` of ``source``, the hidden state scaled by ``scale`` on entry."""
+
+    source: str
+    start: int
+    end: int
+    scale: float = 1.0
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "start": self.start, "end": self.end, "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Slice:
+        _mapping(data, where, required=("source", "start", "end"), optional=("scale",))
+        return cls(data["source"], data["start"], data["end"], data.get("scale", 1.0))
+
+
+@dataclass(frozen=True)
+class LayerPath:
+    base: str
+    experts: tuple[str, ...]
+    num_layers: int  # blocks per source model
+    slices: tuple[Slice, ...]
+    outside: str = BASE  # source of the embeddings, final norm and LM head
+    merge: Recipe | None = None  # the PS merge, source ``merge``
+    dtype: str = "float32"
+    expert_refs: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, str) or not self.base:
+            raise UserError(f"path base must be a non-empty string, got {_short(self.base)}")
+        experts = tuple(self.experts) if isinstance(self.experts, (list, tuple)) else ()
+        if not experts or not all(isinstance(e, str) and e for e in experts) or len(set(experts)) != len(experts):
+            raise UserError(f"path experts must be a non-empty list of distinct names, got {_short(self.experts)}")
+        if BASE in experts or MERGE in experts:
+            raise UserError(f"an expert may not be named {BASE!r} or {MERGE!r}: a path names its sources so")
+        object.__setattr__(self, "experts", experts)
+        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
+            raise UserError(f"path num_layers must be a positive integer, got {_short(self.num_layers)}")
+        if self.merge is not None and not isinstance(self.merge, Recipe):
+            raise UserError(f"path merge must be a recipe, got {_short(self.merge)}")
+        sources = self.sources
+        if self.outside not in sources:
+            raise UserError(f"path outside source {self.outside!r} is not one of {', '.join(sources)}")
+        for i, piece in enumerate(self.slices):
+            if not isinstance(piece, Slice):
+                raise UserError(f"path slices[{i}] must be a Slice, got {_short(piece)}")
+            if piece.source not in sources:
+                raise UserError(f"path slices[{i}] source {piece.source!r} is not one of {', '.join(sources)}")
+            for key in ("start", "end"):
+                value = getattr(piece, key)
+                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self.num_layers:
+                    raise UserError(f"path slices[{i}].{key}={_short(value)} must be an integer in "
+                                    f"0..{self.num_layers}")
+            if not isinstance(piece.scale, (int, float)) or not math.isfinite(piece.scale) or piece.scale <= 0:
+                raise UserError(f"path slices[{i}].scale={_short(piece.scale)} must be a finite number > 0")
+        object.__setattr__(self, "slices", _canonical(self.slices))
+        if not self.slices:
+            raise UserError("a path needs at least one non-empty slice (start < end)")
+        refs = self.expert_refs
+        if not isinstance(refs, Mapping) or any(k not in experts for k in refs):
+            raise UserError(f"path expert_refs must map expert names to model paths, got {_short(refs)}")
+        object.__setattr__(self, "expert_refs", {k: v for k, v in refs.items() if k != v})
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The models a slice may take blocks from, in the order the search space numbers them."""
+        return (BASE, *self.experts) + ((MERGE,) if self.merge is not None else ())
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.slices)
+
+    def steps(self) -> list[tuple[str, int, float]]:
+        """Each step of the path: (source, block, cumulative scale of the hidden state there)."""
+        out, total = [], 1.0
+        for piece in self.slices:
+            total *= piece.scale
+            out += [(piece.source, layer, total) for layer in range(piece.start, piece.end)]
+        return out
+
+    @classmethod
+    def whole(cls, source: str, base: str, experts: tuple[str, ...], num_layers: int, *,
+              merge: Recipe | None = None, expert_refs: Mapping[str, str] | None = None) -> LayerPath:
+        """One source model, every block in order: that model itself, spelled as a path."""
+        return cls(base, experts, num_layers, (Slice(source, 0, num_layers),), source, merge,
+                   expert_refs=dict(expert_refs or {}))
+
+    # --- evomerge's own format -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": KIND, "base": self.base, "experts": list(self.experts),
+                "expert_refs": dict(self.expert_refs), "num_layers": self.num_layers, "dtype": self.dtype,
+                "outside": self.outside, "slices": [s.to_dict() for s in self.slices],
+                "merge": self.merge.to_dict() if self.merge is not None else None}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LayerPath:
+        _mapping(data, "path", required=("kind", "base", "experts", "num_layers", "slices"),
+                 optional=("outside", "merge", "dtype", "expert_refs"))
+        if not isinstance(data["slices"], list):
+            raise UserError(f"path slices must be a list, got {_short(data['slices'])}")
+        merge = data.get("merge")
+        return cls(data["base"], data["experts"], data["num_layers"],
+                   tuple(Slice.from_dict(s, f"slices[{i}]") for i, s in enumerate(data["slices"])),
+                   data.get("outside", BASE), Recipe.from_dict(merge) if merge is not None else None,
+                   data.get("dtype", "float32"), _mapping(data.get("expert_refs") or {}, "expert_refs"))
+
+    def to_yaml(self) -> str:
+        return _dump_yaml(self.to_dict())
+
+    @cached_property
+    def hash(self) -> str:
+        """Identity of the path (where the models live left out), as for a recipe."""
+        content = {k: v for k, v in self.to_dict().items() if k not in ("base", "expert_refs")}
+        if self.merge is not None:
+            content["merge"] = self.merge.hash
+        return hashlib.sha256(_canonical_json(content).encode()).hexdigest()[:16]
+
+    def __hash__(self) -> int:
+        return hash(self.hash)
+
+    def summary(self) -> str:
+        """One line for tables: each slice as source[first-last], its entry scale where not 1."""
+        parts = [f"{s.source}[{s.start}-{s.end - 1}]" + (f"×{s.scale:.2f}" if s.scale != 1 else "")
+                 for s in self.slices]
+        return f"path of {self.length} blocks: " + " → ".join(parts) + f" · outside: {self.outside}"
+
+    # --- mergekit --------------------------------------------------------------------------------
+    def to_mergekit(self) -> dict[str, Any]:
+        """A mergekit ``passthrough`` config stacking the same slices, each slice's scales folded
+        into its residual writes (``scale`` filtered on o_proj and down_proj). mergekit takes the
+        embeddings from the first slice's model and the final norm and head from the last one's,
+        so a path whose outside source differs cannot be expressed; nor can a path through the PS
+        merge, which is no model on disk."""
+        if MERGE in {s.source for s in self.slices} | {self.outside}:
+            raise UserError("the path runs through the parameter-space merge, which mergekit would have to "
+                            "build first: export that recipe, then stack its folder")
+        if self.slices[0].source != self.outside or self.slices[-1].source != self.outside:
+            raise UserError(f"mergekit takes the embeddings from the first slice's model "
+                            f"({self.slices[0].source}) and the head from the last one's ({self.slices[-1].source}); "
+                            f"this path takes both from {self.outside}")
+        refs = {BASE: self.base, **{e: self.expert_refs.get(e, e) for e in self.experts}}
+        out, total = [], 1.0
+        for piece in self.slices:
+            total *= piece.scale
+            source: dict[str, Any] = {"model": refs[piece.source], "layer_range": [piece.start, piece.end]}
+            if total != 1.0:
+                fold = float(f"{1 / total:.12g}")
+                source["parameters"] = {"scale": [{"filter": name.split(".")[-1], "value": fold}
+                                                  for name in RESIDUAL_WRITERS] + [{"value": 1.0}]}
+            out.append({"sources": [source]})
+        return {"slices": out, "merge_method": "passthrough", "dtype": self.dtype}
+
+    def to_mergekit_yaml(self) -> str:
+        return _dump_yaml(self.to_mergekit())
+
+
+def _canonical(slices: tuple[Slice, ...] | list[Slice]) -> tuple[Slice, ...]:
+    """Empty slices dropped, and a slice that just continues the previous one (same source, next
+    block, no rescaling) joined to it: paths that run alike hash alike."""
+    out: list[Slice] = []
+    for piece in slices:
+        if piece.length <= 0:
+            continue
+        scale = float(piece.scale)
+        if out and out[-1].source == piece.source and out[-1].end == piece.start and scale == 1.0:
+            out[-1] = Slice(piece.source, out[-1].start, piece.end, out[-1].scale)
+        else:
+            out.append(Slice(piece.source, piece.start, piece.end, scale))
+    return tuple(out)
+
+
+# What a candidate is: a merge recipe or a layer path. Both hash, summarize, export.
+Plan = Union[Recipe, LayerPath]
+
+
+def plan_from_dict(data: Any) -> Plan:
+    """A candidate's plan as the archive stores it: a layer path when marked so, else a recipe."""
+    if isinstance(data, Mapping) and data.get("kind") == KIND:
+        return LayerPath.from_dict(dict(data))
+    return Recipe.from_dict(data)
+
+
+def plan_from_yaml(text: str) -> Plan:
+    return plan_from_dict(_load_yaml(text, "recipe"))
+
+
+def source_recipe(path: LayerPath, source: str) -> Recipe:
+    """The recipe that materializes one of ``path``'s sources: the base (every task vector at
+    weight 0), an expert (its own at weight 1) or the PS merge."""
+    from evomerge.recipe import ExpertParams, MethodConfig
+
+    if source == MERGE and path.merge is not None:
+        return path.merge
+    if source != BASE and source not in path.experts:
+        raise UserError(f"path source {source!r} is not one of {', '.join(path.sources)}")
+    weights = {e: ExpertParams(weight=1.0 if e == source else 0.0) for e in path.experts}
+    return Recipe.uniform(path.base, path.experts, path.num_layers, MethodConfig("task_arithmetic", weights),
+                          dtype=path.dtype, expert_refs=path.expert_refs)

@@ -1,0 +1,119 @@
+"""Layer paths as models: run one without copying a weight, or fold it into an ordinary model.
+
+A worker evaluates many paths over the same few source models, so it keeps each source
+materialized once (:class:`PathSources`) and builds a path's model as a standard model of the
+same class with ``len(path)`` blocks whose tensors *are* the sources' tensors (``assign``: no
+copy). Each step is its own block object, with its own index, so the KV cache gives a block
+visited twice a slot per visit. A slice's entry scale is a forward pre-hook on its first block.
+
+For export the same path is :func:`folded` into weights a plain ``from_pretrained`` loads: the
+hook's scaling moves into the residual writes of that step and every later one
+(:data:`~evomerge.layer_path.RESIDUAL_WRITERS`, divided by the cumulative scale), which in a
+pre-norm transformer computes the same logits up to the norms' epsilon.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Callable
+
+import torch
+
+from evomerge.layer_path import RESIDUAL_WRITERS, LayerPath, source_recipe
+from evomerge.merge.engine import Merger
+from evomerge.pool import layer_index
+
+_LAYER = re.compile(r"((?:^|\.)layers\.)(\d+)(\.)")
+
+
+class PathSources:
+    """The source models of a merger's pool, each materialized on first use and kept."""
+
+    def __init__(self, merger: Merger) -> None:
+        self.merger = merger
+        self._models: dict[str, torch.nn.Module] = {}
+
+    def model(self, path: LayerPath, source: str) -> torch.nn.Module:
+        recipe = source_recipe(path, source)
+        if recipe.hash not in self._models:
+            model = copy.deepcopy(self.merger.model)
+            self._models[recipe.hash] = self.merger.materialize(recipe, into=model)
+        return self._models[recipe.hash]
+
+
+def path_model(path: LayerPath, sources: PathSources) -> torch.nn.Module:
+    """A model running ``path`` over the sources' resident tensors (shared, not copied)."""
+    model = _assembled(path, sources, lambda name, tensor, scale: tensor)
+    blocks = _blocks(model)
+    step = 0
+    for piece in path.slices:
+        if piece.scale != 1.0:
+            blocks[step].register_forward_pre_hook(_scaling(piece.scale))
+        step += piece.length
+    return model
+
+
+def folded(path: LayerPath, sources: PathSources) -> torch.nn.Module:
+    """A standalone model with ``path``'s blocks copied and its scales folded into the weights."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def copied(name: str, tensor: torch.Tensor, scale: float) -> torch.Tensor:
+        if layer_index(name) is not None:  # each step its own copy: a block visited twice is stored twice
+            writes = any(f".{writer}." in name for writer in RESIDUAL_WRITERS)
+            return tensor / scale if writes else tensor.clone()
+        if id(tensor) not in copies:  # tied tensors outside the blocks stay tied
+            copies[id(tensor)] = tensor.clone()
+        return copies[id(tensor)]
+
+    return _assembled(path, sources, copied, fold=True)
+
+
+def _assembled(path: LayerPath, sources: PathSources,
+               tensor_for: Callable[[str, torch.Tensor, float], torch.Tensor], fold: bool = False) -> torch.nn.Module:
+    outside = sources.model(path, path.outside)
+    steps = path.steps()
+    config = copy.deepcopy(outside.config)
+    config.num_hidden_layers = len(steps)
+    if getattr(config, "layer_types", None):  # per-block kinds (sliding windows) follow their blocks
+        config.layer_types = [config.layer_types[layer] for _, layer, _ in steps]
+    with torch.device("meta"):
+        model = type(outside)(config)
+    state = {name: tensor_for(name, tensor, 1.0) for name, tensor in outside.state_dict(keep_vars=False).items()
+             if layer_index(name) is None}
+    by_source = {}
+    for step, (source, layer, scale) in enumerate(steps):
+        if source not in by_source:
+            by_source[source] = _block_tensors(sources.model(path, source).state_dict())
+        for name, tensor in by_source[source][layer].items():
+            renamed = _LAYER.sub(lambda m: f"{m.group(1)}{step}{m.group(3)}", name, count=1)
+            state[renamed] = tensor_for(renamed, tensor, scale if fold else 1.0)
+    model.load_state_dict(state, strict=True, assign=True)
+    buffers = dict(outside.named_buffers())
+    for name, buffer in list(model.named_buffers()):  # non-persistent ones (rotary frequencies)
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            source_name = _LAYER.sub(lambda m: f"{m.group(1)}0{m.group(3)}", name, count=1)
+            model.get_submodule(owner).register_buffer(leaf, buffers.get(name, buffers.get(source_name)),
+                                                       persistent=False)
+    model.generation_config = copy.deepcopy(outside.generation_config)
+    return model.eval()
+
+
+def _block_tensors(state: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        layer = layer_index(name)
+        if layer is not None:
+            blocks.setdefault(layer, {})[name] = tensor
+    return blocks
+
+
+def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return next(m for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, torch.nn.ModuleList))
+
+
+def _scaling(scale: float):
+    def hook(module, args):
+        return (args[0] * scale, *args[1:])
+    return hook
