@@ -216,6 +216,12 @@ class Merger:
     def memory_plan(self) -> MemoryPlan:
         return self.plan
 
+    def drop_statistics(self) -> None:
+        """Free the per-tensor statistics built so far (rebuilt on next use). For merges made
+        once, like a data-flow search's source models: TSV-M's components alone are one more
+        delta stack, which two workers of a path search cannot afford to keep for nothing."""
+        self._stats.clear()
+
     def cached_bytes(self) -> int:
         """Bytes of the per-tensor statistics built so far (tables, ranks, SVDs, TSV-M components)."""
         return sum(stats.cached_bytes() for stats in self._stats.values())

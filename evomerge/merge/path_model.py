@@ -28,7 +28,8 @@ _LAYER = re.compile(r"((?:^|\.)layers\.)(\d+)(\.)")
 
 
 class PathSources:
-    """The source models of a merger's pool, each materialized on first use and kept."""
+    """The source models of a merger's pool, each materialized on first use and kept: a worker
+    then holds its merger plus one model per source (base, experts, PS merge)."""
 
     def __init__(self, merger: Merger) -> None:
         self.merger = merger
@@ -37,8 +38,14 @@ class PathSources:
     def model(self, path: LayerPath, source: str) -> torch.nn.Module:
         recipe = source_recipe(path, source)
         if recipe.hash not in self._models:
-            model = copy.deepcopy(self.merger.model)
+            # Not a deepcopy of the working model: it carries the worker's forward hooks, and
+            # copying a bound method copies its owner (the whole worker, merger and all).
+            template = self.merger.model
+            fresh: dict[int, torch.Tensor] = {}
+            state = {name: fresh.setdefault(id(t), torch.empty_like(t)) for name, t in template.state_dict().items()}
+            model = _filled(template, copy.deepcopy(template.config), state)
             self._models[recipe.hash] = self.merger.materialize(recipe, into=model)
+            self.merger.drop_statistics()  # a source is merged once; its statistics would stay for nothing
         return self._models[recipe.hash]
 
 
@@ -77,8 +84,6 @@ def _assembled(path: LayerPath, sources: PathSources,
     config.num_hidden_layers = len(steps)
     if getattr(config, "layer_types", None):  # per-block kinds (sliding windows) follow their blocks
         config.layer_types = [config.layer_types[layer] for _, layer, _ in steps]
-    with torch.device("meta"):
-        model = type(outside)(config)
     state = {name: tensor_for(name, tensor, 1.0) for name, tensor in outside.state_dict(keep_vars=False).items()
              if layer_index(name) is None}
     by_source = {}
@@ -88,15 +93,25 @@ def _assembled(path: LayerPath, sources: PathSources,
         for name, tensor in by_source[source][layer].items():
             renamed = _LAYER.sub(lambda m: f"{m.group(1)}{step}{m.group(3)}", name, count=1)
             state[renamed] = tensor_for(renamed, tensor, scale if fold else 1.0)
+    return _filled(outside, config, state)
+
+
+def _filled(template: torch.nn.Module, config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A model of ``template``'s class built for ``config`` on the meta device (no memory) whose
+    tensors are ``state``'s, taken as they are; buffers outside the state dict (rotary
+    frequencies) are ``template``'s."""
+    with torch.device("meta"):
+        model = type(template)(config)
     model.load_state_dict(state, strict=True, assign=True)
-    buffers = dict(outside.named_buffers())
-    for name, buffer in list(model.named_buffers()):  # non-persistent ones (rotary frequencies)
+    model.tie_weights()  # tied tensors become one parameter again, as in a loaded model
+    buffers = dict(template.named_buffers())
+    for name, buffer in list(model.named_buffers()):
         if buffer.is_meta:
             owner, _, leaf = name.rpartition(".")
             source_name = _LAYER.sub(lambda m: f"{m.group(1)}0{m.group(3)}", name, count=1)
             model.get_submodule(owner).register_buffer(leaf, buffers.get(name, buffers.get(source_name)),
                                                        persistent=False)
-    model.generation_config = copy.deepcopy(outside.generation_config)
+    model.generation_config = copy.deepcopy(template.generation_config)
     return model.eval()
 
 
