@@ -12,6 +12,7 @@ torch thread. Printed, measured in this one run:
 
     python experiments/bench_search.py fitness=random    # 24 candidates per pool size
     python experiments/bench_search.py --candidates 8 fitness=random   # quick
+    python experiments/bench_search.py fitness=random space=dataflow   # layer paths instead of merges
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import random
 import time
 
 from evomerge.config import compose
-from evomerge.recipe import Recipe
+from evomerge.layer_path import Plan
 from evomerge.search.settings import build_zoo_for, read_settings
 from evomerge.search.workers import EvalRequest, EvalResult, WorkerPool
-from evomerge.space import SearchSpace
+from evomerge.space import search_space
 
 
-def measure(settings, recipes: list[Recipe], workers: int) -> dict[str, float]:
+def measure(settings, recipes: list[Plan], workers: int) -> dict[str, float]:
     import ray
 
     spec = settings.worker_spec()
@@ -64,8 +65,8 @@ def main() -> None:
     config = compose(args.overrides)
     build_zoo_for(config)
     settings = read_settings(config)
-    space = SearchSpace(settings.space, settings.base, tuple(settings.experts), settings.num_layers,
-                        expert_refs=dict(settings.experts))
+    space = search_space(settings.space, settings.base, tuple(settings.experts), settings.num_layers,
+                         expert_refs=dict(settings.experts))
     rng = random.Random(0)
     recipes = [space.decode(space.random(rng)) for _ in range(args.candidates)]
     rows = [measure(settings, recipes, w) for w in (1, 2)]

@@ -253,3 +253,29 @@ def test_a_dataflow_search_runs_inspects_exports_and_resumes(pico_zoo, pico_cach
     assert isinstance(pick, LayerPath)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "pick" / "model")
     assert model.config.num_hidden_layers == pick.length
+
+
+@pytest.mark.zoo
+@torch.no_grad()
+def test_lm_eval_scores_an_exported_path_as_the_search_scores_it(zoo, zoo_merger, tmp_path):
+    """The export of a path longer than the model (the reverse expert, then the upper-case
+    expert's last 8 blocks entered at scale 0.8), loaded by lm-eval's own HF wrapper from the
+    folder, scores what evomerge's scorer measures on the in-memory path model."""
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from evomerge.fitness.native import generate_exact_match
+
+    limit, refs = 24, {k: str(v) for k, v in zoo.experts.items()}
+    p = LayerPath(str(zoo.base), tuple(refs), 30, (Slice("reverse", 0, 30), Slice("upper", 22, 30, 0.8)), "reverse",
+                  expert_refs=refs)
+    model = path_model(p, PathSources(zoo_merger))
+    rows = zoo.items("reverse", "test")[:limit]
+    native = generate_exact_match(model, zoo_merger.tokenizer, [r["prompt"] for r in rows], [r["answer"] for r in rows])
+    out = export(p, zoo_merger, tmp_path / "pick")
+    lm = HFLM(pretrained=str(out / "model"), batch_size=16, device="cpu")
+    tasks = get_task_dict(["zoo_reverse"], TaskManager(include_path=str(zoo.task_dir)))
+    results = evaluate(lm=lm, task_dict=tasks, limit=limit, verbosity="ERROR")["results"]
+    assert results["zoo_reverse"]["exact_match,strip"] == pytest.approx(sum(r.correct for r in native) / limit)
+    assert lm.model.config.num_hidden_layers == 38

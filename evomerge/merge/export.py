@@ -95,9 +95,12 @@ def _write_mergekit(recipe: Plan, path: Path) -> str | None:
 def model_card(recipe: Plan, scores: Mapping[str, float] | None, mergekit_note: str | None,
                dtype: str) -> str:
     """The README a model hub shows: what was merged how, how it scored, how to redo it."""
+    experts = ", ".join(recipe.experts)
+    made = (f"blocks of `{recipe.base}` and of its experts {experts} stacked along a path, the path's scales "
+            f"folded into the weights" if isinstance(recipe, LayerPath) else f"`{recipe.base}` merged with {experts}")
     lines = ["---", "library_name: transformers", "tags: [merge, evomerge]", "---", "",
              f"# Merge {recipe.hash}", "",
-             f"Found by evomerge: `{recipe.base}` merged with {', '.join(recipe.experts)}.", "",
+             f"Found by evomerge: {made}.", "",
              f"**Recipe:** {recipe.summary()}", "", f"Weights are stored in {dtype}.", ""]
     if scores:
         lines += ["## Scores", "", "| objective | score |", "| --- | --- |"]

@@ -73,11 +73,12 @@ def folded(path: LayerPath, sources: PathSources) -> torch.nn.Module:
             copies[id(tensor)] = tensor.clone()
         return copies[id(tensor)]
 
-    return _assembled(path, sources, copied, fold=True)
+    return _assembled(path, sources, copied)
 
 
 def _assembled(path: LayerPath, sources: PathSources,
-               tensor_for: Callable[[str, torch.Tensor, float], torch.Tensor], fold: bool = False) -> torch.nn.Module:
+               tensor_for: Callable[[str, torch.Tensor, float], torch.Tensor]) -> torch.nn.Module:
+    """The path's model with each tensor as ``tensor_for(name, tensor, cumulative scale)`` gives it."""
     outside = sources.model(path, path.outside)
     steps = path.steps()
     config = copy.deepcopy(outside.config)
@@ -92,7 +93,7 @@ def _assembled(path: LayerPath, sources: PathSources,
             by_source[source] = _block_tensors(sources.model(path, source).state_dict())
         for name, tensor in by_source[source][layer].items():
             renamed = _LAYER.sub(lambda m: f"{m.group(1)}{step}{m.group(3)}", name, count=1)
-            state[renamed] = tensor_for(renamed, tensor, scale if fold else 1.0)
+            state[renamed] = tensor_for(renamed, tensor, scale)
     return _filled(outside, config, state)
 
 
