@@ -26,6 +26,9 @@ from evomerge.errors import UserError
 SCHEMA = "evomerge_schema"  # the root dataclass's name in hydra's ConfigStore
 ZOO_KINDS = ("smollm2", "pico")
 DTYPES = ("float32", "bfloat16", "float16")
+# Task vectors may also be stored quantized (evomerge.merge.quantized): format name -> bits per code.
+QUANTIZED_DELTAS = {"int8": 8, "int4": 4}
+DELTA_DTYPES = DTYPES + tuple(QUANTIZED_DELTAS)
 
 T = TypeVar("T")
 
@@ -229,7 +232,9 @@ class RuntimeConfig:
     auth_token_file: str | None = None
     device: str = "auto"  # auto: cuda when available (one GPU per worker), else cpu
     dtype: str = "float32"
-    delta_dtype: str | None = None  # e.g. bfloat16 to halve the task vectors' memory
+    # e.g. bfloat16 to halve the task vectors' memory, int8 / int4 to store them group-wise
+    # quantized (about 0.28 / 0.16 of fp32's bytes); None: the working dtype
+    delta_dtype: str | None = None
     max_retries: int = 2  # per candidate, when its worker dies
     memory_limit_gb: float | None = None  # refuse to start a worker whose memory plan exceeds this
 
@@ -240,10 +245,10 @@ class RuntimeConfig:
             raise UserError(f"runtime.threads_per_worker={self.threads_per_worker!r} must be an integer >= 1")
         if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
             raise UserError(f"runtime.device={self.device!r} is not auto, cpu or cuda[:N]")
-        for key in ("dtype", "delta_dtype"):
+        for key, valid in (("dtype", DTYPES), ("delta_dtype", DELTA_DTYPES)):
             value = getattr(self, key)
-            if value is not None and value not in DTYPES:
-                raise UserError(f"runtime.{key}={value!r} is not one of {', '.join(DTYPES)}")
+            if value is not None and value not in valid:
+                raise UserError(f"runtime.{key}={value!r} is not one of {', '.join(valid)}")
         if self.auth_token_file is not None:
             if not self.address:
                 raise UserError(f"runtime.auth_token_file={self.auth_token_file} is for joining a Ray cluster; set "

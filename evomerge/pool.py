@@ -216,6 +216,9 @@ class ModelPool:
 
     def relative_norms(self) -> dict[str, float]:
         """‖τ‖/‖θ_base‖ per expert: how far each fine-tune moved, the regime merging depends on."""
+        if any(len(tau) != len(self.base) for tau in self.task_vectors.values()):
+            raise ValueError("this pool's task vectors went to a Merger that quantized them; "
+                             "measure norms on a pool of its own")
         base_norm = _norm(self.base.values())
         return {name: _norm(tau.values()) / base_norm for name, tau in self.task_vectors.items()}
 

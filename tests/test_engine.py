@@ -206,12 +206,14 @@ def test_memory_plan_is_the_memory_held(pico_zoo, delta_dtype):
 
 def test_an_impossible_plan_is_refused_naming_what_to_lower():
     huge = {"w": (2**20, 2**20)}
-    with pytest.raises(UserError, match="lower delta_dtype") as fp32:
+    with pytest.raises(UserError, match=r"lower delta_dtype \(e.g. bfloat16 or int8\)") as fp32:
         check_fits(MemoryPlan.for_shapes(huge, 8, torch.float32, torch.float32), torch.device("cpu"))
     assert "8 experts" in str(fp32.value) and "\n" not in str(fp32.value)
-    with pytest.raises(UserError, match="use fewer experts") as bf16:
+    with pytest.raises(UserError, match=r"lower delta_dtype \(e.g. int8\)"):
         check_fits(MemoryPlan.for_shapes(huge, 8, torch.float32, torch.bfloat16), torch.device("cpu"))
-    assert "delta_dtype" not in str(bf16.value)
+    with pytest.raises(UserError, match="use fewer experts") as int4:
+        check_fits(MemoryPlan.for_shapes(huge, 8, torch.float32, "int4"), torch.device("cpu"))
+    assert "delta_dtype" not in str(int4.value) and "int4 in groups of 128" in str(int4.value)
     check_fits(MemoryPlan.for_shapes({"w": (64, 64)}, 2, torch.float32, torch.float32), torch.device("cpu"))
 
 

@@ -9,10 +9,16 @@ the tensors: the common linear methods are one matrix-vector product written str
 parameter, the others call the pure functions of :mod:`evomerge.merge.methods` tensor by tensor.
 Nothing model-sized is allocated per candidate, and nothing of one candidate survives into the
 next: every merged tensor is recomputed from the base and the task vectors.
+
+Task vectors may also be stored quantized (``delta_dtype`` ``int8`` or ``int4``, see
+:mod:`evomerge.merge.quantized`). Methods never see the codes: the engine dequantizes one tensor's
+stack where it needs dense deltas (a column block at a time for the linear methods), so the
+extra memory is one tensor's dense stack, never the pool's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -20,8 +26,10 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from evomerge.config import DELTA_DTYPES, DTYPES, QUANTIZED_DELTAS
 from evomerge.errors import UserError
 from evomerge.merge import kernels, methods, registry
+from evomerge.merge.quantized import GROUP, QuantizedStack, quantized_bytes
 from evomerge.merge.registry import MergeParams
 from evomerge.merge.stats import DeltaStats
 from evomerge.pool import ModelPool, layer_index, unique_parameters
@@ -29,6 +37,32 @@ from evomerge.recipe import MethodConfig, Recipe, component_of
 
 # Methods that are base plus a fixed combination of task vectors: one BLAS pass (kernels.combine).
 _LINEAR_METHODS = frozenset({"linear", "task_arithmetic"})
+
+DeltaFormat = torch.dtype | str
+"""How task vectors are stored: a float dtype, or a quantized format's name (``int8``, ``int4``)."""
+
+
+def delta_format(value: torch.dtype | str | None, dtype: torch.dtype) -> DeltaFormat:
+    """``value`` as a delta format: None is the working ``dtype``, a name of
+    :data:`~evomerge.config.DTYPES` its torch dtype, a name of
+    :data:`~evomerge.config.QUANTIZED_DELTAS` itself; anything else is a one-line UserError."""
+    if value is None:
+        return dtype
+    if isinstance(value, torch.dtype):
+        if not value.is_floating_point:
+            raise UserError(f"delta_dtype={value} is not a float dtype; valid: {', '.join(DELTA_DTYPES)}")
+        return value
+    if value in QUANTIZED_DELTAS:
+        return value
+    if value in DTYPES:
+        return getattr(torch, value)
+    raise UserError(f"delta_dtype={value!r} is not one of {', '.join(DELTA_DTYPES)}")
+
+
+def _delta_bits(delta: DeltaFormat) -> int:
+    """Bits per delta element as stored (scales aside)."""
+    return QUANTIZED_DELTAS[delta] if isinstance(delta, str) else 8 * _itemsize(delta)
+
 
 # --- memory --------------------------------------------------------------------------------------
 
@@ -42,17 +76,21 @@ class MemoryPlan:
     working: int
     experts: int
     dtype: torch.dtype
-    delta_dtype: torch.dtype
+    delta_dtype: DeltaFormat
 
     @classmethod
     def for_shapes(cls, shapes: Mapping[str, Sequence[int]], experts: int, dtype: torch.dtype,
-                   delta_dtype: torch.dtype) -> MemoryPlan:
+                   delta_dtype: DeltaFormat) -> MemoryPlan:
         """The plan for a model whose unique parameters have ``shapes``; the working model holds
-        the same tensors as the base, so it costs the same."""
-        numel = sum(_numel(shape) for shape in shapes.values())
-        model_bytes = numel * _itemsize(dtype)
-        return cls(model_bytes, experts * numel * _itemsize(delta_dtype), model_bytes, experts,
-                   dtype, delta_dtype)
+        the same tensors as the base, so it costs the same. Quantized deltas count their codes
+        (each tensor's groups padded to whole groups) and their float32 scales."""
+        numels = [_numel(shape) for shape in shapes.values()]
+        model_bytes = sum(numels) * _itemsize(dtype)
+        if isinstance(delta_dtype, str):
+            per_expert = sum(quantized_bytes(n, QUANTIZED_DELTAS[delta_dtype]) for n in numels)
+        else:
+            per_expert = sum(numels) * _itemsize(delta_dtype)
+        return cls(model_bytes, experts * per_expert, model_bytes, experts, dtype, delta_dtype)
 
     @property
     def total(self) -> int:
@@ -60,7 +98,7 @@ class MemoryPlan:
 
     def summary(self) -> str:
         return (f"base {_size(self.base)} ({_name(self.dtype)}) + deltas {_size(self.deltas)} "
-                f"({self.experts} experts, {_name(self.delta_dtype)}) + working model "
+                f"({self.experts} experts, {_format_name(self.delta_dtype)}) + working model "
                 f"{_size(self.working)} = {_size(self.total)}")
 
 
@@ -83,8 +121,10 @@ def check_fits(plan: MemoryPlan, device: torch.device, reused: int = 0) -> None:
     free = available_bytes(device)
     if needed > free:
         advice = ["use fewer experts", "a smaller working dtype", "or another device"]
-        if _itemsize(plan.delta_dtype) > 2:
-            advice.insert(0, "lower delta_dtype (e.g. bfloat16)")
+        bits = _delta_bits(plan.delta_dtype)
+        if bits > 4:
+            lower = "bfloat16 or int8" if bits > 16 else "int8" if bits > 8 else "int4"
+            advice.insert(0, f"lower delta_dtype (e.g. {lower})")
         raise UserError(f"the merger needs {_size(needed)} more on {device} but only {_size(free)} "
                         f"is free ({plan.summary()}); {', '.join(advice)}")
 
@@ -166,7 +206,11 @@ class Merger:
     Built from a :class:`ModelPool`, whose tensors it takes over: the pool's base becomes the
     merger's base and its task vectors become views of the merger's stacks, so the pool stays
     usable without being held twice, and its model becomes the working model. ``dtype`` is the
-    working model's (and base's) dtype, ``delta_dtype`` the stacks' (default: ``dtype``).
+    working model's (and base's) dtype, ``delta_dtype`` the stacks' (default: ``dtype``): a float
+    dtype, or ``int8`` / ``int4`` for group-wise quantized stacks (:mod:`evomerge.merge.quantized`),
+    which cannot be viewed as tensors: the pool's task vectors are then emptied as they are
+    quantized (its ``task_vectors`` keeps each expert's name, with no tensors), and whatever needs
+    them (kinship, relative norms) reads them from its own pool.
     ``quantile_resolution`` sets the magnitude quantile table per tensor: tensors of at most
     ``resolution + 1`` elements get exact thresholds, larger ones interpolate, keeping within
     ``numel / resolution`` elements of the exact count. The tables (a few KiB per tensor) and
@@ -174,14 +218,19 @@ class Merger:
     an fp32 stack on top of the memory plan) are built on first use and kept for the merger's life,
     as are TSV-M's per-expert components (one more delta stack, in the stacks' dtype, for the
     block matrices) and STAR's SVD factors (1.4 to 2 fp32 stacks), none of them in the plan.
+    Over quantized stacks these are built from the dense deltas, in the working precision: a
+    TSV-M component stack then costs about 3.5 int8 stacks.
     """
 
     def __init__(self, pool: ModelPool, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, delta_dtype: torch.dtype | None = None,
+                 dtype: torch.dtype = torch.float32, delta_dtype: torch.dtype | str | None = None,
                  quantile_resolution: int = 1024) -> None:
         self.device = _concrete(torch.device(device))
         self.dtype = dtype
-        self.delta_dtype = delta_dtype or dtype
+        self.delta_dtype = delta_format(delta_dtype, dtype)
+        # quantized deltas are made dense in the merge's working precision, where the kernels
+        # would upcast a float stack anyway
+        self._dense_dtype = kernels.work_dtype(dtype)
         self.experts = pool.expert_names
         self.quantile_resolution = quantile_resolution
         self.plan = MemoryPlan.for_shapes({k: v.shape for k, v in pool.base.items()},
@@ -191,27 +240,36 @@ class Merger:
         self.tokenizer = pool.tokenizer
         self.model = pool.model.to(device=self.device, dtype=dtype)
         self._base: dict[str, Tensor] = {}
-        self._stacks: dict[str, Tensor] = {}
+        self._stacks: dict[str, Tensor | QuantizedStack] = {}
         for name in list(pool.base):
             self._take(pool, name)
         self._where = {name: (layer_index(name), component_of(name)) for name in self._base}
         layers = [layer for layer, _ in self._where.values() if layer is not None]
         self.num_layers = max(layers) + 1 if layers else 0
         self._stats: dict[str, DeltaStats] = {}
-        self._compile_all = any(kernels.compiles(stack.numel()) for stack in self._stacks.values())
+        self._compile_all = any(kernels.compiles(_dense_numel(stack)) for stack in self._stacks.values())
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the task vectors are stored quantized (int8 / int4)."""
+        return isinstance(self.delta_dtype, str)
 
     def _take(self, pool: ModelPool, name: str) -> None:
         """Move one tensor's base and task vectors onto the device, stacked; the pool's entries
-        become views of the result, so the old copies are freed tensor by tensor."""
+        become views of the result (quantized: are dropped), so the old copies are freed tensor
+        by tensor."""
         base = pool.base[name].to(device=self.device, dtype=self.dtype)
-        stack = torch.empty((len(self.experts), base.numel()), dtype=self.delta_dtype,
-                            device=self.device)
+        dense_dtype = self._dense_dtype if self.quantized else self.delta_dtype
+        stack = torch.empty((len(self.experts), base.numel()), dtype=dense_dtype, device=self.device)
         for i, expert in enumerate(self.experts):
             stack[i].copy_(pool.task_vectors[expert][name].reshape(-1))
-            pool.task_vectors[expert][name] = stack[i].view(base.shape)
+            if self.quantized:
+                del pool.task_vectors[expert][name]
+            else:
+                pool.task_vectors[expert][name] = stack[i].view(base.shape)
         pool.base[name] = base
         self._base[name] = base
-        self._stacks[name] = stack
+        self._stacks[name] = QuantizedStack.of(stack, QUANTIZED_DELTAS[self.delta_dtype]) if self.quantized else stack
 
     def memory_plan(self) -> MemoryPlan:
         return self.plan
@@ -284,7 +342,10 @@ class Merger:
         stack = self._stacks[name]
         index = torch.tensor(plan.included, device=self.device)
         every = len(plan.included) == len(self.experts)
-        deltas = (stack if every else stack.index_select(0, index)).view(-1, *base.shape)
+        if isinstance(stack, QuantizedStack):  # dense for this tensor's merge only
+            deltas = (stack if every else stack.select(index)).dense(self._dense_dtype).view(-1, *base.shape)
+        else:
+            deltas = (stack if every else stack.index_select(0, index)).view(-1, *base.shape)
         layer, _ = self._where[name]
         params = plan.params.in_context(layer_fraction=layer_fraction(name, layer, self.num_layers),
                                         in_block=layer is not None)
@@ -294,10 +355,14 @@ class Merger:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(tensor_seed(recipe.seed, name))
         stats = None
+        lent = contextlib.nullcontext()
         if spec.reads_stats:  # cached: a table lookup replaces a sort, a stored SVD a new one
             stats = self._stats_of(name)
+            if every and isinstance(stack, QuantizedStack):
+                lent = stats.lending(deltas)  # first-use statistics read the dense stack made above
             stats = stats if every else _ExpertSubset(stats, plan.included)
-        methods.merge_tensor(plan.method, base, deltas, params, generator, stats, out=target.view(base.shape))
+        with lent:
+            methods.merge_tensor(plan.method, base, deltas, params, generator, stats, out=target.view(base.shape))
 
     def _linear_coefficients(self, plan: _Plan) -> tuple[float, list[float]]:
         """``(scale, c)`` with merged = scale * base + sum_i c_i * delta_i, over all pool experts
@@ -318,14 +383,26 @@ class Merger:
 
     def _write_combination(self, name: str, scale: float, coefficients: list[float],
                            target: Tensor) -> None:
-        """target = scale * base + stack^T c."""
-        kernels.combine(self._base[name].view(-1), self._stacks[name], scale, coefficients, target)
+        """target = scale * base + stack^T c; a quantized stack is made dense a column block at a
+        time, so its temporaries are what combine's upcast of a bf16 stack would be."""
+        base, stack = self._base[name].view(-1), self._stacks[name]
+        if not isinstance(stack, QuantizedStack):
+            kernels.combine(base, stack, scale, coefficients, target)
+            return
+        for start, end in stack.blocks():
+            kernels.combine(base[start:end], stack.dense(self._dense_dtype, start, end), scale, coefficients,
+                            target[start:end])
 
     def _stats_of(self, name: str) -> DeltaStats:
-        """Made the first time a sparsifying method merges ``name``; it fills itself on use."""
+        """Made the first time a sparsifying method merges ``name``; it fills itself on use. A
+        quantized stack's statistics make it dense when they are built, and keep no dense copy."""
         if name not in self._stats:
-            self._stats[name] = DeltaStats(self._stacks[name].view(-1, *self._base[name].shape),
-                                           resolution=self.quantile_resolution)
+            shape, stack = self._base[name].shape, self._stacks[name]
+            if isinstance(stack, QuantizedStack):
+                source = lambda: stack.dense(self._dense_dtype).view(-1, *shape)  # noqa: E731
+            else:
+                source = stack.view(-1, *shape)
+            self._stats[name] = DeltaStats(source, resolution=self.quantile_resolution)
         return self._stats[name]
 
 
@@ -337,6 +414,10 @@ def _bytes_on(pool: ModelPool, device: torch.device) -> int:
     tensors = [*pool.base.values(), *(t for tv in pool.task_vectors.values() for t in tv.values()),
                *unique_parameters(pool.model).values()]
     return sum(t.nbytes for t in tensors if t.device == device)
+
+
+def _dense_numel(stack: Tensor | QuantizedStack) -> int:
+    return stack.dense_numel() if isinstance(stack, QuantizedStack) else stack.numel()
 
 
 def _concrete(device: torch.device) -> torch.device:
@@ -359,6 +440,11 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _format_name(delta: DeltaFormat) -> str:
+    """A delta format for people: ``bfloat16``, or ``int8 in groups of 128 + fp32 scales``."""
+    return f"{delta} in groups of {GROUP} + fp32 scales" if isinstance(delta, str) else _name(delta)
 
 
 def _size(count: int) -> str:

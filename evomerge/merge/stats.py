@@ -10,8 +10,9 @@ with the kernels' upcast values exactly as a sort of them would.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -168,16 +169,39 @@ class DeltaStats:
     a search merges one tensor under many parameters, and neither the quantile table (TIES,
     breadcrumbs) nor DELLA's in-row ranks depend on them. The ranks cost 2 bytes per delta element
     (a quarter of an fp32 stack; 4 for rows over 2048 wide), so they exist only for tensors DELLA
-    has merged."""
+    has merged.
 
-    deltas: Tensor
+    ``source`` is the ``[K, ...]`` stack, or, for deltas stored in another form (quantized), a
+    function that makes it dense: called only when a statistic is built, and not even then while
+    a merge has :meth:`lending` the dense stack it already made, so no dense copy outlives the
+    merge that needed it."""
+
+    source: Tensor | Callable[[], Tensor]
     resolution: int = 1024
+    _lent: Tensor | None = None
     _quantiles: MagnitudeQuantiles | None = None
     _ranks: Tensor | None = None
     _norms: Tensor | None = None
     _ranked_norms: Tensor | None = None
     _svd: tuple[Tensor, Tensor, Tensor] | None = None
     _components: dict[tuple[int, tuple[int, ...]], Tensor] = field(default_factory=dict)
+
+    @property
+    def deltas(self) -> Tensor:
+        """The dense stack: the one lent, the tensor given, or one made from ``source`` now."""
+        if self._lent is not None:
+            return self._lent
+        return self.source() if callable(self.source) else self.source
+
+    @contextlib.contextmanager
+    def lending(self, deltas: Tensor) -> Iterator[None]:
+        """Build statistics from ``deltas`` (the dense stack a merge already holds, equal to what
+        ``source`` makes) rather than making another one, for the duration of the block."""
+        self._lent = deltas
+        try:
+            yield
+        finally:
+            self._lent = None
 
     def magnitude_threshold(self, expert_index: int, keep_fraction: float) -> float:
         if self._quantiles is None:
@@ -219,19 +243,23 @@ class DeltaStats:
         """TSV-M's components for ``rank`` directions of the experts at ``indices`` (all by
         default): one delta stack's size each. A run merges with one rank and one set of experts,
         so a couple are kept; the SVDs they come from are kept only if STAR built them."""
-        indices = tuple(range(self.deltas.shape[0])) if indices is None else tuple(indices)
-        key = (rank, indices)
+        deltas = None  # made dense at most once, and only when a key needs it
+        if indices is None:
+            deltas = self.deltas
+            indices = tuple(range(deltas.shape[0]))
+        key = (rank, tuple(indices))
         if key not in self._components:
             from evomerge.merge.subspace import singular_factors, tsv_components
 
-            chosen = torch.tensor(indices, device=self.deltas.device)
+            deltas = self.deltas if deltas is None else deltas
+            chosen = torch.tensor(key[1], device=deltas.device)
             if self._svd is not None:
                 factors = tuple(f.index_select(0, chosen) for f in self._svd)
             else:
-                factors = singular_factors(self.deltas.index_select(0, chosen))
+                factors = singular_factors(deltas.index_select(0, chosen))
             while len(self._components) >= _KEPT_COMPONENTS:
                 self._components.pop(next(iter(self._components)))
-            self._components[key] = tsv_components(factors, rank).to(self.deltas.dtype)  # bf16 deltas: bf16 too
+            self._components[key] = tsv_components(factors, rank).to(deltas.dtype)  # bf16 deltas: bf16 too
         return self._components[key]
 
 

@@ -92,15 +92,15 @@ class MergeWorker:
         self.spec = spec
         device = spec.runtime.resolved_device()
         dtype = getattr(torch, spec.runtime.dtype)
-        delta = getattr(torch, spec.runtime.delta_dtype) if spec.runtime.delta_dtype else None
         pool = ModelPool(spec.base, spec.experts, allow_pickle=spec.allow_pickle,
                          trust_remote_code=spec.trust_remote_code)
-        self.merger = Merger(pool, device=device, dtype=dtype, delta_dtype=delta)
+        # a name: the Merger resolves float dtypes and quantized formats (int8, int4) alike
+        self.merger = Merger(pool, device=device, dtype=dtype, delta_dtype=spec.runtime.delta_dtype)
         if spec.runtime.memory_limit_gb is not None and \
                 self.merger.memory_plan().total > spec.runtime.memory_limit_gb * 2**30:
             raise UserError(f"a worker needs {self.merger.memory_plan().summary()}, more than "
                             f"runtime.memory_limit_gb={spec.runtime.memory_limit_gb}; lower "
-                            f"runtime.workers, set runtime.delta_dtype=bfloat16, or raise the limit")
+                            f"runtime.workers, set runtime.delta_dtype=bfloat16 or int8, or raise the limit")
         self.evaluator = Evaluator(spec.fitness, spec.tasks, pool.tokenizer,
                                    include_path=spec.include_path, device=device)
         if spec.estimator_state is not None:
