@@ -233,7 +233,7 @@ class RuntimeConfig:
     device: str = "auto"  # auto: cuda when available (one GPU per worker), else cpu
     dtype: str = "float32"
     # e.g. bfloat16 to halve the task vectors' memory, int8 / int4 to store them group-wise
-    # quantized (about 0.28 / 0.16 of fp32's bytes); None: the working dtype
+    # quantized (about 0.26 / 0.13 of fp32's bytes); None: the working dtype
     delta_dtype: str | None = None
     max_retries: int = 2  # per candidate, when its worker dies
     memory_limit_gb: float | None = None  # refuse to start a worker whose memory plan exceeds this

@@ -15,7 +15,13 @@ materialization (median of ``--repeats``) and prints it beside
   them (their first materialization pays the SVDs once), and
 * with ``--mergekit``, ``mergekit-yaml`` on the same recipe (slow: it loads and writes models).
 
-It also prints how far bf16 task vectors move a task-arithmetic merge from fp32 ones.
+It also prints how far bf16 task vectors move a task-arithmetic merge from fp32 ones, and, for
+task arithmetic, TIES and DARE-TIES (those of them benchmarked), the same timings over int8 and
+int4 quantized task vectors (``runtime.delta_dtype``): time per materialization against the floor
+of moving the quantized bytes, the delta bytes, and how far the merge moves from the fp32 one
+(max abs difference, and the L2 norm of the difference over the whole model relative to the L2
+norm of the change the fp32 merge makes to the base: TIES' threshold and sign election flip
+single elements, so its max abs says little).
 
     python experiments/bench_merge.py --quick
     python experiments/bench_merge.py --repeats 5 --mergekit
@@ -24,6 +30,7 @@ It also prints how far bf16 task vectors move a task-arithmetic merge from fp32 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import subprocess
 import sys
@@ -43,6 +50,7 @@ ALL_METHODS = ("task_arithmetic", "linear", "ties", "dare_ties", "dare_linear", 
                "della", "slerp", "model_stock", "magmax", "consensus", "lines",
                "tsv_m", "iso_c", "iso_cts", "star", "cabs")
 QUICK_METHODS = ("task_arithmetic", "ties", "dare_ties")
+QUANTIZED_METHODS = ("task_arithmetic", "ties", "dare_ties")
 
 
 def models(workdir: Path) -> tuple[str, dict[str, str], str]:
@@ -159,10 +167,44 @@ def bf16_error(merger: Merger, pool: ModelPool, recipe: Recipe) -> tuple[float, 
     that difference relative to the largest change the merge makes to the base."""
     exact = {k: v.clone() for k, v in unique_parameters(merger.materialize(recipe)).items()}
     change = max(float((exact[k] - merger.pool.base[k]).abs().max()) for k in exact)
-    half = Merger(pool, device=merger.device, delta_dtype=torch.bfloat16)  # shares the model
+    half = Merger(sharing(pool), device=merger.device, delta_dtype=torch.bfloat16)  # shares the model
     merged = unique_parameters(half.materialize(recipe))
     error = max(float((merged[k] - exact[k]).abs().max()) for k in exact)
     return error, error / change
+
+
+def sharing(pool: ModelPool) -> ModelPool:
+    """The pool seen through new dicts: a quantizing Merger drops the task vectors it takes from
+    its pool, and these are views of another merger's stacks that the next merger needs."""
+    shared = copy.copy(pool)
+    shared.base = dict(pool.base)
+    shared.task_vectors = {expert: dict(tensors) for expert, tensors in pool.task_vectors.items()}
+    return shared
+
+
+def quantized_rows(merger: Merger, pool: ModelPool, base: str, experts: dict[str, str],
+                   methods: tuple[str, ...], repeats: int, bandwidth: float) -> None:
+    """The timings of ``methods`` over int8 and int4 task vectors, beside fp32's (timed again, in
+    this stretch of the run), and each merge's distance to the fp32 one."""
+    from evomerge.config import QUANTIZED_DELTAS
+
+    mergers = {"fp32": merger}
+    for fmt in QUANTIZED_DELTAS:  # from the fp32 stacks' views; each shares the working model
+        mergers[fmt] = Merger(sharing(pool), device=merger.device, delta_dtype=fmt)
+    print(f"\n{'deltas':<8} {'method':<16} {'first s':>8} {'merger s':>9} {'floor s':>8} {'x floor':>8} "
+          f"{'delta MiB':>10} {'max abs':>9} {'rel L2':>9}")
+    for method in methods:
+        recipe = recipe_for(method, base, experts, merger.num_layers)
+        exact = {k: v.clone() for k, v in unique_parameters(merger.materialize(recipe)).items()}
+        change = sum(float((exact[k] - merger.pool.base[k]).double().pow(2).sum()) for k in exact)
+        for fmt, used in mergers.items():
+            first, seconds = time_materialize(used, recipe, repeats)
+            merged = unique_parameters(used.model)
+            error = max(float((merged[k] - exact[k]).abs().max()) for k in exact)
+            relative = (sum(float((merged[k] - exact[k]).double().pow(2).sum()) for k in exact) / change) ** 0.5
+            floor = floor_seconds(used, len(experts), bandwidth)
+            print(f"{fmt:<8} {method:<16} {first:>8.2f} {seconds:>9.3f} {floor:>8.3f} {seconds / floor:>8.1f} "
+                  f"{used.memory_plan().deltas / 2**20:>10.1f} {error:>9.2e} {relative:>9.2e}", flush=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -225,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
                                                                merger.num_layers))
         print(f"bf16 deltas vs fp32 (task_arithmetic): max abs {error:.2e}, "
               f"relative to the largest change {relative:.2e}")
+        quantized = tuple(m for m in QUANTIZED_METHODS if m in methods)
+        if quantized:
+            quantized_rows(merger, pool, base, experts, quantized, repeats, bandwidth)
 
 
 if __name__ == "__main__":

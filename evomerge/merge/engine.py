@@ -219,7 +219,7 @@ class Merger:
     as are TSV-M's per-expert components (one more delta stack, in the stacks' dtype, for the
     block matrices) and STAR's SVD factors (1.4 to 2 fp32 stacks), none of them in the plan.
     Over quantized stacks these are built from the dense deltas, in the working precision: a
-    TSV-M component stack then costs about 3.5 int8 stacks.
+    TSV-M component stack then costs about 4 int8 stacks.
     """
 
     def __init__(self, pool: ModelPool, *, device: str | torch.device = "cpu",

@@ -10,8 +10,8 @@ one float32 scale per group, codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``. A group
 element is exact, and any element is at most half a step (``scale / 2``) from its value, so one
 outlier costs precision in 128 elements, not in the whole tensor. int4 packs two codes per byte.
 
-int8 stores a fp32 stack in about 0.28 of its bytes (codes plus 4 bytes of scale per 128), int4
-in about 0.16. Merge methods never see codes: the engine dequantizes one tensor's stack (or a
+int8 stores a fp32 stack in about 0.26 of its bytes (1 byte a code plus 4 bytes of scale per 128
+elements: 1.03 bytes an element), int4 in about 0.13 (0.53 bytes an element). Merge methods never see codes: the engine dequantizes one tensor's stack (or a
 column block of it) where it needs dense deltas, so the extra memory is one tensor's dense stack.
 
 The format names and their bit widths are declared once, in :data:`evomerge.config.QUANTIZED_DELTAS`.
