@@ -666,7 +666,8 @@ _SCRIPT = """
         });
     });
     Promise.all(jobs).then(function () {
-      state.render_ms = performance.now() - started;
+      state.render_ms = performance.now() - started;  // drawing the plots
+      state.load_ms = performance.now();  // since navigation began: parsing plotly.js and the data too
       state.plotly = Plotly.version;
     }, function (error) { state.errors.push('plot failed: ' + error); }).then(finish);
     var live = document.getElementById('live');

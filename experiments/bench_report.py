@@ -7,6 +7,12 @@ installed, the page loaded headless and its own render time read back.
 
     python experiments/bench_report.py            # 2,000 candidates
     python experiments/bench_report.py 5000 /tmp/big-run
+
+Measured on 2 CPU cores shared with other jobs (load 3-5), Chromium 150 headless with software
+rendering, 2,000 candidates (a 15.2 MB archive): report.html 5.23 MB; written in 0.28 s from
+the archive the search holds (what a generation pays) and 0.93 s from the folder (``evomerge
+report``, most of it parsing the archive); the page ready 1.77-1.86 s after navigation began,
+1.1-1.2 s of it drawing the plots (six pairwise panels of 1,990 points each).
 """
 
 from __future__ import annotations
@@ -97,8 +103,9 @@ def main() -> None:
         return
     started = time.perf_counter()
     status = load(run.report_path)
-    print(f"chromium (headless, software rendering): drawn in {status['render_ms']:.0f} ms by the page's own clock "
-          f"({time.perf_counter() - started:.1f} s with the browser's start), plotly.js {status['plotly']}, "
+    print(f"chromium (headless, software rendering): page ready {status['load_ms']:.0f} ms after navigation began "
+          f"(plots drawn in {status['render_ms']:.0f} ms of it; {time.perf_counter() - started:.1f} s with the "
+          f"browser's own start), plotly.js {status['plotly']}, "
           f"marks per plot {status['plots']}, JavaScript errors: {status['errors'] or 'none'}")
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ def test_a_run_before_its_first_generation_still_gets_a_page(tmp_path):
     assert len(notes) == 5 and "objectives not known yet" in page and "no picks yet" in page
 
 
+@pytest.mark.reliability("bad input", "`evomerge report` of a folder that is not a run, or with --out in a missing "
+                                      "folder or naming a folder")
 def test_the_command_writes_the_page_and_refuses_bad_input_in_one_line(pico_run, tmp_path, capsys):
     from evomerge.cli import main
 
