@@ -166,7 +166,7 @@ def recipe_view(entry: ArchiveEntry) -> dict[str, Any]:
         return {"kind": "note", "note": f"no recipe view for candidates of kind {kind!r}"}
     try:
         recipe = Recipe.from_dict(entry.recipe)
-    except UserError as error:
+    except (UserError, AttributeError, KeyError, TypeError, ValueError) as error:
         return {"kind": "note", "note": f"no recipe view: unreadable recipe ({error})"}
     components = ["all", *(c for c in COMPONENTS[1:] if any(g.component == c for g in recipe.groups))]
     columns = [str(layer) for layer in range(recipe.num_layers)] + ["outside"]
