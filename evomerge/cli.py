@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   evomerge search algorithm=ga fitness=irt space=layerwise space.granularity=2 runtime.workers=2
   evomerge resume runs/RUN           continue a stopped run
   evomerge inspect runs/RUN          Pareto front, progress, plots
+  evomerge report runs/RUN           runs/RUN/report.html: the run as one page to open in a browser
   evomerge export runs/RUN --pick best:mean
   evomerge zoo build                 build the SmolLM2 zoo (cached; 20-30 min on 2 cores the first time)
   evomerge zoo build zoo=pico        the tiny random zoo used by plumbing tests (seconds)
@@ -73,6 +74,20 @@ def _inspect(args: argparse.Namespace) -> int:
     else:
         print(render(data))
         print("plots: " + ", ".join(plots))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from evomerge.html_report import write_report
+    from evomerge.kinship import write_run_kinship
+    from evomerge.run import RunDir
+
+    run = RunDir.open(args.run_dir)
+    if args.kinship:
+        _log("kinship: loading the run's base and experts to compare their task vectors")
+        print(f"wrote {write_run_kinship(run)}")
+    path = write_report(run, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB); open it in a browser: file://{path.resolve()}")
     return 0
 
 
@@ -183,6 +198,24 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("run_dir", metavar="RUN", help="the run folder, e.g. runs/my-run")
     inspect.add_argument("--json", action="store_true", help="print the front and progress as JSON")
     inspect.set_defaults(run=_inspect)
+
+    report = commands.add_parser(
+        "report", help="write RUN/report.html: the run as one self-contained page (front, progress, recipes)",
+        description="Write one HTML file that opens offline in a browser: the Pareto front (hover a "
+                    "candidate for its scores and recipe, click it for its export command), progress per "
+                    "generation, each pick's recipe per layer, estimates against full-split scores and the "
+                    "experts' kinship. The search rewrites RUN/report.html after every generation; this "
+                    "command writes it for any run folder, finished or not.",
+        epilog="examples:\n  evomerge report runs/my-run\n"
+               "  evomerge report runs/my-run --out /tmp/my-run.html\n"
+               "  evomerge report runs/my-run --kinship     also compute the experts' kinship (loads the models once)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("run_dir", metavar="RUN", help="the run folder, e.g. runs/my-run")
+    report.add_argument("--out", help="where to write the page (default: RUN/report.html)")
+    report.add_argument("--kinship", action="store_true",
+                        help="first compute the experts' kinship from their weights into RUN/kinship.json "
+                             "(loads the base and experts once; the page shows it from then on)")
+    report.set_defaults(run=_report)
 
     export = commands.add_parser(
         "export", help="export one recipe of a run as a model folder, recipe.yaml and mergekit.yaml",

@@ -24,6 +24,7 @@ import torch
 
 from evomerge.errors import UserError
 from evomerge.pool import ModelPool, layer_index
+from evomerge.run import RunDir
 
 OUTSIDE = "outside"
 _CHUNK = 1 << 20  # columns upcast to float64 at a time: bounds the temporary at K x 8 MiB
@@ -142,3 +143,22 @@ def pool_for(arguments: Sequence[str]) -> ModelPool:
         raise UserError(f"the {zoo.config.kind} zoo is not built at {zoo.root}; run '{build}' "
                         f"or pass BASE EXPERT...")
     return ModelPool(str(zoo.base), {k: str(v) for k, v in zoo.experts.items()})
+
+
+def write_run_kinship(run: RunDir) -> Path:
+    """Compute the kinship of the models a run merges (named by its archive's recipes, where the
+    search wrote their paths) and store it as ``RUN/kinship.json``, the form ``evomerge pool
+    --json`` prints, for the run report. Loads the base and experts: the report itself never
+    does, so this is the one step that pays for it."""
+    entry = next(iter(run.archive()), None)
+    if entry is None:
+        raise UserError(f"{run.archive_path} holds no candidate yet, so nothing names the models to compare; "
+                        f"wait for the first evaluations or run `evomerge pool BASE EXPERT...`")
+    recipe = entry.recipe
+    try:
+        base, refs = recipe["base"], {e: recipe.get("expert_refs", {}).get(e, e) for e in recipe["experts"]}
+    except (KeyError, TypeError, AttributeError):
+        raise UserError(f"archive id {entry.id} in {run.archive_path} names no base and experts; "
+                        f"run `evomerge pool BASE EXPERT... --json > {run.kinship_path}` instead") from None
+    run.write_json(run.kinship_path, kinship(ModelPool(base, refs)).to_dict())
+    return run.kinship_path

@@ -131,7 +131,7 @@ def summary(run: RunDir) -> dict[str, Any]:
         "run": str(run.root),
         "references": references(run),
         "objectives": [o.to_dict() for o in objs],
-        "tasks": _tasks(run, entries),
+        "tasks": task_names(run, entries),
         "front": [row(e) for e in members],
         "knee": chosen,
         "verified": [row(e) for e in fronts.verified(valid, objs)],
@@ -168,7 +168,7 @@ def _recipe_summary(entry: ArchiveEntry) -> str:
         return f"(unreadable recipe: {error})"
 
 
-def _tasks(run: RunDir, entries: Sequence[ArchiveEntry]) -> list[str]:
+def task_names(run: RunDir, entries: Sequence[ArchiveEntry]) -> list[str]:
     """Task names in the config's order, else in the order the archive first scores them."""
     listed = run.config().get("tasks")
     if isinstance(listed, list) and all(isinstance(t, str) for t in listed):

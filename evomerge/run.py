@@ -8,6 +8,8 @@ runs/<name>/
   history.jsonl      one line per finished generation: evaluations, best per objective, hypervolume
   probes.json        the probe population's per-item results (fits the estimators; reused on resume)
   pareto.json        the current non-dominated set, with test scores once measured
+  report.html        the run as one page (front, progress, picks' recipes), rewritten per generation
+  kinship.json       the experts' kinship, where `evomerge report --kinship` computed it
   plots/             pareto.png, hypervolume.png
   exports/<pick>/    recipe.yaml, mergekit.yaml, model/
 ```
@@ -36,6 +38,8 @@ HISTORY = "history.jsonl"
 PROBES = "probes.json"
 DRIVER_LOCK = ".driver.lock"
 PARETO = "pareto.json"
+REPORT = "report.html"
+KINSHIP = "kinship.json"
 
 
 @dataclass
@@ -111,6 +115,14 @@ class RunDir:
     @property
     def pareto_path(self) -> Path:
         return self.root / PARETO
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / REPORT
+
+    @property
+    def kinship_path(self) -> Path:
+        return self.root / KINSHIP
 
     @property
     def plots(self) -> Path:

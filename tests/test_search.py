@@ -75,7 +75,7 @@ def reference_run(pico_zoo, pico_cache, tmp_path_factory):
 def test_a_search_fills_its_run_folder(reference_run):
     run, done = reference_run
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "archive.jsonl", "history.jsonl", "probes.json",
-                                                "pareto.json", "run.json"}
+                                                "pareto.json", "run.json", "report.html"}
     assert not [p for p in run.rglob("*") if p.suffix in (".pkl", ".pickle")]  # data only
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["algorithm"]["pop_size"] == POP and config["fitness"]["estimator"] == "anchors"

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evomerge import front as fronts
-from evomerge.errors import UserError
+from evomerge.errors import DiskError, UserError
 from evomerge.fitness.objectives import Objective, hypervolume, minimized_matrix
+from evomerge.html_report import write_report
 from evomerge.layer_path import Plan, plan_from_dict
 from evomerge.run import ArchiveEntry, RunDir
 from evomerge.search.algorithms import SINGLE, make_algorithm, make_problem, setup
@@ -379,9 +380,12 @@ class Search:
         left = self.settings.algorithm.generations - generation - 1
         record = {"generation": generation, "evaluations": next_id, "errors": errors, "best": best,
                   "hypervolume": hv, "seconds": elapsed, "candidates_per_min": rate}
-        if generation not in {h["generation"] for h in self.run_dir.history()}:  # not when replayed
+        replayed = generation in {h["generation"] for h in self.run_dir.history()}
+        if not replayed:
             self.run_dir.append_history(record)
         self._write_pareto(front, generation)
+        if not replayed:  # a replay holds the whole archive already; the next new generation draws it
+            self._write_report()
         eta = f", ~{left * count / max(rate, 1e-9):.1f} min left" if left > 0 else ""
         mean = ""
         if front and len(self.objectives) > 1 and fronts.averageable(self.objectives):
@@ -430,6 +434,19 @@ class Search:
         tests.update({k: r.evaluation.scores for k, r in results.items() if r.evaluation is not None})
         history = self.run_dir.history()
         self._write_pareto(front, history[-1]["generation"] if history else 0, tests)
+        self._write_report()  # with the picks' held-out test scores
+
+    def _write_report(self) -> None:
+        """Rewrite report.html so a browser refreshed during the run shows it as it goes. From the
+        archive the driver holds (equal to archive.jsonl, whose every line it appended), so a
+        generation does not pay for reading it back. A full disk stops the run like any write;
+        a bug in drawing the page costs the page, never the search."""
+        try:
+            write_report(self.run_dir, entries=self.by_id.values())
+        except DiskError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the page is a view; the search goes on
+            self.log(f"report.html not updated: {type(error).__name__}: {error}")
 
 
 class _Progress:
