@@ -38,11 +38,11 @@ from typing import Any, Iterable, Mapping, Sequence
 from evomerge import front as fronts
 from evomerge.errors import UserError
 from evomerge.fitness.objectives import Objective
+from evomerge.layer_path import BASE, KIND, summary_line
 from evomerge.recipe import COMPONENTS, Recipe
 from evomerge.report import held_out_scores, objectives, task_names
 from evomerge.run import ArchiveEntry, RunDir, atomic_write
 
-PATH_KIND = "path"  # the ``kind`` of a data-flow candidate's dict (evomerge.layer_path); recipes have none
 PARENT_KINDS = ("base", "experts", "grid")  # how the front marks the models a run starts from
 DIGITS = 4  # enough for accuracies on a few hundred items; what keeps 2,000 candidates small
 
@@ -71,7 +71,7 @@ def short_recipe(recipe: Mapping[str, Any]) -> str:
     through ``Recipe.from_dict`` (see the module's note on speed); never raises."""
     try:
         kind = recipe.get("kind")
-        if kind == PATH_KIND:
+        if kind == KIND:
             return _path_line(recipe)
         if kind is not None:
             return f"({kind} candidate)"
@@ -96,11 +96,7 @@ def short_recipe(recipe: Mapping[str, Any]) -> str:
 
 
 def _path_line(recipe: Mapping[str, Any]) -> str:
-    slices = recipe.get("slices") or []
-    parts = [f"{s['source']}[{s['start']}-{s['end'] - 1}]" + (f"×{s['scale']:.2f}" if s.get("scale", 1) != 1 else "")
-             for s in slices]
-    blocks = sum(s["end"] - s["start"] for s in slices)
-    return f"path of {blocks} blocks: " + " → ".join(parts) + f" · outside: {recipe.get('outside', 'base')}"
+    return summary_line(recipe.get("slices") or [], recipe.get("outside", BASE))
 
 
 def methods_of(recipe: Mapping[str, Any]) -> list[str]:
@@ -119,7 +115,7 @@ def parent_kind(entry: ArchiveEntry) -> str | None:
     if entry.generation != -1:
         return None
     recipe = entry.recipe
-    if recipe.get("kind") == PATH_KIND:  # a source model whole
+    if recipe.get("kind") == KIND:  # a source model whole
         slices = recipe.get("slices") or [{}]
         source = slices[0].get("source")
         return "base" if source == "base" else "experts" if source in recipe.get("experts", []) else "grid"
@@ -145,7 +141,7 @@ def parent_label(entry: ArchiveEntry) -> str:
     recipe = entry.recipe
     if kind == "base":
         return "base"
-    if recipe.get("kind") == PATH_KIND:
+    if recipe.get("kind") == KIND:
         return f"{(recipe.get('slices') or [{}])[0].get('source', '?')} (whole)"
     weights = (recipe.get("outside") or {}).get("experts", {})
     if kind == "experts":
@@ -160,7 +156,7 @@ def recipe_view(entry: ArchiveEntry) -> dict[str, Any]:
     a layer path as its steps (which source's block, at which entry scale); anything else as a
     note, so a candidate of a kind this page does not know never breaks the page."""
     kind = entry.recipe.get("kind")
-    if kind == PATH_KIND:
+    if kind == KIND:
         return _path_view(entry.recipe)
     if kind is not None:
         return {"kind": "note", "note": f"no recipe view for candidates of kind {kind!r}"}

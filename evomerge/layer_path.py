@@ -160,10 +160,7 @@ class LayerPath:
         return hash(self.hash)
 
     def summary(self) -> str:
-        """One line for tables: each slice as source[first-last], its entry scale where not 1."""
-        parts = [f"{s.source}[{s.start}-{s.end - 1}]" + (f"×{s.scale:.2f}" if s.scale != 1 else "")
-                 for s in self.slices]
-        return f"path of {self.length} blocks: " + " → ".join(parts) + f" · outside: {self.outside}"
+        return summary_line([s.to_dict() for s in self.slices], self.outside)
 
     # --- mergekit --------------------------------------------------------------------------------
     def to_mergekit(self) -> dict[str, Any]:
@@ -193,6 +190,15 @@ class LayerPath:
 
     def to_mergekit_yaml(self) -> str:
         return _dump_yaml(self.to_mergekit())
+
+
+def summary_line(slices: list[Mapping[str, Any]], outside: str) -> str:
+    """One line for tables: each slice as source[first-last], its entry scale where not 1. Over
+    plain slice dicts, so a report can show thousands of archived paths without parsing each."""
+    parts = [f"{s['source']}[{s['start']}-{s['end'] - 1}]" + (f"×{s['scale']:.2f}" if s.get("scale", 1) != 1 else "")
+             for s in slices]
+    blocks = sum(s["end"] - s["start"] for s in slices)
+    return f"path of {blocks} blocks: " + " → ".join(parts) + f" · outside: {outside}"
 
 
 def _canonical(slices: tuple[Slice, ...] | list[Slice]) -> tuple[Slice, ...]:
