@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "zoo_pareto" / "run.py"
-SEARCHES = ("random", "cmaes", "ga", "nsga2")
+SEARCHES = ("random", "cmaes")  # per-task objectives and one mean: the plumbing both kinds take
 
 
 def run(out: Path, cache: Path) -> subprocess.CompletedProcess:
     # RAY_ADDRESS=local: a private Ray instance even when another test has a cluster running.
     env = {**os.environ, "EVOMERGE_CACHE": str(cache), "RAY_ADDRESS": "local", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(SCRIPT), "--quick", "--zoo", "pico", "--workers", "1",
-                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+                           "--searchers", ",".join(SEARCHES), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +105,12 @@ def test_learning_curves_read_each_run_at_every_budget(experiment):
     out, cache = experiment
     env = {**os.environ, "EVOMERGE_CACHE": str(cache), "RAY_ADDRESS": "local", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(SCRIPT.parent / "curves.py"), "--quick", "--zoo", "pico",
-                           "--searchers", "default,cmaes,ga,random",  # the TSV-M rows add time, not plumbing
+                           "--searchers", "default,cmaes,random",  # the TSV-M rows add time, not plumbing
                            "--workers", "1", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     curves = json.loads((out / "curves.json").read_text())
     assert curves["budgets"] == [4, 8]
-    assert sorted({r["searcher"] for r in curves["rows"]}) == ["cmaes", "default", "ga", "random"]
+    assert sorted({r["searcher"] for r in curves["rows"]}) == ["cmaes", "default", "random"]
     for row in curves["rows"]:
         assert [p["budget"] for p in row["points"]] == [4, 8]
         assert all(p["pick"]["val"] is not None and p["pick"]["test"] is not None for p in row["points"])
@@ -132,4 +133,4 @@ def test_learning_curves_read_each_run_at_every_budget(experiment):
     shortlist = verifying.shortlist(8)
     assert len(shortlist) == 3 and all(cost[e.id] <= 3.5 for e in shortlist)
     table = (out / "curves.md").read_text()
-    assert all(f"| `{name}` |" in table for name in ("default", "cmaes", "ga", "random"))
+    assert all(f"| `{name}` |" in table for name in ("default", "cmaes", "random"))

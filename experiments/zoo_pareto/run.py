@@ -389,7 +389,8 @@ def search_config(name: str, seed: int, common: list[str], budget: int, pop: int
                   own_length: bool = True, experts: int = 0) -> dict:
     from evomerge.config import compose
 
-    own = [o.format(seed=seed, picks=ps_picks(runs)) for o in SEARCHERS[name][1]]
+    # placeholders by name, not str.format: overrides hold braces of their own ({method: ...})
+    own = [o.replace("{seed}", str(seed)).replace("{picks}", str(ps_picks(runs))) for o in SEARCHERS[name][1]]
     overrides = common + own + [f"runs_dir={runs}", f"name={name}-s{seed}", f"seed={seed}"]
     config = compose(overrides)
     if not (own_length and name in OWN_LENGTH):
