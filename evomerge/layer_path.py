@@ -232,14 +232,10 @@ def plan_from_yaml(text: str) -> Plan:
 
 
 def source_recipe(path: LayerPath, source: str) -> Recipe:
-    """The recipe that materializes one of ``path``'s sources: the base (every task vector at
-    weight 0), an expert (its own at weight 1) or the PS merge."""
-    from evomerge.recipe import ExpertParams, MethodConfig
-
+    """The recipe that materializes one of ``path``'s sources: the base, an expert, or the PS merge."""
     if source == MERGE and path.merge is not None:
         return path.merge
     if source != BASE and source not in path.experts:
         raise UserError(f"path source {source!r} is not one of {', '.join(path.sources)}")
-    weights = {e: ExpertParams(weight=1.0 if e == source else 0.0) for e in path.experts}
-    return Recipe.uniform(path.base, path.experts, path.num_layers, MethodConfig("task_arithmetic", weights),
-                          dtype=path.dtype, expert_refs=path.expert_refs)
+    return Recipe.alone(path.base, path.experts, path.num_layers, None if source == BASE else source,
+                        dtype=path.dtype, expert_refs=path.expert_refs)

@@ -325,6 +325,17 @@ class Recipe:
         return cls(base, tuple(experts), num_layers, (LayerGroup(0, num_layers, "all", config),),
                    config, dtype, dict(expert_refs or {}))
 
+    @classmethod
+    def alone(cls, base: str, experts: Sequence[str], num_layers: int, expert: str | None = None,
+              *, dtype: str = "float32", expert_refs: Mapping[str, str] | None = None) -> Recipe:
+        """One input model spelled as a recipe: the base (``expert`` None: every task vector at
+        weight 0) or one expert (its own at weight 1), as task arithmetic. The one spelling of a
+        parent, so a search's parents and a layer path's sources hash alike."""
+        if expert is not None and expert not in experts:
+            raise UserError(f"expert {expert!r} is not one of {', '.join(experts)}")
+        config = MethodConfig("task_arithmetic", {e: ExpertParams(weight=1.0 if e == expert else 0.0) for e in experts})
+        return cls.uniform(base, experts, num_layers, config, dtype=dtype, expert_refs=expert_refs)
+
     def config_for(self, layer: int | None, component: str) -> MethodConfig:
         """Config for a tensor of block ``layer`` (None: outside the blocks) of kind ``component``
         ('attn', 'mlp', or 'all'/'norm' for the rest); an attn/mlp group beats an 'all' group."""

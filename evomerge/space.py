@@ -209,14 +209,16 @@ class SearchSpace:
         for each weight of ``space.uniform``: a merge the space can spell, so a search can start
         from it). They need no gene: a search scores them as candidates so that what it returns
         is never worse than what the user brought."""
-        def weights(values: Mapping[str, float], method: str = "task_arithmetic") -> Recipe:
-            config = MethodConfig(method, {e: ExpertParams(weight=values.get(e, 0.0)) for e in self.experts})
+        def alone(expert: str | None) -> Recipe:
+            return Recipe.alone(self.base, self.experts, self.num_layers, expert, expert_refs=self.expert_refs)
+
+        def uniform(weight: float) -> Recipe:
+            config = MethodConfig(self.config.methods[0], {e: ExpertParams(weight=weight) for e in self.experts})
             return Recipe.uniform(self.base, self.experts, self.num_layers, config, expert_refs=self.expert_refs)
 
-        recipes = {"base": weights({})}
-        recipes.update({f"expert:{e}": weights({e: 1.0}) for e in self.experts})
-        recipes.update({f"uniform:{w:g}": weights(dict.fromkeys(self.experts, w), self.config.methods[0])
-                        for w in self.config.uniform})
+        recipes = {"base": alone(None)}
+        recipes.update({f"expert:{e}": alone(e) for e in self.experts})
+        recipes.update({f"uniform:{w:g}": uniform(w) for w in self.config.uniform})
         return recipes
 
     def initial_recipes(self) -> list[Recipe]:
