@@ -41,8 +41,8 @@ class PathSources:
             # Not a deepcopy of the working model: it carries the worker's forward hooks, and
             # copying a bound method copies its owner (the whole worker, merger and all).
             template = self.merger.model
-            fresh: dict[int, torch.Tensor] = {}
-            state = {name: fresh.setdefault(id(t), torch.empty_like(t)) for name, t in template.state_dict().items()}
+            # one new tensor per name; ``_filled`` ties tied names back into one parameter
+            state = {name: torch.empty_like(t) for name, t in template.state_dict().items()}
             model = _filled(template, copy.deepcopy(template.config), state)
             self._models[recipe.hash] = self.merger.materialize(recipe, into=model)
             self.merger.drop_statistics()  # a source is merged once; its statistics would stay for nothing
