@@ -63,15 +63,12 @@ def path_model(path: LayerPath, sources: PathSources) -> torch.nn.Module:
 
 def folded(path: LayerPath, sources: PathSources) -> torch.nn.Module:
     """A standalone model with ``path``'s blocks copied and its scales folded into the weights."""
-    copies: dict[int, torch.Tensor] = {}
-
     def copied(name: str, tensor: torch.Tensor, scale: float) -> torch.Tensor:
-        if layer_index(name) is not None:  # each step its own copy: a block visited twice is stored twice
-            writes = any(f".{writer}." in name for writer in RESIDUAL_WRITERS)
-            return tensor / scale if writes else tensor.clone()
-        if id(tensor) not in copies:  # tied tensors outside the blocks stay tied
-            copies[id(tensor)] = tensor.clone()
-        return copies[id(tensor)]
+        # Each step its own copy (a block visited twice is stored twice); tied names outside the
+        # blocks are tied back into one parameter by ``_filled``.
+        if layer_index(name) is not None and any(f".{writer}." in name for writer in RESIDUAL_WRITERS):
+            return tensor / scale
+        return tensor.clone()
 
     return _assembled(path, sources, copied)
 
