@@ -25,6 +25,8 @@ from evomerge.errors import UserError
 
 SCHEMA = "evomerge_schema"  # the root dataclass's name in hydra's ConfigStore
 ZOO_KINDS = ("smollm2", "pico")
+# How a zoo's experts are made from its base: full fine-tunes, or peft LoRA adapters.
+ZOO_EXPERTS = ("full", "lora")
 DTYPES = ("float32", "bfloat16", "float16")
 # Task vectors may also be stored quantized (evomerge.merge.quantized): format name -> bits per code.
 QUANTIZED_DELTAS = {"int8": 8, "int4": 4}
@@ -283,6 +285,16 @@ class FinetuneConfig:
 
 
 @dataclass
+class LoraZooConfig:
+    """The adapters of a LoRA zoo (peft's ``LoraConfig``: rank, alpha, target modules)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    # peft's "all-linear": every linear layer in the decoder blocks, whatever the family names them
+    target_modules: str = "all-linear"
+
+
+@dataclass
 class ZooConfig:
     """What a zoo is made of; its hash names the cache folder (see ``evomerge.zoo.build``)."""
 
@@ -298,9 +310,17 @@ class ZooConfig:
     validation_size: int | None = None
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     merge_scales: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0])
+    experts: str = "full"  # one of ZOO_EXPERTS
+    lora: LoraZooConfig = field(default_factory=LoraZooConfig)  # read when experts is "lora"
 
     def __post_init__(self) -> None:
         from evomerge.zoo.skills import SKILLS
+
+        if self.experts not in ZOO_EXPERTS:
+            raise UserError(f"zoo.experts={self.experts!r} is unknown; valid: {', '.join(ZOO_EXPERTS)}")
+        if self.experts == "lora" and (self.lora.rank < 1 or self.lora.alpha <= 0):
+            raise UserError(f"zoo.lora.rank={self.lora.rank} and zoo.lora.alpha={self.lora.alpha} "
+                            f"must be a rank >= 1 and an alpha > 0")
 
         if self.kind not in ZOO_KINDS:
             raise UserError(f"zoo kind {self.kind!r} is unknown; valid: {', '.join(ZOO_KINDS)}")
@@ -325,9 +345,16 @@ class ZooConfig:
     def scored_validation_size(self) -> int:
         return self.eval_size if self.validation_size is None else self.validation_size
 
+    @property
+    def name(self) -> str:
+        """The zoo's name without its hash: ``smollm2``, ``smollm2-lora``, ``pico``."""
+        return self.kind if self.experts == "full" else f"{self.kind}-{self.experts}"
+
     def built_fields(self) -> dict:
-        """What the built zoo depends on: every field but the scored validation size."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "validation_size"}
+        """What the built zoo depends on: every field but the scored validation size (and, for
+        full fine-tunes, the adapter fields, which full zoos built before them never had)."""
+        skipped = {"validation_size"} | ({"experts", "lora"} if self.experts == "full" else set())
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skipped}
 
     def fingerprint(self) -> str:
         from evomerge.zoo.build import ZOO_FORMAT

