@@ -52,7 +52,7 @@ def kinship(pool: ModelPool) -> Kinship:
     for name in pool.base:
         layer = layer_index(name)
         key = OUTSIDE if layer is None else str(layer)
-        stack = [pool.task_vectors[e][name].reshape(-1) for e in experts]
+        stack = [pool.delta(e, name).reshape(-1) for e in experts]
         gram = grams.setdefault(key, torch.zeros(len(experts), len(experts), dtype=torch.float64))
         for start in range(0, stack[0].numel(), _CHUNK):
             chunk = torch.stack([t[start:start + _CHUNK] for t in stack]).double()
@@ -85,7 +85,7 @@ def subspace_overlap(pool: ModelPool) -> tuple[list[list[float]], float]:
         if base.ndim != 2 or layer_index(name) is None or min(base.shape) < 2:
             continue
         k = max(1, min(base.shape) // count)
-        stack = torch.stack([pool.task_vectors[e][name].float() for e in experts])
+        stack = torch.stack([pool.delta(e, name).float() for e in experts])
         u, s, _ = torch.linalg.svd(stack, full_matrices=False)
         tops = u[:, :, :k].double() * (s[:, :1, None] > 0)  # an all-zero update has no directions
         total += torch.einsum("ima,jmb->ijab", tops, tops).square().sum((2, 3)) / k

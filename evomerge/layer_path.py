@@ -176,7 +176,9 @@ class LayerPath:
             raise UserError(f"mergekit takes the embeddings from the first slice's model "
                             f"({self.slices[0].source}) and the head from the last one's ({self.slices[-1].source}); "
                             f"this path takes both from {self.outside}")
-        refs = {BASE: self.base, **{e: self.expert_refs.get(e, e) for e in self.experts}}
+        from evomerge.mergekit_config import mergekit_model
+
+        refs = {BASE: self.base, **{e: mergekit_model(self.expert_refs.get(e, e), self.base) for e in self.experts}}
         out, total = [], 1.0
         for piece in self.slices:
             total *= piece.scale

@@ -14,6 +14,7 @@ families.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from evomerge.errors import UserError
@@ -92,7 +93,8 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
         for name in names:
             params = _settings(expert_keys, kinds,
                                lambda c, key: c.experts[name][key])
-            sources.append({"model": recipe.expert_refs.get(name, name), "parameters": params})
+            sources.append({"model": mergekit_model(recipe.expert_refs.get(name, name), recipe.base),
+                            "parameters": params})
         shared = _settings(global_keys, kinds, MethodConfig.get)
         slices.append((start, end, sources, shared))
     if len(slices) == 1:
@@ -141,6 +143,8 @@ def from_mergekit(config: dict[str, Any] | str,
     slices = (_read_models(data["models"], num_layers, base_ref if with_base else None)
               if "models" in data else _read_slices(data["slices"], num_layers, base_ref))
     total = slices[-1][1]
+    slices = [(start, end, [(_expert_ref(ref, base_ref, f"layers [{start}, {end})"), params)
+                            for ref, params in sources], shared) for start, end, sources, shared in slices]
 
     expert_refs = _expert_refs(slices, base_ref, with_base)
     given = dict(expert_names or {})
@@ -263,6 +267,25 @@ def _read_slices(slices: Any, num_layers: int | None, base_ref: str) -> list[_Sl
     if num_layers is not None and num_layers != position:
         raise UserError(f"the mergekit slices cover {position} layers, not num_layers={num_layers}")
     return out
+
+
+def mergekit_model(ref: str, base: str) -> str:
+    """How mergekit names expert ``ref``: a LoRA adapter folder is ``base+adapter`` (mergekit
+    applies the adapter to the base before merging), anything else its own reference."""
+    from evomerge.adapters import is_adapter_folder
+
+    return f"{base}+{ref}" if is_adapter_folder(Path(ref).expanduser()) else ref
+
+
+def _expert_ref(ref: str, base_ref: str, where: str) -> str:
+    """``ref`` as an expert of ``base_ref``: mergekit's ``base+adapter`` is the adapter."""
+    if "+" not in ref or Path(ref).expanduser().exists():
+        return ref
+    model, adapter = ref.split("+", 1)
+    if model != base_ref:
+        raise UserError(f"{where}: {ref!r} applies a LoRA adapter to {model!r}, not to base {base_ref!r}; "
+                        f"an adapter expert is written base+adapter")
+    return adapter
 
 
 def _expert_refs(slices: list[_Slice], base_ref: str, with_base: bool) -> list[str]:

@@ -17,7 +17,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from evomerge.adapters import ADAPTER_CONFIG, adapter_deltas, check_adapter, inspect_adapter, is_adapter_folder
 from evomerge.errors import UserError
+from evomerge.merge.factored import Delta, LowRank
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -48,9 +50,10 @@ def resolve(ref: str, *, allow_pickle: bool = False) -> tuple[Path, str | None]:
     if _is_gguf(ref):
         return path.parent, path.name
     if path.is_dir():
-        if not (path / "config.json").exists():
+        if not (path / "config.json").exists() and not is_adapter_folder(path):
             raise UserError(f"model folder {ref} has no config.json; expected a Hugging Face model folder "
-                            f"(config.json + *.safetensors) or a .gguf file")
+                            f"(config.json + *.safetensors), a peft adapter folder ({ADAPTER_CONFIG}) "
+                            f"or a .gguf file")
         return path, None
     if path.suffix == ".gguf" or ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
         raise UserError(f"model {ref!r} not found: expected a local model folder, a .gguf file, "
@@ -144,6 +147,17 @@ def check_mergeable(base: ModelInfo, expert: ModelInfo) -> None:
                         f"experts must use the base's tokenizer")
 
 
+def check_expert(base: ModelInfo, ref: str, *, allow_pickle: bool = False,
+                 trust_remote_code: bool = False) -> None:
+    """Check one expert (a full model or a LoRA adapter) against the base from metadata only;
+    a one-line UserError names the first mismatch."""
+    folder, gguf_file = resolve(ref, allow_pickle=allow_pickle)
+    if gguf_file is None and is_adapter_folder(folder):
+        check_adapter(base.ref, base.shapes, inspect_adapter(ref, folder, allow_pickle=allow_pickle))
+    else:
+        check_mergeable(base, inspect_model(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+
+
 def load_model(ref: str, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                trust_remote_code: bool = False, device: str = "cpu"):
     """Model and tokenizer for ``ref`` in eval mode."""
@@ -179,7 +193,9 @@ class ModelPool:
     """The base's weights and each expert's task vector τ = θ_expert − θ_base, on one device.
 
     Experts load one at a time and only their difference is kept, so peak memory is the pool
-    plus one model, not all models at once.
+    plus one model, not all models at once. A LoRA adapter's task vector stays factored: its
+    entries are :class:`~evomerge.merge.factored.LowRank` for the projections it adapts, absent
+    for the tensors it leaves alone (:meth:`delta` reads any entry densely).
     """
 
     def __init__(self, base: str, experts: Mapping[str, str] | Sequence[str], *,
@@ -198,13 +214,19 @@ class ModelPool:
         loaded = load_model(base, dtype=dtype, device=device, **opts) if _is_gguf(base) else None
         base_info = inspect_model(base, loaded=loaded, **opts)
         for ref in named.values():
-            check_mergeable(base_info, inspect_model(ref, **opts))
+            check_expert(base_info, ref, **opts)
         self.base_ref = base
         self.expert_refs = named
         self.model, self.tokenizer = loaded or load_model(base, dtype=dtype, device=device, **opts)
         self.base = {k: v.clone() for k, v in unique_parameters(self.model).items()}
-        self.task_vectors: dict[str, dict[str, torch.Tensor]] = {}
+        self.task_vectors: dict[str, dict[str, Delta]] = {}
         for name, ref in named.items():
+            folder, gguf_file = resolve(ref, allow_pickle=allow_pickle)
+            if gguf_file is None and is_adapter_folder(folder):
+                adapter = inspect_adapter(ref, folder, allow_pickle=allow_pickle)
+                fresh = lambda: load_model(base, dtype=dtype, device=device, **opts)[0]  # noqa: E731
+                self.task_vectors[name] = adapter_deltas(adapter, fresh, self.base)
+                continue
             expert, _ = load_model(ref, dtype=dtype, device=device, **opts)
             weights = unique_parameters(expert)
             self.task_vectors[name] = {k: weights[k] - self.base[k] for k in self.base}
@@ -214,13 +236,20 @@ class ModelPool:
     def expert_names(self) -> list[str]:
         return list(self.task_vectors)
 
+    def delta(self, expert: str, name: str) -> torch.Tensor:
+        """``expert``'s task vector for tensor ``name``, dense (zeros where an adapter leaves it)."""
+        entry = self.task_vectors[expert].get(name)
+        if entry is None:
+            return torch.zeros_like(self.base[name])
+        return entry.dense() if isinstance(entry, LowRank) else entry
+
     def relative_norms(self) -> dict[str, float]:
         """‖τ‖/‖θ_base‖ per expert: how far each fine-tune moved, the regime merging depends on."""
-        if any(len(tau) != len(self.base) for tau in self.task_vectors.values()):
+        if any(not tau for tau in self.task_vectors.values()):
             raise ValueError("this pool's task vectors went to a Merger that quantized them; "
                              "measure norms on a pool of its own")
         base_norm = _norm(self.base.values())
-        return {name: _norm(tau.values()) / base_norm for name, tau in self.task_vectors.items()}
+        return {name: _norm(self.delta(name, k) for k in tau) / base_norm for name, tau in self.task_vectors.items()}
 
 
 def _norm(tensors) -> float:

@@ -107,14 +107,14 @@ def test_export_replaces_a_previous_export(pico_zoo, merger, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pick"]
 
 
-def run_mergekit(config_path: Path, out: Path) -> dict[str, torch.Tensor]:
+def run_mergekit(config_path: Path, out: Path, **options) -> dict[str, torch.Tensor]:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
     from safetensors.torch import load_file
 
     config = MergeConfiguration.model_validate(yaml.safe_load(config_path.read_text()))
-    run_merge(config, str(out), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_merge(config, str(out), MergeOptions(quiet=True, copy_tokenizer=False, **options))
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(out.glob("*.safetensors")):
         tensors.update(load_file(file))

@@ -11,9 +11,11 @@ Nothing model-sized is allocated per candidate, and nothing of one candidate sur
 next: every merged tensor is recomputed from the base and the task vectors.
 
 Task vectors may also be stored quantized (``delta_dtype`` ``int8`` or ``int4``, see
-:mod:`evomerge.merge.quantized`). Methods never see the codes: the engine dequantizes one tensor's
-stack where it needs dense deltas (a column block at a time for the linear methods), so the
-extra memory is one tensor's dense stack, never the pool's.
+:mod:`evomerge.merge.quantized`) or, for LoRA-adapter experts, as factors
+(:mod:`evomerge.merge.factored`). Methods never see either: the engine dequantizes or multiplies
+out one tensor's stack where it needs dense deltas (a column block at a time for the linear
+methods over codes; never for factors, which the linear methods apply as one rank-r product), so
+the extra memory is one tensor's dense stack, never the pool's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor
 from evomerge.config import DELTA_DTYPES, DTYPES, QUANTIZED_DELTAS
 from evomerge.errors import UserError
 from evomerge.merge import kernels, methods, registry
+from evomerge.merge.factored import FactoredStack, LowRank
 from evomerge.merge.quantized import GROUP, QuantizedStack, quantized_bytes
 from evomerge.merge.registry import MergeParams
 from evomerge.merge.stats import DeltaStats
@@ -77,6 +80,28 @@ class MemoryPlan:
     experts: int
     dtype: torch.dtype
     delta_dtype: DeltaFormat
+
+    @classmethod
+    def for_pool(cls, pool: ModelPool, dtype: torch.dtype, delta_dtype: DeltaFormat) -> MemoryPlan:
+        """The plan for ``pool`` as it is held: dense task vectors as ``for_shapes`` counts them,
+        an adapter's factors at the float delta dtype (the working dtype under a quantized
+        format: codes are for dense deltas), and nothing for tensors an adapter leaves alone."""
+        experts = len(pool.task_vectors)
+        plan = cls.for_shapes({k: v.shape for k, v in pool.base.items()}, experts, dtype, delta_dtype)
+        if all(len(tau) == len(pool.base) and not any(isinstance(d, LowRank) for d in tau.values())
+               for tau in pool.task_vectors.values()):
+            return plan
+        deltas = 0
+        for name, base in pool.base.items():
+            numel = base.numel()
+            for tau in pool.task_vectors.values():
+                entry = tau.get(name)
+                if isinstance(entry, LowRank):
+                    deltas += (entry.left.numel() + entry.right.numel()) * _itemsize(_factor_dtype(delta_dtype, dtype))
+                elif entry is not None:
+                    deltas += (quantized_bytes(numel, QUANTIZED_DELTAS[delta_dtype]) if isinstance(delta_dtype, str)
+                               else numel * _itemsize(delta_dtype))
+        return cls(plan.base, deltas, plan.working, experts, dtype, delta_dtype)
 
     @classmethod
     def for_shapes(cls, shapes: Mapping[str, Sequence[int]], experts: int, dtype: torch.dtype,
@@ -233,14 +258,13 @@ class Merger:
         self._dense_dtype = kernels.work_dtype(dtype)
         self.experts = pool.expert_names
         self.quantile_resolution = quantile_resolution
-        self.plan = MemoryPlan.for_shapes({k: v.shape for k, v in pool.base.items()},
-                                          len(self.experts), dtype, self.delta_dtype)
+        self.plan = MemoryPlan.for_pool(pool, dtype, self.delta_dtype)
         check_fits(self.plan, self.device, _bytes_on(pool, self.device))
         self.pool = pool
         self.tokenizer = pool.tokenizer
         self.model = pool.model.to(device=self.device, dtype=dtype)
         self._base: dict[str, Tensor] = {}
-        self._stacks: dict[str, Tensor | QuantizedStack] = {}
+        self._stacks: dict[str, Tensor | QuantizedStack | FactoredStack] = {}
         for name in list(pool.base):
             self._take(pool, name)
         self._where = {name: (layer_index(name), component_of(name)) for name in self._base}
@@ -259,17 +283,33 @@ class Merger:
         become views of the result (quantized: are dropped), so the old copies are freed tensor
         by tensor."""
         base = pool.base[name].to(device=self.device, dtype=self.dtype)
-        dense_dtype = self._dense_dtype if self.quantized else self.delta_dtype
-        stack = torch.empty((len(self.experts), base.numel()), dtype=dense_dtype, device=self.device)
-        for i, expert in enumerate(self.experts):
-            stack[i].copy_(pool.task_vectors[expert][name].reshape(-1))
+        entries = [pool.task_vectors[expert].get(name) for expert in self.experts]
+        dense_rows = [i for i, entry in enumerate(entries) if isinstance(entry, Tensor)]
+        dense = None
+        if dense_rows:
+            dense_dtype = self._dense_dtype if self.quantized else self.delta_dtype
+            dense = torch.empty((len(dense_rows), base.numel()), dtype=dense_dtype, device=self.device)
+            for row, i in enumerate(dense_rows):
+                expert = self.experts[i]
+                dense[row].copy_(entries[i].reshape(-1))
+                if self.quantized:
+                    del pool.task_vectors[expert][name]
+                else:
+                    pool.task_vectors[expert][name] = dense[row].view(base.shape)
             if self.quantized:
-                del pool.task_vectors[expert][name]
-            else:
-                pool.task_vectors[expert][name] = stack[i].view(base.shape)
+                dense = QuantizedStack.of(dense, QUANTIZED_DELTAS[self.delta_dtype])
         pool.base[name] = base
         self._base[name] = base
-        self._stacks[name] = QuantizedStack.of(stack, QUANTIZED_DELTAS[self.delta_dtype]) if self.quantized else stack
+        if len(dense_rows) == len(self.experts):
+            self._stacks[name] = dense
+            return
+        factors = {}
+        for i, entry in enumerate(entries):
+            if isinstance(entry, LowRank):
+                factors[i] = entry.to(self.device, _factor_dtype(self.delta_dtype, self.dtype))
+                pool.task_vectors[self.experts[i]][name] = factors[i]
+        self._stacks[name] = FactoredStack(tuple(base.shape), len(self.experts), tuple(dense_rows), dense,
+                                           factors, self.device)
 
     def memory_plan(self) -> MemoryPlan:
         return self.plan
@@ -342,7 +382,7 @@ class Merger:
         stack = self._stacks[name]
         index = torch.tensor(plan.included, device=self.device)
         every = len(plan.included) == len(self.experts)
-        if isinstance(stack, QuantizedStack):  # dense for this tensor's merge only
+        if isinstance(stack, (QuantizedStack, FactoredStack)):  # dense for this tensor's merge only
             deltas = (stack if every else stack.select(index)).dense(self._dense_dtype).view(-1, *base.shape)
         else:
             deltas = (stack if every else stack.index_select(0, index)).view(-1, *base.shape)
@@ -358,7 +398,7 @@ class Merger:
         lent = contextlib.nullcontext()
         if spec.reads_stats:  # cached: a table lookup replaces a sort, a stored SVD a new one
             stats = self._stats_of(name)
-            if every and isinstance(stack, QuantizedStack):
+            if every and isinstance(stack, (QuantizedStack, FactoredStack)):
                 lent = stats.lending(deltas)  # first-use statistics read the dense stack made above
             stats = stats if every else _ExpertSubset(stats, plan.included)
         with lent:
@@ -384,8 +424,21 @@ class Merger:
     def _write_combination(self, name: str, scale: float, coefficients: list[float],
                            target: Tensor) -> None:
         """target = scale * base + stack^T c; a quantized stack is made dense a column block at a
-        time, so its temporaries are what combine's upcast of a bf16 stack would be."""
+        time, so its temporaries are what combine's upcast of a bf16 stack would be; factors are
+        added as one rank-r product after the dense experts."""
         base, stack = self._base[name].view(-1), self._stacks[name]
+        if isinstance(stack, FactoredStack):
+            dense = [coefficients[i] for i in stack.dense_rows]
+            if stack.dense_part is None:
+                torch.mul(base, scale, out=target)
+            else:
+                self._combine_dense(base, stack.dense_part, scale, dense, target)
+            stack.add_low_rank(coefficients, target)
+            return
+        self._combine_dense(base, stack, scale, coefficients, target)
+
+    def _combine_dense(self, base: Tensor, stack: Tensor | QuantizedStack, scale: float,
+                       coefficients: list[float], target: Tensor) -> None:
         if not isinstance(stack, QuantizedStack):
             kernels.combine(base, stack, scale, coefficients, target)
             return
@@ -398,7 +451,7 @@ class Merger:
         quantized stack's statistics make it dense when they are built, and keep no dense copy."""
         if name not in self._stats:
             shape, stack = self._base[name].shape, self._stacks[name]
-            if isinstance(stack, QuantizedStack):
+            if isinstance(stack, (QuantizedStack, FactoredStack)):
                 source = lambda: stack.dense(self._dense_dtype).view(-1, *shape)  # noqa: E731
             else:
                 source = stack.view(-1, *shape)
@@ -411,13 +464,21 @@ class Merger:
 
 def _bytes_on(pool: ModelPool, device: torch.device) -> int:
     """Bytes of the pool's tensors already on ``device``: the merger reuses or frees them."""
-    tensors = [*pool.base.values(), *(t for tv in pool.task_vectors.values() for t in tv.values()),
+    deltas = [d for tv in pool.task_vectors.values() for d in tv.values()]
+    factors = [t for d in deltas if isinstance(d, LowRank) for t in (d.left, d.right)]
+    tensors = [*pool.base.values(), *(d for d in deltas if isinstance(d, Tensor)), *factors,
                *unique_parameters(pool.model).values()]
     return sum(t.nbytes for t in tensors if t.device == device)
 
 
-def _dense_numel(stack: Tensor | QuantizedStack) -> int:
-    return stack.dense_numel() if isinstance(stack, QuantizedStack) else stack.numel()
+def _dense_numel(stack: Tensor | QuantizedStack | FactoredStack) -> int:
+    return stack.numel() if isinstance(stack, Tensor) else stack.dense_numel()
+
+
+def _factor_dtype(delta: DeltaFormat, dtype: torch.dtype) -> torch.dtype:
+    """Adapter factors are kept in the float delta dtype; quantized formats are for dense deltas
+    (a rank-16 factor is already small), so under them factors keep the working dtype."""
+    return dtype if isinstance(delta, str) else delta
 
 
 def _concrete(device: torch.device) -> torch.device:

@@ -126,12 +126,12 @@ def _named_experts(experts: Any) -> dict[str, str]:
 
 def _check_models(base: str, experts: Mapping[str, str], allow_pickle: bool, trust_remote_code: bool) -> int:
     """Check every expert against the base (metadata only); returns the base's block count."""
-    from evomerge.pool import check_mergeable, inspect_model, layer_index
+    from evomerge.pool import check_expert, inspect_model, layer_index
 
     options = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     info = inspect_model(base, **options)
     for ref in experts.values():
-        check_mergeable(info, inspect_model(ref, **options))
+        check_expert(info, ref, **options)
     layers = [i for i in map(layer_index, info.shapes) if i is not None]
     if not layers:
         raise UserError(f"base model {base} has no numbered decoder blocks (model.layers.N.*); "

@@ -1,0 +1,149 @@
+"""LoRA adapters as experts: recognized, checked against the base, and read as factors.
+
+Most experts users hold are peft adapters, not full fine-tunes; merging one into a dense model
+first turns a few MB of factors into a task vector the size of the model. An adapter folder is
+read with peft's own config and loading (``PeftConfig``, ``PeftModel``), so every variant peft
+knows (rank and alpha patterns, rsLoRA, Conv1D's transposed layout) means here what it means
+there. Plain LoRA projections stay factors (:class:`~evomerge.merge.factored.LowRank`);
+everything else an adapter changes (DoRA, LoRA biases, embedding LoRA, ``modules_to_save``) is
+taken densely from peft's own merge, so nothing peft applies is lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from evomerge.errors import UserError
+from evomerge.merge.factored import Delta, LowRank
+
+ADAPTER_CONFIG = "adapter_config.json"
+_ADAPTER = "default"  # the name PeftModel.from_pretrained gives the one adapter it loads
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """A peft adapter folder: ``adapter_config.json`` and no full model's ``config.json``."""
+    return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What checking an adapter against its base needs, read without loading any weights."""
+
+    ref: str
+    folder: Path
+    peft_type: str
+    base_model: str | None
+    shapes: dict[str, tuple[int, ...]]  # the adapter file's tensors, as peft saved them
+    fan_in_fan_out: bool
+
+
+def inspect_adapter(ref: str, folder: Path, *, allow_pickle: bool = False) -> AdapterInfo:
+    from peft import PeftConfig
+
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+    except Exception as error:  # a broken or foreign adapter_config.json
+        raise UserError(f"adapter {ref}: {ADAPTER_CONFIG} could not be read by peft "
+                        f"({_first_line(error)})") from None
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_file():
+        shapes = _header_shapes(weights)
+    elif (folder / "adapter_model.bin").is_file():
+        if not allow_pickle:
+            raise UserError(f"adapter {ref} has only pickle weights (adapter_model.bin), which can run code "
+                            f"when loaded; convert it to safetensors or opt in with allow_pickle=true")
+        shapes = {k: tuple(v.shape) for k, v in torch.load(folder / "adapter_model.bin", map_location="meta",
+                                                            weights_only=True, mmap=True).items()}
+    else:
+        raise UserError(f"adapter {ref} has no adapter_model.safetensors; expected a folder written by "
+                        f"peft's save_pretrained")
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    return AdapterInfo(ref, folder, peft_type, config.base_model_name_or_path, shapes,
+                       bool(getattr(config, "fan_in_fan_out", False)))
+
+
+def check_adapter(base_ref: str, base_shapes: dict[str, tuple[int, ...]], adapter: AdapterInfo) -> None:
+    """Raise a one-line UserError naming the first way ``adapter`` does not fit the base: its
+    kind, the base it names, a target module the base lacks, or a factor of the wrong shape."""
+    if adapter.peft_type != "LORA":
+        raise UserError(f"expert {adapter.ref} is a {adapter.peft_type} adapter; adapters must be LoRA "
+                        f"(peft_type LORA) or be merged into a full model first")
+    if adapter.base_model and not _same_model(adapter.base_model, base_ref):
+        raise UserError(f"adapter {adapter.ref} was trained on {adapter.base_model!r} (its {ADAPTER_CONFIG}), "
+                        f"not on base {base_ref}; pass that model as models.base")
+    for key, shape in adapter.shapes.items():
+        for part, axis in ((".lora_A.", 1), (".lora_B.", 0)):
+            if part not in key:
+                continue
+            module = key.split(part)[0].removeprefix("base_model.model.")
+            weight = f"{module}.weight"
+            if weight not in base_shapes:
+                raise UserError(f"adapter {adapter.ref} targets {module!r}, which base {base_ref} lacks; "
+                                f"the adapter was made for another model")
+            rows, cols = base_shapes[weight][:2] if len(base_shapes[weight]) >= 2 else (None, None)
+            out_size, in_size = (cols, rows) if adapter.fan_in_fan_out else (rows, cols)
+            expected = in_size if part == ".lora_A." else out_size
+            if len(shape) != 2 or shape[axis] != expected:
+                raise UserError(f"adapter {adapter.ref} factor {key!r} has shape {list(shape)}, which does "
+                                f"not fit {weight!r} {list(base_shapes[weight])} of base {base_ref}")
+
+
+def adapter_deltas(adapter: AdapterInfo, fresh_base: Callable[[], torch.nn.Module],
+                   base: dict[str, torch.Tensor]) -> dict[str, Delta]:
+    """The adapter's task vector per base tensor it changes: plain LoRA projections as factors,
+    the rest dense from peft's merge. ``fresh_base`` makes a new copy of the base model for peft
+    to wrap (and merge into); ``base`` holds the base's unique parameters to subtract."""
+    from peft import PeftModel
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from evomerge.pool import unique_parameters
+
+    try:
+        wrapped = PeftModel.from_pretrained(fresh_base(), str(adapter.folder), adapter_name=_ADAPTER)
+    except Exception as error:  # peft names the mismatch; our check should have caught it first
+        raise UserError(f"adapter {adapter.ref} could not be applied to the base ({_first_line(error)})") from None
+    deltas: dict[str, Delta] = {}
+    with torch.no_grad():
+        for name, module in wrapped.base_model.model.named_modules():
+            if (type(module) is LoraLinear and _ADAPTER in module.lora_A and _ADAPTER not in module.lora_variant
+                    and not module.lora_bias.get(_ADAPTER, False)):
+                a = module.lora_A[_ADAPTER].weight.detach()
+                b = module.lora_B[_ADAPTER].weight.detach()
+                left, right = (a.t(), b.t()) if module.fan_in_fan_out else (b, a)
+                deltas[f"{name}.weight"] = LowRank(left.contiguous().clone(), right.contiguous().clone(),
+                                                   float(module.scaling[_ADAPTER]))
+        merged = unique_parameters(wrapped.merge_and_unload())
+        for name, weight in merged.items():
+            if name in deltas:
+                continue
+            delta = weight - base[name]
+            if bool(delta.any()):
+                deltas[name] = delta
+    return deltas
+
+
+def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+def _same_model(named: str, base_ref: str) -> bool:
+    """Whether an adapter's recorded base names ``base_ref``: the same string, the same folder,
+    or the same model name (a hub id's last part, a local copy's folder name)."""
+    if named == base_ref:
+        return True
+    left, right = Path(named).expanduser(), Path(base_ref).expanduser()
+    if left.exists() and right.exists():
+        return left.resolve() == right.resolve()
+    return named.rstrip("/").rsplit("/", 1)[-1] == base_ref.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
