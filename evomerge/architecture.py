@@ -48,13 +48,14 @@ class Family:
 
 
 _LLAMA = Family(("self_attn",), ("mlp",), ("o_proj", "down_proj"))
-# Keyed by config.model_type. Fused layouts need nothing more: GPT-2's c_attn, GPT-NeoX's
+# Keyed by config.model_type. A mark ends in a dot where the bare word is in a norm's name too
+# (GPT-NeoX's post_attention_layernorm, OPT's self_attn_layer_norm: the rest of the block). Fused layouts need nothing more: GPT-2's c_attn, GPT-NeoX's
 # query_key_value and Phi-3's qkv_proj/gate_up_proj sit under their attention or MLP module.
 FAMILIES: Mapping[str, Family] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "phi3": _LLAMA,
     "gpt2": Family(("attn",), ("mlp",), ("c_proj",)),
-    "gpt_neox": Family(("attention",), ("mlp",), ("attention.dense", "dense_4h_to_h")),
-    "opt": Family(("self_attn",), ("fc1", "fc2"), ("out_proj", "fc2"), pre_norm="do_layer_norm_before"),
+    "gpt_neox": Family((".attention.",), ("mlp",), ("attention.dense", "dense_4h_to_h")),
+    "opt": Family(("self_attn.",), ("fc1", "fc2"), ("out_proj", "fc2"), pre_norm="do_layer_norm_before"),
     "phi": Family(("self_attn",), ("mlp",), ("self_attn.dense", "fc2")),
 }
 LLAMA_STYLE = _LLAMA  # what a recipe's names mean when no model is at hand (the zoo's SmolLM2)

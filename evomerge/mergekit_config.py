@@ -351,6 +351,24 @@ def check_mergekit_knows(layout: Layout) -> None:
                         f"redo this merge; the merged model folder is the export")
 
 
+def check_mergekit_reads(config: Any, tensor_names: set[str]) -> None:
+    """Refuse a model whose tensors mergekit's definition of its architecture does not match:
+    mergekit 0.1.5's GPT-NeoX definition requires ``attention.masked_bias``, which transformers no
+    longer saves, so its run would stop at the first block."""
+    try:
+        from mergekit.architecture import arch_info_for_config
+    except ImportError:
+        return
+    arch = arch_info_for_config(config)
+    if arch is None:
+        return  # check_mergekit_knows names the architecture
+    for weight in arch.all_weights(config):
+        names = (weight.name, *(weight.aliases or ()), *(weight.tied_names or ()))
+        if not weight.optional and not any(name in tensor_names for name in names):
+            raise UserError(f"mergekit's definition of {config.architectures[0]} requires {weight.name!r}, which this "
+                            f"model does not have, so mergekit could not redo this merge; the merged model folder is the export")
+
+
 def _params(data: Any, where: str) -> Mapping[str, Any]:
     """Parameters of one scope: any parameter some registered method takes (a method ignores the
     others, as mergekit does), plus those mergekit reads and no merge here needs."""
