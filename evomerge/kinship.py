@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import torch
 
 from evomerge.errors import UserError
-from evomerge.pool import ModelPool, layer_index
+from evomerge.architecture import transposed_weights
+from evomerge.pool import ModelPool
 from evomerge.run import RunDir
 
 OUTSIDE = "outside"
@@ -50,7 +51,7 @@ def kinship(pool: ModelPool) -> Kinship:
     experts = pool.expert_names
     grams: dict[str, torch.Tensor] = {}
     for name in pool.base:
-        layer = layer_index(name)
+        layer = pool.layout.layer_of(name)
         key = OUTSIDE if layer is None else str(layer)
         stack = [pool.delta(e, name).reshape(-1) for e in experts]
         gram = grams.setdefault(key, torch.zeros(len(experts), len(experts), dtype=torch.float64))
@@ -81,11 +82,14 @@ def subspace_overlap(pool: ModelPool) -> tuple[list[list[float]], float]:
     count = len(experts)
     total = torch.zeros(count, count, dtype=torch.float64)
     chance, matrices = 0.0, 0
+    transposed = transposed_weights(pool.model)  # Conv1D (in, out): left singular vectors are outputs' after .mT
     for name, base in pool.base.items():
-        if base.ndim != 2 or layer_index(name) is None or min(base.shape) < 2:
+        if base.ndim != 2 or pool.layout.layer_of(name) is None or min(base.shape) < 2:
             continue
         k = max(1, min(base.shape) // count)
         stack = torch.stack([pool.delta(e, name).float() for e in experts])
+        if name in transposed:
+            base, stack = base.T, stack.mT
         u, s, _ = torch.linalg.svd(stack, full_matrices=False)
         tops = u[:, :, :k].double() * (s[:, :1, None] > 0)  # an all-zero update has no directions
         total += torch.einsum("ima,jmb->ijab", tops, tops).square().sum((2, 3)) / k

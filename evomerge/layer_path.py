@@ -20,17 +20,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Mapping, Union
 
+from evomerge.architecture import Layout, llama_layout
 from evomerge.errors import UserError
 from evomerge.recipe import Recipe, _canonical_json, _dump_yaml, _load_yaml, _mapping, _short
 
 KIND = "path"  # the ``kind`` key of a path's dict; recipes have none
 BASE = "base"
 MERGE = "merge"  # the source name of the parameter-space merge in PS+DFS
-# The block tensors whose outputs are added to the residual stream (Llama-style names). Scaling
-# the hidden state entering a block by s equals, in a pre-norm transformer and up to the norms'
-# epsilon, scaling these writes of that block and every later one by 1/s: how an exported path
-# folds its scales into ordinary weights (and into mergekit's ``scale``).
-RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 
 
 @dataclass(frozen=True)
@@ -163,9 +159,12 @@ class LayerPath:
         return summary_line([s.to_dict() for s in self.slices], self.outside)
 
     # --- mergekit --------------------------------------------------------------------------------
-    def to_mergekit(self) -> dict[str, Any]:
+    def to_mergekit(self, layout: Layout | None = None) -> dict[str, Any]:
         """A mergekit ``passthrough`` config stacking the same slices, each slice's scales folded
-        into its residual writes (``scale`` filtered on o_proj and down_proj). mergekit takes the
+        into its residual writes (``scale`` filtered on ``layout``'s writers, by default Llama's
+        o_proj and down_proj: scaling the hidden state entering a block by s equals, in a pre-norm
+        transformer and up to the norms' epsilon, scaling these writes of that block and every later
+        one by 1/s). mergekit takes the
         embeddings from the first slice's model and the final norm and head from the last one's,
         so a path whose outside source differs cannot be expressed; nor can a path through the PS
         merge, which is no model on disk."""
@@ -176,8 +175,11 @@ class LayerPath:
             raise UserError(f"mergekit takes the embeddings from the first slice's model "
                             f"({self.slices[0].source}) and the head from the last one's ({self.slices[-1].source}); "
                             f"this path takes both from {self.outside}")
-        from evomerge.mergekit_config import mergekit_model
+        layout = layout or llama_layout(self.num_layers)
+        writers = layout.writers()
+        from evomerge.mergekit_config import check_mergekit_knows, mergekit_model
 
+        check_mergekit_knows(layout)
         refs = {BASE: self.base, **{e: mergekit_model(self.expert_refs.get(e, e), self.base) for e in self.experts}}
         out, total = [], 1.0
         for piece in self.slices:
@@ -185,13 +187,13 @@ class LayerPath:
             source: dict[str, Any] = {"model": refs[piece.source], "layer_range": [piece.start, piece.end]}
             if total != 1.0:
                 fold = float(f"{1 / total:.12g}")
-                source["parameters"] = {"scale": [{"filter": name.split(".")[-1], "value": fold}
-                                                  for name in RESIDUAL_WRITERS] + [{"value": 1.0}]}
+                source["parameters"] = {"scale": [{"filter": mark, "value": fold}
+                                                  for mark in writers] + [{"value": 1.0}]}
             out.append({"sources": [source]})
         return {"slices": out, "merge_method": "passthrough", "dtype": self.dtype}
 
-    def to_mergekit_yaml(self) -> str:
-        return _dump_yaml(self.to_mergekit())
+    def to_mergekit_yaml(self, layout: Layout | None = None) -> str:
+        return _dump_yaml(self.to_mergekit(layout))
 
 
 def summary_line(slices: list[Mapping[str, Any]], outside: str) -> str:

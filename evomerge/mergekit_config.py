@@ -6,10 +6,11 @@ and ``slices`` forms, ``filter`` conditions (first match wins) and gradients ove
 layers. Which methods and parameters mergekit has, and its defaults, are read off the method
 registry, where each method declares them once.
 
-mergekit filters match substrings of tensor names, so this side assumes Llama-style names
-(``model.layers.N.self_attn.*``, ``model.layers.N.mlp.*``, ``model.embed_tokens``,
-``model.norm``, ``lm_head``), as in the zoo's SmolLM2 and in Mistral, Qwen2 and most merged
-families.
+mergekit filters match substrings of tensor names. An export filters on the names of the pool's
+:class:`~evomerge.architecture.Layout` (default: Llama's, ``model.layers.N.self_attn.*``,
+``model.layers.N.mlp.*``), and is refused for an architecture mergekit has no definition of.
+Reading a config resolves its filters against Llama names (``model.embed_tokens``, ``model.norm``,
+``lm_head``), as in the zoo's SmolLM2 and in Mistral, Qwen2 and most merged families.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from evomerge.architecture import Layout, llama_layout
 from evomerge.errors import UserError
 from evomerge.merge import registry
 from evomerge.merge.registry import Param
-from evomerge.recipe import (FILTERS, ExpertParams, LayerGroup, MethodConfig, Recipe, _load_yaml, _mapping,
+from evomerge.recipe import (ExpertParams, LayerGroup, MethodConfig, Recipe, _load_yaml, _mapping,
                              _short)
 
-_IN_BLOCK = "layers."  # in every block tensor's name, in no name outside the blocks
 # Top-level keys that do not change merged weights of same-vocabulary models (evomerge's pools
 # require one vocabulary), and a parameter that only changes how masks are stored.
 _MERGEKIT_IGNORED = ("tokenizer_source", "tokenizer", "chat_template", "out_dtype")
@@ -39,14 +40,18 @@ _PRE_WEIGHTS = ("model.embed_tokens.weight",)
 _POST_WEIGHTS = ("model.norm.weight", "lm_head.weight")
 
 
-def to_mergekit(recipe: Recipe) -> dict[str, Any]:
+def to_mergekit(recipe: Recipe, layout: Layout | None = None) -> dict[str, Any]:
     """A mergekit config doing the same merge: the ``models`` form when every block shares
     one layout, else one slice per run of layers between group boundaries. attn/mlp and
     outside values become ``filter`` lists (mergekit takes embeddings' parameters from the
     first slice and the final norm's and head's from the last, so outside values go there
     behind a ``layers.`` filter). Raises UserError for what mergekit cannot express: more than
     one method, a method mergekit lacks, experts merged in some places but not others, and
-    normalize/rescale left to the default for some tensors of a slice but set for others."""
+    normalize/rescale left to the default for some tensors of a slice but set for others, and
+    a ``layout`` (default: Llama's) whose architecture mergekit has no definition of."""
+    layout = layout or llama_layout(recipe.num_layers)
+    check_mergekit_knows(layout)
+    marks = layout.marks() if any(g.component != "all" for g in recipe.groups) else {}
     labelled = list(recipe._configs())
     by_method: dict[str, list[str]] = {}
     for where, config in labelled:
@@ -91,11 +96,11 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
         where = f"layers [{start}, {end})"
         sources = [{"model": recipe.base}] if with_base else []
         for name in names:
-            params = _settings(expert_keys, kinds,
-                               lambda c, key: c.experts[name][key])
+            params = _settings(expert_keys, kinds, lambda c, key: c.experts[name][key], marks,
+                               layout.in_block_mark)
             sources.append({"model": mergekit_model(recipe.expert_refs.get(name, name), recipe.base),
                             "parameters": params})
-        shared = _settings(global_keys, kinds, MethodConfig.get)
+        shared = _settings(global_keys, kinds, MethodConfig.get, marks, layout.in_block_mark)
         slices.append((start, end, sources, shared))
     if len(slices) == 1:
         _, _, sources, shared = slices[0]
@@ -342,20 +347,49 @@ def _evaluate(setting: Any, tensor: str, t: float, convert: Callable[[Any, str],
     return convert(setting, where)
 
 
-def _settings(keys: Sequence[str], kinds: Mapping[str, MethodConfig],
-              get: Callable[[MethodConfig, str], Any]) -> dict[str, Any]:
+def _settings(keys: Sequence[str], kinds: Mapping[str, MethodConfig], get: Callable[[MethodConfig, str], Any],
+              marks: Mapping[str, Sequence[str]], in_block: str) -> dict[str, Any]:
     """mergekit settings for one slice: a scalar when every kind agrees, else a filter list
     (first match wins: attn, mlp, then other block tensors, then the tensors outside blocks)."""
     out: dict[str, Any] = {}
     for key in keys:
         values = {kind: get(config, key) for kind, config in kinds.items()}
         block, outside = values["all"], values["outside"]
-        conditions = [{"filter": FILTERS[k], "value": values[k]} for k in FILTERS
-                      if values[k] != block]
+        conditions = [{"filter": mark, "value": values[k]} for k in marks if values[k] != block for mark in marks[k]]
         if outside != block:
-            conditions.append({"filter": _IN_BLOCK, "value": block})
+            conditions.append({"filter": in_block, "value": block})
         out[key] = conditions + [{"value": outside}] if conditions else outside
     return out
+
+
+def check_mergekit_knows(layout: Layout) -> None:
+    """Refuse an architecture the installed mergekit has no definition of (read off its package;
+    without mergekit installed nobody can run the config, so nothing is checked)."""
+    try:
+        from mergekit.architecture.json_definitions import NAME_TO_ARCH
+    except ImportError:
+        return
+    if layout.architecture not in NAME_TO_ARCH:
+        raise UserError(f"mergekit has no architecture definition for {layout.architecture}, so it could not "
+                        f"redo this merge; the merged model folder is the export")
+
+
+def check_mergekit_reads(config: Any, tensor_names: set[str]) -> None:
+    """Refuse a model whose tensors mergekit's definition of its architecture does not match:
+    mergekit 0.1.5's GPT-NeoX definition requires ``attention.masked_bias``, which transformers no
+    longer saves, so its run would stop at the first block."""
+    try:
+        from mergekit.architecture import arch_info_for_config
+    except ImportError:
+        return
+    arch = arch_info_for_config(config)
+    if arch is None:
+        return  # check_mergekit_knows names the architecture
+    for weight in arch.all_weights(config):
+        names = (weight.name, *(weight.aliases or ()), *(weight.tied_names or ()))
+        if not weight.optional and not any(name in tensor_names for name in names):
+            raise UserError(f"mergekit's definition of {config.architectures[0]} requires {weight.name!r}, which this "
+                            f"model does not have, so mergekit could not redo this merge; the merged model folder is the export")
 
 
 def _params(data: Any, where: str) -> Mapping[str, Any]:

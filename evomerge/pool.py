@@ -12,24 +12,25 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
 from evomerge.adapters import ADAPTER_CONFIG, adapter_deltas, check_adapter, inspect_adapter, is_adapter_folder
+from evomerge.architecture import Layout, block_of, layout_of
 from evomerge.errors import UserError
 from evomerge.merge.factored import Delta, LowRank
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def layer_index(tensor_name: str) -> int | None:
-    """Transformer block a tensor belongs to; None for embeddings, final norm and head."""
-    match = _LAYER.search(tensor_name)
-    return int(match.group(1)) if match else None
+    """Block of a Llama-layout tensor name (``model.layers.N.*``), for callers holding names only;
+    a pool's own tensors are placed by :attr:`ModelPool.layout`, found from the model."""
+    return block_of(tensor_name, "model.layers")
 
 
 @dataclass
@@ -231,6 +232,11 @@ class ModelPool:
             weights = unique_parameters(expert)
             self.task_vectors[name] = {k: weights[k] - self.base[k] for k in self.base}
             del expert, weights
+
+    @cached_property
+    def layout(self) -> Layout:
+        """Where the base keeps its decoder blocks, found from the loaded model."""
+        return layout_of(self.model)
 
     @property
     def expert_names(self) -> list[str]:

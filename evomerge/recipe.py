@@ -17,21 +17,24 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import yaml
 
+from evomerge.architecture import LLAMA_STYLE, Family
 from evomerge.errors import UserError
 from evomerge.merge import registry
 
+if TYPE_CHECKING:
+    from evomerge.architecture import Layout
+
 COMPONENTS = ("all", "attn", "mlp")
-# Substrings that mark a block tensor's kind; the mergekit export filters on the same ones.
-FILTERS = {"attn": "self_attn", "mlp": "mlp"}
 
 
-def component_of(tensor_name: str) -> str:
-    """Kind of a block tensor, as ``config_for`` and the mergekit filters understand it."""
-    return next((kind for kind, mark in FILTERS.items() if mark in tensor_name), "all")
+def component_of(tensor_name: str, family: Family = LLAMA_STYLE) -> str:
+    """Kind of a block tensor, as ``config_for`` and the mergekit filters understand it; a pool's
+    own tensors are placed by its :class:`~evomerge.architecture.Layout`."""
+    return family.component_of(tensor_name)
 
 
 class ExpertParams(Mapping[str, float]):
@@ -347,7 +350,7 @@ class Recipe:
         if not 0 <= layer < self.num_layers:
             raise UserError(f"layer {layer} is outside this recipe's {self.num_layers} layers "
                             f"(0-{self.num_layers - 1})")
-        kinds = (component, "all") if component in FILTERS else ("all",)
+        kinds = (component, "all") if component in COMPONENTS[1:] else ("all",)
         return next(g.config for kind in kinds for g in self.groups
                     if g.component == kind and g.start <= layer < g.end)
 
@@ -410,14 +413,15 @@ class Recipe:
 
     # --- mergekit --------------------------------------------------------------------------------
 
-    def to_mergekit(self) -> dict[str, Any]:
-        """A mergekit config doing the same merge (see :func:`mergekit_config.to_mergekit`)."""
+    def to_mergekit(self, layout: Layout | None = None) -> dict[str, Any]:
+        """A mergekit config doing the same merge on a model of ``layout`` (default: Llama names;
+        see :func:`mergekit_config.to_mergekit`)."""
         from evomerge.mergekit_config import to_mergekit
 
-        return to_mergekit(self)
+        return to_mergekit(self, layout)
 
-    def to_mergekit_yaml(self) -> str:
-        return _dump_yaml(self.to_mergekit())
+    def to_mergekit_yaml(self, layout: Layout | None = None) -> str:
+        return _dump_yaml(self.to_mergekit(layout))
 
     @classmethod
     def from_mergekit(cls, config: dict[str, Any] | str,

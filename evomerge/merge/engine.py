@@ -35,8 +35,9 @@ from evomerge.merge.factored import FactoredStack, LowRank
 from evomerge.merge.quantized import GROUP, QuantizedStack, quantized_bytes
 from evomerge.merge.registry import MergeParams
 from evomerge.merge.stats import DeltaStats
-from evomerge.pool import ModelPool, layer_index, unique_parameters
-from evomerge.recipe import MethodConfig, Recipe, component_of
+from evomerge.architecture import transposed_weights
+from evomerge.pool import ModelPool, unique_parameters
+from evomerge.recipe import MethodConfig, Recipe
 
 # Methods that are base plus a fixed combination of task vectors: one BLAS pass (kernels.combine).
 _LINEAR_METHODS = frozenset({"linear", "task_arithmetic"})
@@ -267,9 +268,10 @@ class Merger:
         self._stacks: dict[str, Tensor | QuantizedStack | FactoredStack] = {}
         for name in list(pool.base):
             self._take(pool, name)
-        self._where = {name: (layer_index(name), component_of(name)) for name in self._base}
-        layers = [layer for layer, _ in self._where.values() if layer is not None]
-        self.num_layers = max(layers) + 1 if layers else 0
+        self.layout = pool.layout
+        self._where = {name: self.layout.where(name) for name in self._base}
+        self.num_layers = self.layout.num_layers
+        self._transposed = transposed_weights(self.model) & self._base.keys()
         self._stats: dict[str, DeltaStats] = {}
         self._compile_all = any(kernels.compiles(_dense_numel(stack)) for stack in self._stacks.values())
 
@@ -338,6 +340,8 @@ class Merger:
         if recipe.num_layers != self.num_layers:
             raise UserError(f"recipe has {recipe.num_layers} layers but the pool's model has "
                             f"{self.num_layers}; the recipe was made for another model")
+        if any(group.component != "all" for group in recipe.groups):
+            self.layout.marks()  # refused, in one line, for a family whose attn/mlp names are unknown
         configs = [recipe.outside] + [group.config for group in recipe.groups]
         plans = {}
         for config in configs:
@@ -386,6 +390,9 @@ class Merger:
             deltas = (stack if every else stack.select(index)).dense(self._dense_dtype).view(-1, *base.shape)
         else:
             deltas = (stack if every else stack.index_select(0, index)).view(-1, *base.shape)
+        flip = name in self._transposed  # stored (in, out): per-row methods must see (out, in) rows
+        if flip:
+            base, deltas = base.T.contiguous(), deltas.transpose(1, 2).contiguous()
         layer, _ = self._where[name]
         params = plan.params.in_context(layer_fraction=layer_fraction(name, layer, self.num_layers),
                                         in_block=layer is not None)
@@ -398,11 +405,14 @@ class Merger:
         lent = contextlib.nullcontext()
         if spec.reads_stats:  # cached: a table lookup replaces a sort, a stored SVD a new one
             stats = self._stats_of(name)
-            if every and isinstance(stack, (QuantizedStack, FactoredStack)):
-                lent = stats.lending(deltas)  # first-use statistics read the dense stack made above
+            if every and (flip or isinstance(stack, (QuantizedStack, FactoredStack))):
+                lent = stats.lending(deltas)  # first-use statistics read the stack made above
             stats = stats if every else _ExpertSubset(stats, plan.included)
         with lent:
-            methods.merge_tensor(plan.method, base, deltas, params, generator, stats, out=target.view(base.shape))
+            merged = methods.merge_tensor(plan.method, base, deltas, params, generator, stats,
+                                          out=None if flip else target.view(base.shape))
+        if flip:
+            target.view(base.T.shape).copy_(merged.T)
 
     def _linear_coefficients(self, plan: _Plan) -> tuple[float, list[float]]:
         """``(scale, c)`` with merged = scale * base + sum_i c_i * delta_i, over all pool experts
@@ -455,6 +465,9 @@ class Merger:
                 source = lambda: stack.dense(self._dense_dtype).view(-1, *shape)  # noqa: E731
             else:
                 source = stack.view(-1, *shape)
+            if name in self._transposed:  # the statistics of the (out, in) rows the merge sees
+                stored = source
+                source = lambda: (stored() if callable(stored) else stored).transpose(1, 2).contiguous()  # noqa: E731
             self._stats[name] = DeltaStats(source, resolution=self.quantile_resolution)
         return self._stats[name]
 

@@ -15,6 +15,7 @@ from typing import Mapping
 
 import torch
 
+from evomerge.architecture import Layout, layout_of
 from evomerge.errors import DiskError, UserError
 from evomerge.merge.engine import Merger
 from evomerge.layer_path import LayerPath, Plan
@@ -54,7 +55,8 @@ def export(recipe: Plan, source: Merger | torch.nn.Module, out_dir: str | Path, 
         raise DiskError.of(out_dir.parent, error, "nothing was written; choose another --out") from None
     try:
         (staging / "recipe.yaml").write_text(recipe.to_yaml())
-        mergekit_note = _write_mergekit(recipe, staging / "mergekit.yaml")
+        inputs = source.model if isinstance(source, Merger) else model  # what mergekit would read
+        mergekit_note = _write_mergekit(recipe, staging / "mergekit.yaml", layout_of(inputs), inputs)
         model.save_pretrained(staging / "model", max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging / "model")
         card = model_card(recipe, scores, mergekit_note, _name(model.dtype))
@@ -82,10 +84,13 @@ def _model_and_tokenizer(recipe: Plan, source: Merger | torch.nn.Module, tokeniz
     return source, tokenizer
 
 
-def _write_mergekit(recipe: Plan, path: Path) -> str | None:
+def _write_mergekit(recipe: Plan, path: Path, layout: Layout, source_model: torch.nn.Module) -> str | None:
     """Write the mergekit config; the reason instead when mergekit cannot express the recipe."""
+    from evomerge.mergekit_config import check_mergekit_reads
+
     try:
-        text = recipe.to_mergekit_yaml()
+        text = recipe.to_mergekit_yaml(layout)
+        check_mergekit_reads(source_model.config, set(source_model.state_dict()))
     except UserError as error:
         return str(error)
     path.write_text(text)

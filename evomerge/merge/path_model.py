@@ -7,24 +7,22 @@ copy). Each step is its own block object, with its own index, so the KV cache gi
 visited twice a slot per visit. A slice's entry scale is a forward pre-hook on its first block.
 
 For export the same path is :func:`folded` into weights a plain ``from_pretrained`` loads: the
-hook's scaling moves into the residual writes of that step and every later one
-(:data:`~evomerge.layer_path.RESIDUAL_WRITERS`, divided by the cumulative scale), which in a
-pre-norm transformer computes the same logits up to the norms' epsilon.
+hook's scaling moves into the residual writes of that step and every later one (the family's
+writers, :mod:`evomerge.architecture`, divided by the cumulative scale), which in a pre-norm
+transformer computes the same logits up to the norms' epsilon. Blocks are found and renumbered by
+the merger's :class:`~evomerge.architecture.Layout`, so any decoder family runs.
 """
 
 from __future__ import annotations
 
 import copy
-import re
 from typing import Callable
 
 import torch
 
-from evomerge.layer_path import RESIDUAL_WRITERS, LayerPath, source_recipe
+from evomerge.architecture import Layout
+from evomerge.layer_path import LayerPath, source_recipe
 from evomerge.merge.engine import Merger
-from evomerge.pool import layer_index
-
-_LAYER = re.compile(r"((?:^|\.)layers\.)(\d+)(\.)")
 
 
 class PathSources:
@@ -43,7 +41,7 @@ class PathSources:
             template = self.merger.model
             # one new tensor per name; ``_filled`` ties tied names back into one parameter
             state = {name: torch.empty_like(t) for name, t in template.state_dict().items()}
-            model = _filled(template, copy.deepcopy(template.config), state)
+            model = _filled(template, copy.deepcopy(template.config), state, self.merger.layout)
             self._models[recipe.hash] = self.merger.materialize(recipe, into=model)
             self.merger.drop_statistics()  # a source is merged once; its statistics would stay for nothing
         return self._models[recipe.hash]
@@ -52,7 +50,7 @@ class PathSources:
 def path_model(path: LayerPath, sources: PathSources) -> torch.nn.Module:
     """A model running ``path`` over the sources' resident tensors (shared, not copied)."""
     model = _assembled(path, sources, lambda name, tensor, scale: tensor)
-    blocks = _blocks(model)
+    blocks = model.get_submodule(sources.merger.layout.blocks)
     step = 0
     for piece in path.slices:
         if piece.scale != 1.0:
@@ -63,10 +61,13 @@ def path_model(path: LayerPath, sources: PathSources) -> torch.nn.Module:
 
 def folded(path: LayerPath, sources: PathSources) -> torch.nn.Module:
     """A standalone model with ``path``'s blocks copied and its scales folded into the weights."""
+    layout = sources.merger.layout
+    layout.writers()  # a family the fold is wrong for is refused before any block is copied
+
     def copied(name: str, tensor: torch.Tensor, scale: float) -> torch.Tensor:
         # Each step its own copy (a block visited twice is stored twice); tied names outside the
         # blocks are tied back into one parameter by ``_filled``.
-        if layer_index(name) is not None and any(f".{writer}." in name for writer in RESIDUAL_WRITERS):
+        if layout.is_residual_writer(name):
             return tensor / scale
         return tensor.clone()
 
@@ -76,6 +77,7 @@ def folded(path: LayerPath, sources: PathSources) -> torch.nn.Module:
 def _assembled(path: LayerPath, sources: PathSources,
                tensor_for: Callable[[str, torch.Tensor, float], torch.Tensor]) -> torch.nn.Module:
     """The path's model with each tensor as ``tensor_for(name, tensor, cumulative scale)`` gives it."""
+    layout = sources.merger.layout
     outside = sources.model(path, path.outside)
     steps = path.steps()
     config = copy.deepcopy(outside.config)
@@ -83,18 +85,18 @@ def _assembled(path: LayerPath, sources: PathSources,
     if getattr(config, "layer_types", None):  # per-block kinds (sliding windows) follow their blocks
         config.layer_types = [config.layer_types[layer] for _, layer, _ in steps]
     state = {name: tensor_for(name, tensor, 1.0) for name, tensor in outside.state_dict(keep_vars=False).items()
-             if layer_index(name) is None}
+             if layout.layer_of(name) is None}
     by_source = {}
     for step, (source, layer, scale) in enumerate(steps):
         if source not in by_source:
-            by_source[source] = _block_tensors(sources.model(path, source).state_dict())
+            by_source[source] = _block_tensors(sources.model(path, source).state_dict(), layout)
         for name, tensor in by_source[source][layer].items():
-            renamed = _LAYER.sub(lambda m: f"{m.group(1)}{step}{m.group(3)}", name, count=1)
+            renamed = layout.renumbered(name, step)
             state[renamed] = tensor_for(renamed, tensor, scale)
-    return _filled(outside, config, state)
+    return _filled(outside, config, state, layout)
 
 
-def _filled(template: torch.nn.Module, config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+def _filled(template: torch.nn.Module, config, state: dict[str, torch.Tensor], layout: Layout) -> torch.nn.Module:
     """A model of ``template``'s class built for ``config`` on the meta device (no memory) whose
     tensors are ``state``'s, taken as they are; buffers outside the state dict (rotary
     frequencies) are ``template``'s."""
@@ -106,24 +108,20 @@ def _filled(template: torch.nn.Module, config, state: dict[str, torch.Tensor]) -
     for name, buffer in list(model.named_buffers()):
         if buffer.is_meta:
             owner, _, leaf = name.rpartition(".")
-            source_name = _LAYER.sub(lambda m: f"{m.group(1)}0{m.group(3)}", name, count=1)
+            source_name = layout.renumbered(name, 0) if layout.layer_of(name) is not None else name
             model.get_submodule(owner).register_buffer(leaf, buffers.get(name, buffers.get(source_name)),
                                                        persistent=False)
     model.generation_config = copy.deepcopy(template.generation_config)
     return model.eval()
 
 
-def _block_tensors(state: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+def _block_tensors(state: dict[str, torch.Tensor], layout: Layout) -> dict[int, dict[str, torch.Tensor]]:
     blocks: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in state.items():
-        layer = layer_index(name)
+        layer = layout.layer_of(name)
         if layer is not None:
             blocks.setdefault(layer, {})[name] = tensor
     return blocks
-
-
-def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    return next(m for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, torch.nn.ModuleList))
 
 
 def _scaling(scale: float):

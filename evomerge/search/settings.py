@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from evomerge.architecture import Layout
 from evomerge.config import AlgorithmConfig, FitnessConfig, RuntimeConfig, SpaceConfig, ZooConfig, read_config
 from evomerge.errors import UserError
 from evomerge.search.workers import WorkerSpec
@@ -82,12 +83,16 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
                             "optimize, e.g. tasks=[arc_easy,hellaswag]")
     if not tasks:
         raise UserError(f"tasks={tasks!r} must be a non-empty list of lm-eval task names")
-    layers = _check_models(base, experts, models.allow_pickle, models.trust_remote_code)
+    layout = _check_models(base, experts, models.allow_pickle, models.trust_remote_code)
+    if typed.space.kind == "dataflow":
+        layout.writers()  # a family whose scales cannot fold is refused before any model loads
+    if typed.space.split_components:
+        layout.marks()
     return Settings(config=dict(config), base=base, experts=experts, tasks=[str(t) for t in tasks],
                     include_path=include_path, space=typed.space, algorithm=typed.algorithm,
                     fitness=typed.fitness, runtime=typed.runtime, seed=typed.seed,
                     allow_pickle=models.allow_pickle, trust_remote_code=models.trust_remote_code,
-                    num_layers=layers)
+                    num_layers=layout.num_layers)
 
 
 def _zoo_models(config: ZooConfig) -> tuple[str, dict[str, str], list[str], str]:
@@ -124,19 +129,20 @@ def _named_experts(experts: Any) -> dict[str, str]:
     return named
 
 
-def _check_models(base: str, experts: Mapping[str, str], allow_pickle: bool, trust_remote_code: bool) -> int:
-    """Check every expert against the base (metadata only); returns the base's block count."""
-    from evomerge.pool import check_expert, inspect_model, layer_index
+def _check_models(base: str, experts: Mapping[str, str], allow_pickle: bool, trust_remote_code: bool) -> Layout:
+    """Check every expert against the base (metadata only); returns where the base keeps its blocks."""
+    from transformers import AutoConfig
+
+    from evomerge.architecture import layout_of_files
+    from evomerge.pool import check_expert, inspect_model
 
     options = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     info = inspect_model(base, **options)
     for ref in experts.values():
         check_expert(info, ref, **options)
-    layers = [i for i in map(layer_index, info.shapes) if i is not None]
-    if not layers:
-        raise UserError(f"base model {base} has no numbered decoder blocks (model.layers.N.*); "
-                        f"evomerge merges transformer LMs layer by layer")
-    return max(layers) + 1
+    gguf = {"gguf_file": info.gguf_file} if info.gguf_file else {}
+    config = AutoConfig.from_pretrained(info.folder, trust_remote_code=trust_remote_code, **gguf)
+    return layout_of_files(config, info.shapes)
 
 
 def search_fingerprint(config: Mapping[str, Any]) -> str:
