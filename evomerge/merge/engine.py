@@ -21,15 +21,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from evomerge.config import DELTA_DTYPES, DTYPES, QUANTIZED_DELTAS
+from evomerge.config import QUANTIZED_DELTAS
 from evomerge.errors import UserError
 from evomerge.merge import kernels, methods, registry
-from evomerge.merge.quantized import GROUP, QuantizedStack, quantized_bytes
+from evomerge.merge.memory import DeltaFormat, MemoryPlan, check_fits, delta_format  # noqa: F401 - re-exported
+from evomerge.merge.quantized import QuantizedStack
 from evomerge.merge.registry import MergeParams
 from evomerge.merge.stats import DeltaStats
 from evomerge.pool import ModelPool, layer_index, unique_parameters
@@ -37,97 +38,6 @@ from evomerge.recipe import MethodConfig, Recipe, component_of
 
 # Methods that are base plus a fixed combination of task vectors: one BLAS pass (kernels.combine).
 _LINEAR_METHODS = frozenset({"linear", "task_arithmetic"})
-
-DeltaFormat = torch.dtype | str
-"""How task vectors are stored: a float dtype, or a quantized format's name (``int8``, ``int4``)."""
-
-
-def delta_format(value: torch.dtype | str | None, dtype: torch.dtype) -> DeltaFormat:
-    """``value`` as a delta format: None is the working ``dtype``, a name of
-    :data:`~evomerge.config.DTYPES` its torch dtype, a name of
-    :data:`~evomerge.config.QUANTIZED_DELTAS` itself; anything else is a one-line UserError."""
-    if value is None:
-        return dtype
-    if isinstance(value, torch.dtype):
-        if not value.is_floating_point:
-            raise UserError(f"delta_dtype={value} is not a float dtype; valid: {', '.join(DELTA_DTYPES)}")
-        return value
-    if value in QUANTIZED_DELTAS:
-        return value
-    if value in DTYPES:
-        return getattr(torch, value)
-    raise UserError(f"delta_dtype={value!r} is not one of {', '.join(DELTA_DTYPES)}")
-
-
-def _delta_bits(delta: DeltaFormat) -> int:
-    """Bits per delta element as stored (scales aside)."""
-    return QUANTIZED_DELTAS[delta] if isinstance(delta, str) else 8 * _itemsize(delta)
-
-
-# --- memory --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """Bytes a Merger keeps resident, known from shapes and dtypes before anything is allocated."""
-
-    base: int
-    deltas: int
-    working: int
-    experts: int
-    dtype: torch.dtype
-    delta_dtype: DeltaFormat
-
-    @classmethod
-    def for_shapes(cls, shapes: Mapping[str, Sequence[int]], experts: int, dtype: torch.dtype,
-                   delta_dtype: DeltaFormat) -> MemoryPlan:
-        """The plan for a model whose unique parameters have ``shapes``; the working model holds
-        the same tensors as the base, so it costs the same. Quantized deltas count their codes
-        (each tensor's groups padded to whole groups) and their float32 scales."""
-        numels = [_numel(shape) for shape in shapes.values()]
-        model_bytes = sum(numels) * _itemsize(dtype)
-        if isinstance(delta_dtype, str):
-            per_expert = sum(quantized_bytes(n, QUANTIZED_DELTAS[delta_dtype]) for n in numels)
-        else:
-            per_expert = sum(numels) * _itemsize(delta_dtype)
-        return cls(model_bytes, experts * per_expert, model_bytes, experts, dtype, delta_dtype)
-
-    @property
-    def total(self) -> int:
-        return self.base + self.deltas + self.working
-
-    def summary(self) -> str:
-        return (f"base {_size(self.base)} ({_name(self.dtype)}) + deltas {_size(self.deltas)} "
-                f"({self.experts} experts, {_format_name(self.delta_dtype)}) + working model "
-                f"{_size(self.working)} = {_size(self.total)}")
-
-
-def available_bytes(device: torch.device) -> int:
-    """Memory a new allocation on ``device`` can still get: free RAM for the CPU, free device
-    memory for CUDA (what the driver reports, which includes other processes' use)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        import psutil
-
-        return psutil.virtual_memory().available
-    raise UserError(f"device {device} is not supported; use cpu or cuda")
-
-
-def check_fits(plan: MemoryPlan, device: torch.device, reused: int = 0) -> None:
-    """Refuse a plan whose new allocations (``plan.total`` less ``reused`` bytes the pool already
-    holds on ``device`` and hands over) exceed what ``device`` has free, before allocating any."""
-    needed = plan.total - reused
-    free = available_bytes(device)
-    if needed > free:
-        advice = ["use fewer experts", "a smaller working dtype", "or another device"]
-        bits = _delta_bits(plan.delta_dtype)
-        if bits > 4:
-            lower = "bfloat16 or int8" if bits > 16 else "int8" if bits > 8 else "int4"
-            advice.insert(0, f"lower delta_dtype (e.g. {lower})")
-        raise UserError(f"the merger needs {_size(needed)} more on {device} but only {_size(free)} "
-                        f"is free ({plan.summary()}); {', '.join(advice)}")
-
 
 # --- recipe translation --------------------------------------------------------------------------
 
@@ -425,28 +335,3 @@ def _concrete(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= int(size)
-    return count
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _format_name(delta: DeltaFormat) -> str:
-    """A delta format for people: ``bfloat16``, or ``int8 in groups of 128 + fp32 scales``."""
-    return f"{delta} in groups of {GROUP} + fp32 scales" if isinstance(delta, str) else _name(delta)
-
-
-def _size(count: int) -> str:
-    """Bytes for people: MiB below a GiB, so a test-sized plan does not read as zero."""
-    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.2f} MiB"
