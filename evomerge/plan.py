@@ -189,13 +189,11 @@ class SearchPlan:
         plan, fit = self.plan, self.fit
         workers = f"{fit.workers} worker{'s' if fit.workers > 1 else ''}"
         per_device = "runtime.workers share its memory" if self.device == "cpu" else "one worker per GPU"
-        kinds = f"{plan.experts} experts" if not plan.adapters else \
-            f"{plan.experts - plan.adapters} full + {plan.adapters} LoRA experts"
         lines = [
             f"memory plan of {self.base} (from config.json and safetensors headers; no weights read)",
             f"  device: {self.device}, {size_text(fit.memory)} ({self.memory_source}); {per_device}",
             f"  per worker: base {size_text(plan.base)} ({dtype_name(plan.dtype)})",
-            f"              deltas {size_text(plan.deltas)} ({kinds}, {format_name(plan.delta_dtype)})",
+            f"              deltas {size_text(plan.deltas)} ({plan.experts_text()}, {format_name(plan.delta_dtype)})",
             f"              working model {size_text(plan.working)}",
             f"              evaluation activations {size_text(plan.activations)} "
             f"(batch {self.batch} x {self.sequence} tokens, estimated)",
@@ -222,9 +220,10 @@ class SearchPlan:
             advice.append(f"fewer workers per device (runtime.workers={fit.workers}; 1 needs "
                           f"{size_text(smallest.total)})")
         advice += ["fewer experts", f"or a device of more than {size_text(fit.needs(smallest))}"]
+        smaller = (f", still {size_text(fit.needs(smallest))} with {format_name(smallest.delta_dtype)}"
+                   if smallest.total < plan.total else ", and no smaller delta format makes it smaller")
         return (f"the search does not fit {self.device} ({size_text(fit.memory)}): {fit.workers} x "
-                f"{size_text(plan.total)} with {format_name(plan.delta_dtype)} deltas, still "
-                f"{size_text(fit.needs(smallest))} with {format_name(smallest.delta_dtype)}; fit it with "
+                f"{size_text(plan.total)} with {format_name(plan.delta_dtype)} deltas{smaller}; fit it with "
                 f"{', '.join(advice)} (streaming deltas from host memory to the GPU is not built)")
 
 

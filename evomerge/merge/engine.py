@@ -30,7 +30,7 @@ from evomerge.config import QUANTIZED_DELTAS
 from evomerge.errors import UserError
 from evomerge.merge import kernels, methods, registry
 from evomerge.merge.memory import DeltaFormat, MemoryPlan, check_fits, delta_format  # noqa: F401 - re-exported
-from evomerge.merge.quantized import QuantizedStack
+from evomerge.merge.quantized import GROUP, QuantizedStack
 from evomerge.merge.registry import MergeParams
 from evomerge.merge.stats import DeltaStats
 from evomerge.pool import ModelPool, layer_index, unique_parameters
@@ -293,15 +293,22 @@ class Merger:
 
     def _write_combination(self, name: str, scale: float, coefficients: list[float],
                            target: Tensor) -> None:
-        """target = scale * base + stack^T c; a quantized stack is made dense a column block at a
-        time, so its temporaries are what combine's upcast of a bf16 stack would be."""
+        """target = scale * base + stack^T c. A quantized stack's whole groups are dequantized in
+        the combining pass (:func:`kernels.combine_codes`), a column block at a time so an eager
+        fallback's temporaries stay bounded; a last short group goes through :func:`kernels.combine`."""
         base, stack = self._base[name].view(-1), self._stacks[name]
         if not isinstance(stack, QuantizedStack):
             kernels.combine(base, stack, scale, coefficients, target)
             return
         for start, end in stack.blocks():
-            kernels.combine(base[start:end], stack.dense(self._dense_dtype, start, end), scale, coefficients,
-                            target[start:end])
+            whole = start + (end - start) // GROUP * GROUP
+            if whole > start:
+                codes, scales = stack.groups(start, whole)
+                kernels.combine_codes(base[start:whole], codes, scales, stack.bits, scale, coefficients,
+                                      target[start:whole])
+            if end > whole:
+                kernels.combine(base[whole:end], stack.dense(self._dense_dtype, whole, end), scale, coefficients,
+                                target[whole:end])
 
     def _stats_of(self, name: str) -> DeltaStats:
         """Made the first time a sparsifying method merges ``name``; it fills itself on use. A

@@ -185,11 +185,16 @@ class MemoryPlan:
     def total(self) -> int:
         return self.resident + self.activations
 
+    def experts_text(self) -> str:
+        """``4 experts``, ``16 LoRA experts``, ``2 full + 3 LoRA experts``."""
+        full = self.experts - self.adapters
+        if not self.adapters:
+            return f"{full} experts"
+        return f"{self.adapters} LoRA experts" if not full else f"{full} full + {self.adapters} LoRA experts"
+
     def summary(self) -> str:
-        kinds = f"{self.experts} experts" if not self.adapters else \
-            f"{self.experts - self.adapters} full + {self.adapters} LoRA experts"
         text = (f"base {size_text(self.base)} ({dtype_name(self.dtype)}) + deltas {size_text(self.deltas)} "
-                f"({kinds}, {_long_format_name(self.delta_dtype)}) + working model {size_text(self.working)}")
+                f"({self.experts_text()}, {_long_format_name(self.delta_dtype)}) + working model {size_text(self.working)}")
         if self.activations:
             text += f" + activations {size_text(self.activations)}"
         return f"{text} = {size_text(self.total)}"
