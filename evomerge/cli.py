@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   evomerge search                    evolve TSV-M merges of the zoo's experts (CMA-ES on the skills' mean)
   evomerge search space.methods=[task_arithmetic]   a method mergekit can redo from the exported YAML
   evomerge search algorithm=ga fitness=irt space=layerwise space.granularity=2 runtime.workers=2
+  evomerge plan runtime.device=cuda --device-memory 80GB   what each worker will hold, before anything loads
   evomerge resume runs/RUN           continue a stopped run
   evomerge inspect runs/RUN          Pareto front, progress, plots
   evomerge report runs/RUN           runs/RUN/report.html: the run as one page to open in a browser
@@ -107,8 +108,35 @@ def _search(args: argparse.Namespace) -> int:
 
     config = compose(args.overrides)
     build_zoo_for(config, log=_log)
+    config = _planned(config)
     run = start(config, log=_log)
     print(f"done: {run.root}\n  evomerge inspect {run.root}\n  evomerge export {run.root} --pick knee")
+    return 0
+
+
+def _planned(config: dict) -> dict:
+    """``config`` after its memory plan, printed first: with the delta format the plan chose,
+    or refused in one line when nothing fits."""
+    from evomerge.plan import plan_search, planned_config
+
+    search = plan_search(config)
+    for line in search.lines():
+        _log(line)
+    return planned_config(config, search)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from evomerge.config import compose
+    from evomerge.merge.memory import parse_size
+    from evomerge.plan import plan_search, planned_config
+
+    memory = parse_size(args.device_memory) if args.device_memory is not None else None
+    sequence = {} if args.sequence_length is None else {"sequence": args.sequence_length}
+    if args.sequence_length is not None and args.sequence_length < 1:
+        raise UserError(f"--sequence-length={args.sequence_length} must be a number of tokens >= 1")
+    search = plan_search(compose(args.overrides), device_memory=memory, **sequence)
+    print("\n".join(search.lines()))
+    planned_config({}, search)  # nothing fits: the one-line refusal
     return 0
 
 
@@ -157,6 +185,25 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     search.add_argument("overrides", nargs="*", help="hydra overrides, e.g. algorithm=ga seed=1")
     search.set_defaults(run=_search)
+
+    plan = commands.add_parser(
+        "plan", help="print a search's memory plan per worker against the device, from metadata only",
+        description="Read the models' safetensors headers, config.json and LoRA adapter configs (no "
+                    "weights) and print per worker: base, deltas, working model and the evaluation's "
+                    "activations, against the device's memory. When the delta format does not fit, the "
+                    "first of bfloat16, int8 and int4 that does is named (search uses it); when none "
+                    "does, one line says what to change (exit code 2). Takes search's overrides.",
+        epilog="examples:\n  evomerge plan\n"
+               "  evomerge plan models.base=DIR models.experts=[A,B] runtime.delta_dtype=int8 tasks=[arc_easy]\n"
+               "  evomerge plan models.base=DIR models.experts=[A,B] runtime.device=cuda --device-memory 80GB",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("overrides", nargs="*", help="hydra overrides, as for search")
+    plan.add_argument("--device-memory", default=None,
+                      help="the device's memory, e.g. 80GB, 24GiB (default: free RAM for cpu, the CUDA "
+                           "device's total memory)")
+    plan.add_argument("--sequence-length", type=int, default=None,
+                      help="tokens per evaluation row the activations are planned for (default: 256)")
+    plan.set_defaults(run=_plan)
 
     resume = commands.add_parser(
         "resume", help="continue a stopped run from its folder",

@@ -23,8 +23,20 @@ of moving the quantized bytes, the delta bytes, and how far the merge moves from
 norm of the change the fp32 merge makes to the base: TIES' threshold and sign election flip
 single elements, so its max abs says little).
 
+For the quantized mergers it also times the linear combination over every tensor both ways in
+the same run: unfused (dequantize a block into float32, then combine: the engine's path before
+``kernels.combine_codes``) and fused (the engine's now), with the ratio and the largest
+difference between the two merged models.
+
+With ``--big``, rows on a random model of Llama-3.2-1B's shape (1.24e9 parameters, bfloat16
+working model) with 2 experts, one fresh process per delta format (fp32, int8, int4): task
+arithmetic's time against its floor, the memory plan and the process's peak RSS; a format whose
+plan does not fit the free RAM says so instead. The experts' deltas are drawn tensor by tensor as
+the merger stacks them, so the dense fp32 pool is never held whole.
+
     python experiments/bench_merge.py --quick
     python experiments/bench_merge.py --repeats 5 --mergekit
+    nice python experiments/bench_merge.py --big
 """
 
 from __future__ import annotations
@@ -205,6 +217,109 @@ def quantized_rows(merger: Merger, pool: ModelPool, base: str, experts: dict[str
             floor = floor_seconds(used, len(experts), bandwidth)
             print(f"{fmt:<8} {method:<16} {first:>8.2f} {seconds:>9.3f} {floor:>8.3f} {seconds / floor:>8.1f} "
                   f"{used.memory_plan().deltas / 2**20:>10.1f} {error:>9.2e} {relative:>9.2e}", flush=True)
+    for fmt, used in mergers.items():
+        if used.quantized:
+            unfused, fused, difference = fused_vs_unfused(used, repeats)
+            print(f"{fmt}: linear combination over every tensor, unfused {unfused:.3f} s, fused {fused:.3f} s: "
+                  f"{unfused / fused:.1f}x faster, largest weight difference {difference:.1e}", flush=True)
+
+
+def fused_vs_unfused(merger: Merger, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of the linear combination over every tensor of a quantized merger,
+    unfused (each block dequantized into float32, then combined: the path before the fused
+    kernel, redone here) and fused (the engine's), and the largest difference of their weights."""
+    from evomerge.merge import kernels
+
+    coefficients = [0.45, 0.27, 0.72][:len(merger.experts)]
+    params = {name: param.view(-1) for name, param in unique_parameters(merger.model).items()}
+
+    def unfused() -> None:
+        for name, stack in merger._stacks.items():
+            base, target = merger._base[name].view(-1), params[name]
+            for start, end in stack.blocks():
+                kernels.combine(base[start:end], stack.dense(merger._dense_dtype, start, end), 1.0, coefficients,
+                                target[start:end])
+
+    def fused() -> None:
+        for name in merger._stacks:
+            merger._write_combination(name, 1.0, coefficients, params[name])
+
+    seconds, weights = [], []
+    with torch.no_grad(), kernels.compiling_every_tensor(merger._compile_all):
+        for run in (unfused, fused):
+            run()  # compiles once
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                _sync(merger.device)
+                times.append(time.perf_counter() - start)
+            seconds.append(statistics.median(times))
+            weights.append({k: v.clone() for k, v in params.items()})
+    difference = max(float((weights[0][k].float() - weights[1][k].float()).abs().max()) for k in params)
+    return seconds[0], seconds[1], difference
+
+
+def big_row(fmt: str, repeats: int) -> None:
+    """One ``--big`` row, in this process: build the random 1B pool, merge, print."""
+    import resource
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evomerge.errors import UserError
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    pool = ModelPool.__new__(ModelPool)  # in memory: 3 files of 5 GB would only be read back
+    pool.base_ref, pool.expert_refs, pool.model, pool.tokenizer = "random-1b", {}, model, None
+    pool.base = {k: v.clone() for k, v in unique_parameters(model).items()}
+    pool.task_vectors = {f"expert{i}": _DrawnDeltas(pool.base, i) for i in range(2)}
+    delta = {"fp32": torch.float32}.get(fmt, fmt)
+    try:
+        merger = Merger(pool, dtype=torch.bfloat16, delta_dtype=delta)
+    except UserError as refused:
+        print(f"{fmt:<6} does not fit: {refused}", flush=True)
+        return
+    bandwidth = copy_bandwidth(merger.device)
+    recipe = recipe_for("task_arithmetic", "random-1b", {e: f"random-1b/{e}" for e in merger.experts}, merger.num_layers)
+    first, seconds = time_materialize(merger, recipe, repeats)
+    floor = floor_seconds(merger, 2, bandwidth)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    row = (f"{fmt:<6} {first:>8.2f} {seconds:>9.3f} {floor:>8.3f} {seconds / floor:>8.1f} "
+           f"{merger.memory_plan().deltas / 2**30:>10.2f} {merger.memory_plan().total / 2**30:>9.2f} {peak:>9.2f}")
+    if merger.quantized:
+        unfused, fused, difference = fused_vs_unfused(merger, repeats)
+        row += f"   combine unfused {unfused:.3f} s, fused {fused:.3f} s: {unfused / fused:.1f}x, max diff {difference:.1e}"
+    print(row, flush=True)
+
+
+class _DrawnDeltas(dict):
+    """An expert's task vectors drawn on first read (1e-3 x normal, seeded per tensor), never
+    kept by this dict: the merger stacks (or quantizes) each as it takes it."""
+
+    def __init__(self, base: dict, expert: int) -> None:
+        super().__init__()
+        self._base, self._expert = base, expert
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        import zlib
+
+        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()) * 8 + self._expert)
+        return 1e-3 * torch.randn(self._base[name].shape, generator=generator)
+
+    def __delitem__(self, name: str) -> None:
+        self.pop(name, None)
+
+
+def big_rows(repeats: int) -> None:
+    print("random Llama-3.2-1B-shaped model (1.24e9 parameters, bfloat16 working model), 2 experts, "
+          "task arithmetic; one process per row")
+    print(f"{'deltas':<6} {'first s':>8} {'merger s':>9} {'floor s':>8} {'x floor':>8} {'delta GiB':>10} "
+          f"{'plan GiB':>9} {'peak RSS':>9}")
+    for fmt in ("fp32", "int8", "int4"):
+        subprocess.run([sys.executable, __file__, "--big-row", fmt, "--repeats", str(repeats)], check=False)
 
 
 def _sync(device: torch.device) -> None:
@@ -222,7 +337,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(ALL_METHODS))
     parser.add_argument("--random-model", action="store_true",
                         help="a random SmolLM2-shaped Llama even when the zoo is built (machines without it)")
+    parser.add_argument("--big", action="store_true",
+                        help="only the rows of a random 1B model with 2 experts (fp32, int8, int4 deltas)")
+    parser.add_argument("--big-row", choices=("fp32", "int8", "int4"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.big_row:
+        return big_row(args.big_row, args.repeats)
+    if args.big:
+        return big_rows(args.repeats)
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = QUICK_METHODS if args.quick else ALL_METHODS

@@ -242,3 +242,21 @@ def test_memory_plan_counts_codes_and_scales(pico_zoo, fp32, pair):
     assert all(tv == {} for tv in quantized_merger.pool.task_vectors.values())
     with pytest.raises(ValueError, match="quantized them"):
         quantized_merger.pool.relative_norms()
+
+
+def test_fused_dequantize_combine_is_the_unfused_merge():
+    """Eager here (compiling costs 30 s on 2 cores); experiments/bench_merge.py compares the
+    compiled kernel's merge with the unfused one on the whole zoo model."""
+    from evomerge.merge import kernels
+
+    numel = 5 * GROUP
+    dense = odd_stack(numel)
+    base = torch.randn(numel, generator=torch.Generator().manual_seed(1))
+    coefficients, scale = [0.45, -0.27, 0.72], 0.9
+    for bits in BITS:
+        stack = QuantizedStack.of(dense, bits)
+        unfused = kernels.combine(base, stack.dense(), scale, coefficients, torch.empty(numel))
+        codes, scales = stack.groups(0, numel)
+        fused = torch.empty(numel)
+        kernels.combine_codes(base, codes, scales, bits, scale, coefficients, fused)
+        torch.testing.assert_close(fused, unfused, rtol=1e-6, atol=1e-7)

@@ -21,17 +21,20 @@ the extra memory is one tensor's dense stack, never the pool's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from evomerge.config import DELTA_DTYPES, DTYPES, QUANTIZED_DELTAS
+from evomerge.config import QUANTIZED_DELTAS
 from evomerge.errors import UserError
 from evomerge.merge import kernels, methods, registry
 from evomerge.merge.factored import FactoredStack, LowRank
+from evomerge.merge.memory import (Adapter, DeltaFormat, MemoryPlan, check_fits, delta_format,  # noqa: F401 - re-exported
+                                   itemsize, lora_factor_dtype)
 from evomerge.merge.quantized import GROUP, QuantizedStack, quantized_bytes
 from evomerge.merge.registry import MergeParams
 from evomerge.merge.stats import DeltaStats
@@ -42,117 +45,26 @@ from evomerge.recipe import MethodConfig, Recipe
 # Methods that are base plus a fixed combination of task vectors: one BLAS pass (kernels.combine).
 _LINEAR_METHODS = frozenset({"linear", "task_arithmetic"})
 
-DeltaFormat = torch.dtype | str
-"""How task vectors are stored: a float dtype, or a quantized format's name (``int8``, ``int4``)."""
-
-
-def delta_format(value: torch.dtype | str | None, dtype: torch.dtype) -> DeltaFormat:
-    """``value`` as a delta format: None is the working ``dtype``, a name of
-    :data:`~evomerge.config.DTYPES` its torch dtype, a name of
-    :data:`~evomerge.config.QUANTIZED_DELTAS` itself; anything else is a one-line UserError."""
-    if value is None:
-        return dtype
-    if isinstance(value, torch.dtype):
-        if not value.is_floating_point:
-            raise UserError(f"delta_dtype={value} is not a float dtype; valid: {', '.join(DELTA_DTYPES)}")
-        return value
-    if value in QUANTIZED_DELTAS:
-        return value
-    if value in DTYPES:
-        return getattr(torch, value)
-    raise UserError(f"delta_dtype={value!r} is not one of {', '.join(DELTA_DTYPES)}")
-
-
-def _delta_bits(delta: DeltaFormat) -> int:
-    """Bits per delta element as stored (scales aside)."""
-    return QUANTIZED_DELTAS[delta] if isinstance(delta, str) else 8 * _itemsize(delta)
-
-
-# --- memory --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """Bytes a Merger keeps resident, known from shapes and dtypes before anything is allocated."""
-
-    base: int
-    deltas: int
-    working: int
-    experts: int
-    dtype: torch.dtype
-    delta_dtype: DeltaFormat
-
-    @classmethod
-    def for_pool(cls, pool: ModelPool, dtype: torch.dtype, delta_dtype: DeltaFormat) -> MemoryPlan:
-        """The plan for ``pool`` as it is held: dense task vectors as ``for_shapes`` counts them,
-        an adapter's factors at the float delta dtype (the working dtype under a quantized
-        format: codes are for dense deltas), and nothing for tensors an adapter leaves alone."""
-        experts = len(pool.task_vectors)
-        plan = cls.for_shapes({k: v.shape for k, v in pool.base.items()}, experts, dtype, delta_dtype)
-        if all(len(tau) == len(pool.base) and not any(isinstance(d, LowRank) for d in tau.values())
-               for tau in pool.task_vectors.values()):
-            return plan
-        deltas = 0
-        for name, base in pool.base.items():
-            numel = base.numel()
-            for tau in pool.task_vectors.values():
-                entry = tau.get(name)
-                if isinstance(entry, LowRank):
-                    deltas += (entry.left.numel() + entry.right.numel()) * _itemsize(_factor_dtype(delta_dtype, dtype))
-                elif entry is not None:
-                    deltas += (quantized_bytes(numel, QUANTIZED_DELTAS[delta_dtype]) if isinstance(delta_dtype, str)
-                               else numel * _itemsize(delta_dtype))
-        return cls(plan.base, deltas, plan.working, experts, dtype, delta_dtype)
-
-    @classmethod
-    def for_shapes(cls, shapes: Mapping[str, Sequence[int]], experts: int, dtype: torch.dtype,
-                   delta_dtype: DeltaFormat) -> MemoryPlan:
-        """The plan for a model whose unique parameters have ``shapes``; the working model holds
-        the same tensors as the base, so it costs the same. Quantized deltas count their codes
-        (each tensor's groups padded to whole groups) and their float32 scales."""
-        numels = [_numel(shape) for shape in shapes.values()]
-        model_bytes = sum(numels) * _itemsize(dtype)
-        if isinstance(delta_dtype, str):
-            per_expert = sum(quantized_bytes(n, QUANTIZED_DELTAS[delta_dtype]) for n in numels)
-        else:
-            per_expert = sum(numels) * _itemsize(delta_dtype)
-        return cls(model_bytes, experts * per_expert, model_bytes, experts, dtype, delta_dtype)
-
-    @property
-    def total(self) -> int:
-        return self.base + self.deltas + self.working
-
-    def summary(self) -> str:
-        return (f"base {_size(self.base)} ({_name(self.dtype)}) + deltas {_size(self.deltas)} "
-                f"({self.experts} experts, {_format_name(self.delta_dtype)}) + working model "
-                f"{_size(self.working)} = {_size(self.total)}")
-
-
-def available_bytes(device: torch.device) -> int:
-    """Memory a new allocation on ``device`` can still get: free RAM for the CPU, free device
-    memory for CUDA (what the driver reports, which includes other processes' use)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        import psutil
-
-        return psutil.virtual_memory().available
-    raise UserError(f"device {device} is not supported; use cpu or cuda")
-
-
-def check_fits(plan: MemoryPlan, device: torch.device, reused: int = 0) -> None:
-    """Refuse a plan whose new allocations (``plan.total`` less ``reused`` bytes the pool already
-    holds on ``device`` and hands over) exceed what ``device`` has free, before allocating any."""
-    needed = plan.total - reused
-    free = available_bytes(device)
-    if needed > free:
-        advice = ["use fewer experts", "a smaller working dtype", "or another device"]
-        bits = _delta_bits(plan.delta_dtype)
-        if bits > 4:
-            lower = "bfloat16 or int8" if bits > 16 else "int8" if bits > 8 else "int4"
-            advice.insert(0, f"lower delta_dtype (e.g. {lower})")
-        raise UserError(f"the merger needs {_size(needed)} more on {device} but only {_size(free)} "
-                        f"is free ({plan.summary()}); {', '.join(advice)}")
+def pool_plan(pool: ModelPool, dtype: torch.dtype, delta_dtype: DeltaFormat) -> MemoryPlan:
+    """The plan for ``pool`` as the Merger will hold it: full experts' dense stacks, each
+    adapter's factors (:class:`~evomerge.merge.memory.Adapter`), and the few tensors an adapter
+    changes densely (DoRA, ``modules_to_save``) as dense rows; nothing for what it leaves alone."""
+    full, adapters, extra = 0, [], 0
+    for tau in pool.task_vectors.values():
+        factors = {name: d for name, d in tau.items() if isinstance(d, LowRank)}
+        if len(tau) == len(pool.base) and not factors:
+            full += 1
+            continue
+        adapters.append(Adapter({name: f.shape for name, f in factors.items()},
+                                {name: f.rank for name, f in factors.items()}))
+        for name, entry in tau.items():
+            if not isinstance(entry, LowRank):
+                numel = pool.base[name].numel()
+                extra += (quantized_bytes(numel, QUANTIZED_DELTAS[delta_dtype]) if isinstance(delta_dtype, str)
+                          else numel * itemsize(delta_dtype))
+    plan = MemoryPlan.for_shapes({k: v.shape for k, v in pool.base.items()}, full, dtype, delta_dtype,
+                                 adapters=adapters)
+    return dataclasses.replace(plan, deltas=plan.deltas + extra)
 
 
 # --- recipe translation --------------------------------------------------------------------------
@@ -259,7 +171,7 @@ class Merger:
         self._dense_dtype = kernels.work_dtype(dtype)
         self.experts = pool.expert_names
         self.quantile_resolution = quantile_resolution
-        self.plan = MemoryPlan.for_pool(pool, dtype, self.delta_dtype)
+        self.plan = pool_plan(pool, dtype, self.delta_dtype)
         check_fits(self.plan, self.device, _bytes_on(pool, self.device))
         self.pool = pool
         self.tokenizer = pool.tokenizer
@@ -308,7 +220,7 @@ class Merger:
         factors = {}
         for i, entry in enumerate(entries):
             if isinstance(entry, LowRank):
-                factors[i] = entry.to(self.device, _factor_dtype(self.delta_dtype, self.dtype))
+                factors[i] = entry.to(self.device, lora_factor_dtype(self.delta_dtype, self.dtype))
                 pool.task_vectors[self.experts[i]][name] = factors[i]
         self._stacks[name] = FactoredStack(tuple(base.shape), len(self.experts), tuple(dense_rows), dense,
                                            factors, self.device)
@@ -433,8 +345,9 @@ class Merger:
 
     def _write_combination(self, name: str, scale: float, coefficients: list[float],
                            target: Tensor) -> None:
-        """target = scale * base + stack^T c; a quantized stack is made dense a column block at a
-        time, so its temporaries are what combine's upcast of a bf16 stack would be; factors are
+        """target = scale * base + stack^T c. A quantized stack's whole groups are dequantized in
+        the combining pass (:func:`kernels.combine_codes`), a column block at a time so an eager
+        fallback's temporaries stay bounded; a last short group goes through :func:`kernels.combine`. Factors are
         added as one rank-r product after the dense experts."""
         base, stack = self._base[name].view(-1), self._stacks[name]
         if isinstance(stack, FactoredStack):
@@ -453,8 +366,14 @@ class Merger:
             kernels.combine(base, stack, scale, coefficients, target)
             return
         for start, end in stack.blocks():
-            kernels.combine(base[start:end], stack.dense(self._dense_dtype, start, end), scale, coefficients,
-                            target[start:end])
+            whole = start + (end - start) // GROUP * GROUP
+            if whole > start:
+                codes, scales = stack.groups(start, whole)
+                kernels.combine_codes(base[start:whole], codes, scales, stack.bits, scale, coefficients,
+                                      target[start:whole])
+            if end > whole:
+                kernels.combine(base[whole:end], stack.dense(self._dense_dtype, whole, end), scale, coefficients,
+                                target[whole:end])
 
     def _stats_of(self, name: str) -> DeltaStats:
         """Made the first time a sparsifying method merges ``name``; it fills itself on use. A
@@ -488,39 +407,8 @@ def _dense_numel(stack: Tensor | QuantizedStack | FactoredStack) -> int:
     return stack.numel() if isinstance(stack, Tensor) else stack.dense_numel()
 
 
-def _factor_dtype(delta: DeltaFormat, dtype: torch.dtype) -> torch.dtype:
-    """Adapter factors are kept in the float delta dtype; quantized formats are for dense deltas
-    (a rank-16 factor is already small), so under them factors keep the working dtype."""
-    return dtype if isinstance(delta, str) else delta
-
-
 def _concrete(device: torch.device) -> torch.device:
     """``cuda`` as the ``cuda:N`` that tensors report, so device comparisons mean what they say."""
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= int(size)
-    return count
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _format_name(delta: DeltaFormat) -> str:
-    """A delta format for people: ``bfloat16``, or ``int8 in groups of 128 + fp32 scales``."""
-    return f"{delta} in groups of {GROUP} + fp32 scales" if isinstance(delta, str) else _name(delta)
-
-
-def _size(count: int) -> str:
-    """Bytes for people: MiB below a GiB, so a test-sized plan does not read as zero."""
-    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.2f} MiB"

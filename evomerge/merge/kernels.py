@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from evomerge.merge.draws import DRAW_STEPS, Grid, integer_draws
+from evomerge.merge.quantized import unpack
 from evomerge.merge.registry import Sparsification
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -150,6 +151,33 @@ def combine(base: Tensor, stack: Tensor, scale: float, coefficients: Sequence[fl
         else:
             out[start:end].copy_(torch.addmv(base[start:end].to(work), matrix, vector, beta=scale))
     return out
+
+
+def combine_codes(base: Tensor, codes: Tensor, scales: Tensor, bits: int, scale: float,
+                  coefficients: Sequence[float], out: Tensor) -> Tensor:
+    """:func:`combine` over whole groups of a quantized stack, dequantizing in the same pass:
+    ``out = scale * base + sum_k coefficients[k] * (codes[k] * scales[k])`` for a flat ``base``
+    of ``G * GROUP`` elements, ``codes`` ``[K, G, GROUP]`` int8 (8 bits) or ``[K, G, GROUP / 2]``
+    packed uint8 (4 bits), ``scales`` ``[K, G]``. Each element is ``code * scale`` rounded to
+    float32 as :meth:`QuantizedStack.dense` rounds it, then weighted and summed, so the merge is
+    the unfused one's up to the order of the sum. Compiled, it is one loop reading a byte (or a
+    nibble) per delta element, where dequantizing first wrote and read back a float32 block."""
+    work = work_dtype(base.dtype)
+    vector = torch.tensor(coefficients, dtype=work, device=base.device)
+    groups = scales.shape[1]
+    COMPILATION.kernel(_combine_codes, codes.numel() * (8 // bits))(
+        base.view(groups, -1), codes, scales, vector, torch.tensor(scale, dtype=work, device=base.device),
+        out.view(groups, -1), bits)
+    return out
+
+
+def _combine_codes(base: Tensor, codes: Tensor, scales: Tensor, vector: Tensor, scale: Tensor, out: Tensor,
+                   bits: int) -> None:
+    total = base.to(vector.dtype) * scale
+    for k in range(codes.shape[0]):  # unrolled when traced: one pass over every expert's codes
+        row = codes[k] if bits == 8 else unpack(codes[k])
+        total = total + (row.to(torch.float32) * scales[k][:, None]).to(vector.dtype) * vector[k]
+    out.copy_(total)
 
 
 # --- generalized task arithmetic -----------------------------------------------------------------

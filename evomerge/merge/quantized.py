@@ -124,6 +124,16 @@ class QuantizedStack:
         return QuantizedStack(self.codes.index_select(0, index), self.scales.index_select(0, index),
                               self.numel, self.bits)
 
+    def groups(self, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """Codes and scales of the whole groups in columns ``start:end`` (both on group
+        boundaries): ``[K, G, GROUP]`` int8 codes (``[K, G, GROUP / 2]`` packed uint8 for 4 bits)
+        and ``[K, G]`` scales, views of the stack, for a kernel that dequantizes as it reads."""
+        if start % GROUP or end % GROUP:
+            raise ValueError(f"columns {start}:{end} must start and end on multiples of {GROUP}")
+        per_byte = 8 // self.bits
+        codes = self.codes[:, start // per_byte:end // per_byte]
+        return codes.view(len(self), -1, GROUP // per_byte), self.scales[:, start // GROUP:end // GROUP]
+
     def blocks(self) -> Iterator[tuple[int, int]]:
         """Column ranges ``(start, end)`` of at most :data:`BLOCK_COLUMNS` that start on a group:
         dequantize block by block to bound the dense temporaries."""
@@ -145,7 +155,7 @@ class QuantizedStack:
             if self.bits == 8:
                 codes = self.codes[:, first * GROUP:last * GROUP]
             else:
-                codes = _unpack(self.codes[:, first * GROUP // 2:last * GROUP // 2])
+                codes = unpack(self.codes[:, first * GROUP // 2:last * GROUP // 2])
             grouped = codes.to(torch.float32).view(count, last - first, GROUP) * self.scales[:, first:last, None]
             out[:, offset - start:stop - start] = grouped.view(count, -1)[:, :stop - offset]
         return out
@@ -162,7 +172,7 @@ def _pack(codes: Tensor) -> Tensor:
     return biased[..., 0::2] | (biased[..., 1::2] << 4)
 
 
-def _unpack(packed: Tensor) -> Tensor:
+def unpack(packed: Tensor) -> Tensor:
     """The inverse of :func:`_pack`: ``[..., n]`` uint8 to ``[..., 2n]`` int8 codes."""
     low = (packed & 0xF).to(torch.int8) - 8
     high = (packed >> 4).to(torch.int8) - 8

@@ -77,7 +77,7 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
         from evomerge.pool import resolve
 
         resolve(base, allow_pickle=models.allow_pickle)  # a bad path fails before anything else
-        experts = _named_experts(models.experts)
+        experts = named_experts(models.experts)
         if not tasks:
             raise UserError("tasks is empty; with your own models name the lm-eval tasks to "
                             "optimize, e.g. tasks=[arc_easy,hellaswag]")
@@ -111,7 +111,7 @@ def _zoo_models(config: ZooConfig) -> tuple[str, dict[str, str], list[str], str]
     return str(zoo.base), {k: str(v) for k, v in zoo.experts.items()}, tasks, str(zoo.task_dir)
 
 
-def _named_experts(experts: Any) -> dict[str, str]:
+def named_experts(experts: Any) -> dict[str, str]:
     if isinstance(experts, Mapping):
         named = {str(k): str(v) for k, v in experts.items()}
     elif isinstance(experts, (list, tuple)):

@@ -1,0 +1,296 @@
+"""``evomerge plan``: what a search's workers will hold, from metadata alone, before anything loads.
+
+A pool that does not fit its device used to be found out after minutes of loading (or by the
+kernel's OOM killer). Here the models are read as little as possible: each safetensors file's
+header (8 bytes of length, then JSON naming every tensor's dtype and shape; the weights behind it
+are never read, so header-only files plan like real ones), ``config.json`` for the evaluation's
+activations, and for a LoRA expert (a folder holding ``adapter_config.json``) its adapter's
+header, whose A and B factors are what a worker keeps of it. The bytes are counted by
+:mod:`evomerge.merge.memory`, the one home of that arithmetic; this module only reads and tells.
+
+When the requested delta format does not fit, the first of bfloat16, int8 and int4 that does is
+chosen (``search`` then uses it); when none does, one line says what to change. Streaming deltas
+from host memory to a GPU would be the next resort and is not built.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from evomerge.config import Config, read_config
+from evomerge.errors import UserError
+from evomerge.merge.memory import (SMALLER_FORMATS, Adapter, Architecture, Fit, MemoryPlan, delta_format,
+                                   dtype_name, fit_delta_format, format_name, pool_loading_bytes,
+                                   size_text)
+
+EVAL_SEQUENCE = 256
+"""Tokens per row the activations are planned for. The evaluator fixes no length: it pads a batch
+of ``fitness.batch_size`` rows (tasks.TaskSuite) to its longest prompt plus answer. 256 is the
+perplexity objective's window (text.token_windows) and lm-eval's default answer budget
+(``max_gen_toks``, tasks.py); the zoo's prompts are far shorter. Long-context tasks: pass
+``--sequence-length``."""
+
+_HEADER_LIMIT = 100 * 2**20  # a larger header is a corrupt file, not a model
+
+
+# --- reading metadata ----------------------------------------------------------------------------
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from one safetensors file's header, reading only the header's bytes."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < length <= _HEADER_LIMIT:
+            raise UserError(f"{path} is not a safetensors file (its first 8 bytes give no header length)")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise UserError(f"{path} has a corrupt safetensors header (not JSON)") from None
+    return {name: tuple(int(n) for n in entry["shape"]) for name, entry in header.items()
+            if name != "__metadata__"}
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """A full model as the plan sees it: its config and the shapes of its unique parameters."""
+
+    ref: str
+    config: dict
+    shapes: dict[str, tuple[int, ...]]
+
+
+def read_model(ref: str) -> ModelMeta:
+    """``ref``'s config and parameter shapes (a tied ``lm_head.weight`` is the embedding's tensor,
+    held once, as ``unique_parameters`` holds it)."""
+    files = _metadata_files(ref)
+    if "adapter_config.json" in files:
+        raise UserError(f"model {ref} is a LoRA adapter (adapter_config.json); name it as an expert, "
+                        f"with the model it adapts as models.base")
+    config = files["config.json"]
+    shapes = files["shapes"]
+    if not shapes:
+        raise UserError(f"model {ref} has no *.safetensors weights; the plan reads their headers")
+    if config.get("tie_word_embeddings") is True:
+        shapes.pop("lm_head.weight", None)
+    return ModelMeta(ref, config, shapes)
+
+
+def read_expert(ref: str, base: ModelMeta) -> ModelMeta | Adapter:
+    """A full expert (checked against the base's shapes) or a LoRA adapter's factor shapes."""
+    files = _metadata_files(ref)
+    if "adapter_config.json" not in files:
+        expert = read_model(ref)
+        for name, shape in base.shapes.items():
+            if expert.shapes.get(name, shape) != shape:
+                raise UserError(f"expert {ref} tensor {name!r} has shape {list(expert.shapes[name])}, base "
+                                f"{base.ref} has {list(shape)}; experts must be fine-tunes of the same base")
+        return expert
+    return _adapter(ref, files["shapes"])
+
+
+def _adapter(ref: str, shapes: Mapping[str, tuple[int, ...]]) -> Adapter:
+    """Each targeted module's ``(out, in)`` and rank from its ``lora_A`` (``r x in``) and
+    ``lora_B`` (``out x r``) tensors."""
+    modules: dict[str, tuple[int, int]] = {}
+    ranks: dict[str, int] = {}
+    for name, shape in shapes.items():
+        if ".lora_A." in name:
+            module = name.split(".lora_A.")[0]
+            b_shape = shapes.get(name.replace(".lora_A.", ".lora_B."))
+            if b_shape is None or len(shape) != 2 or len(b_shape) != 2:
+                raise UserError(f"LoRA adapter {ref} has {name} without a 2-D lora_B partner")
+            modules[module] = (b_shape[0], shape[1])
+            ranks[module] = shape[0]
+    if not modules:
+        raise UserError(f"LoRA adapter {ref} has no lora_A/lora_B tensors in adapter_model.safetensors")
+    return Adapter(modules, ranks)
+
+
+def _metadata_files(ref: str) -> dict[str, Any]:
+    """``config.json`` / ``adapter_config.json`` (parsed) and ``shapes`` (every safetensors
+    header merged) of a local folder, or of a hub id through the hub's header endpoint."""
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        raise UserError(f"model {ref} is a .gguf file, which loads dequantized; plan with its "
+                        f"safetensors original instead")
+    if path.is_dir():
+        out: dict[str, Any] = {}
+        for name in ("config.json", "adapter_config.json"):
+            if (path / name).is_file():
+                out[name] = json.loads((path / name).read_text())
+        if not out:
+            raise UserError(f"model folder {ref} has neither config.json nor adapter_config.json; expected "
+                            f"a Hugging Face model folder or a peft LoRA adapter")
+        out["shapes"] = {}
+        for file in sorted(path.glob("*.safetensors")):
+            out["shapes"].update(safetensors_shapes(file))
+        return out
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise UserError(f"model {ref!r} not found: expected a local model folder, a LoRA adapter folder "
+                        f"or a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+    return _hub_files(ref)
+
+
+def _hub_files(repo: str) -> dict[str, Any]:
+    """A hub repo's configs and safetensors headers (HTTP range reads; no weights downloaded)."""
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    try:
+        out: dict[str, Any] = {}
+        for name in ("config.json", "adapter_config.json"):
+            try:
+                out[name] = json.loads(Path(hf_hub_download(repo, name)).read_text())
+            except EntryNotFoundError:
+                pass
+        metadata = get_safetensors_metadata(repo)
+        out["shapes"] = {name: tuple(info.shape) for file in metadata.files_metadata.values()
+                         for name, info in file.tensors.items()}
+        return out
+    except Exception as error:  # offline, unknown repo, gated: all mean "cannot plan this id"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"hub id {repo!r}: headers could not be fetched ({reason}); pass a local folder") from None
+
+
+# --- the plan of a search ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """A search's worker plan against its device: what ``plan`` prints and ``search`` obeys."""
+
+    fit: Fit
+    device: str
+    memory_source: str
+    batch: int
+    sequence: int
+    base: str
+    loading: int = 0  # host bytes while a worker's pool loads (memory.pool_loading_bytes)
+    fallbacks: tuple[MemoryPlan, ...] = ()  # the smaller formats' plans, tried when nothing fit
+
+    @property
+    def plan(self) -> MemoryPlan:
+        """The plan the workers will run: the chosen one, or the requested one when none fits."""
+        return self.fit.chosen or self.fit.requested
+
+    @property
+    def changed(self) -> bool:
+        return self.fit.chosen is not None and self.fit.chosen.delta_dtype != self.fit.requested.delta_dtype
+
+    def lines(self) -> list[str]:
+        """The plan for people: per worker, then the workers sharing the device against its memory."""
+        plan, fit = self.plan, self.fit
+        workers = f"{fit.workers} worker{'s' if fit.workers > 1 else ''}"
+        per_device = "runtime.workers share its memory" if self.device == "cpu" else "one worker per GPU"
+        lines = [
+            f"memory plan of {self.base} (from config.json and safetensors headers; no weights read)",
+            f"  device: {self.device}, {size_text(fit.memory)} ({self.memory_source}); {per_device}",
+            f"  per worker: base {size_text(plan.base)} ({dtype_name(plan.dtype)})",
+            f"              deltas {size_text(plan.deltas)} ({plan.experts_text()}, {format_name(plan.delta_dtype)})",
+            f"              working model {size_text(plan.working)}",
+            f"              evaluation activations {size_text(plan.activations)} "
+            f"(batch {self.batch} x {self.sequence} tokens, estimated)",
+            f"              total {size_text(plan.total)}",
+            f"  {workers} x {size_text(plan.total)} = {size_text(fit.needs(plan))} of "
+            f"{size_text(fit.memory)}: {'fits' if fit.chosen else 'does not fit'}",
+        ]
+        lines.append(f"  loading: each worker's pool peaks at {size_text(self.loading)} of host RAM (float32 "
+                     f"base, copy and dense task vectors, before the merger stores its deltas; not checked)")
+        if self.changed:
+            lines.append(f"  {format_name(fit.requested.delta_dtype)} deltas would need "
+                         f"{size_text(fit.needs(fit.requested))}: using runtime.delta_dtype="
+                         f"{format_name(plan.delta_dtype)}, the first of bfloat16, int8, int4 that fits")
+        return lines
+
+    def refusal(self) -> str | None:
+        """One line naming what to change when nothing fits; None when something does."""
+        if self.fit.chosen is not None:
+            return None
+        fit, plan = self.fit, self.fit.requested
+        smallest = min((fit.requested, *self.fallbacks), key=lambda p: p.total)
+        advice = []
+        if fit.workers > 1:
+            advice.append(f"fewer workers per device (runtime.workers={fit.workers}; 1 needs "
+                          f"{size_text(smallest.total)})")
+        advice += ["fewer experts", f"or a device of more than {size_text(fit.needs(smallest))}"]
+        smaller = (f", still {size_text(fit.needs(smallest))} with {format_name(smallest.delta_dtype)}"
+                   if smallest.total < plan.total else ", and no smaller delta format makes it smaller")
+        return (f"the search does not fit {self.device} ({size_text(fit.memory)}): {fit.workers} x "
+                f"{size_text(plan.total)} with {format_name(plan.delta_dtype)} deltas{smaller}; fit it with "
+                f"{', '.join(advice)} (streaming deltas from host memory to the GPU is not built)")
+
+
+def plan_search(config: Mapping[str, Any], *, device_memory: int | None = None,
+                sequence: int = EVAL_SEQUENCE) -> SearchPlan:
+    """The worker plan of the composed ``config`` on its device (``device_memory`` bytes, default:
+    free RAM for cpu, the CUDA device's total memory), from metadata only."""
+    typed = read_config(config)
+    base_ref, expert_refs = _model_refs(typed)
+    base = read_model(base_ref)
+    experts = [read_expert(ref, base) for ref in expert_refs.values()]
+    adapters = [e for e in experts if isinstance(e, Adapter)]
+    dense = len(experts) - len(adapters)
+    runtime = typed.runtime
+    dtype = getattr(torch, runtime.dtype)
+    requested = delta_format(runtime.delta_dtype, dtype)
+    activations = Architecture.of_config(base.config, f"{base_ref}/config.json").activation_bytes(
+        typed.fitness.batch_size, sequence, dtype)
+
+    def plan_for(delta):
+        return MemoryPlan.for_shapes(base.shapes, dense, dtype, delta, adapters=adapters, activations=activations)
+
+    device = runtime.resolved_device()
+    gpu = device.startswith("cuda")
+    memory, source = (device_memory, "--device-memory") if device_memory is not None else _device_memory(device)
+    workers = 1 if gpu else runtime.workers  # Ray gives each worker a GPU of its own
+    fit = fit_delta_format(plan_for, requested, workers, memory)
+    fallbacks = () if fit.chosen else tuple(plan_for(f) for f in SMALLER_FORMATS if f != requested)
+    loading = pool_loading_bytes(base.shapes, dense)
+    return SearchPlan(fit, "cuda" if gpu else "cpu", source, typed.fitness.batch_size, sequence, base_ref,
+                      loading, fallbacks)
+
+
+def planned_config(config: Mapping[str, Any], search: SearchPlan) -> dict[str, Any]:
+    """``config`` with the delta format the plan chose (runtime.* may change between a run and
+    its resume, so the run's identity is unchanged); a one-line UserError when nothing fits."""
+    refusal = search.refusal()
+    if refusal:
+        raise UserError(refusal)
+    if not search.changed:
+        return dict(config)
+    runtime = dict(config.get("runtime") or {})
+    runtime["delta_dtype"] = format_name(search.plan.delta_dtype)
+    return {**config, "runtime": runtime}
+
+
+def _model_refs(typed: Config) -> tuple[str, dict[str, str]]:
+    if typed.models.base is not None:
+        from evomerge.search.settings import named_experts
+
+        return str(typed.models.base), named_experts(typed.models.experts)
+    from evomerge.zoo.build import Zoo
+
+    zoo = Zoo.at(typed.zoo)
+    if not zoo.is_built():
+        raise UserError(f"the zoo {zoo.root} is not built, so there is nothing to plan; run `evomerge zoo "
+                        f"build` with the same zoo settings, or name models.base and models.experts")
+    return str(zoo.base), {k: str(v) for k, v in zoo.experts.items()}
+
+
+def _device_memory(device: str) -> tuple[int, str]:
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"runtime.device={device} but this machine has no CUDA device; state the GPU's "
+                            f"memory with --device-memory, e.g. --device-memory 80GB")
+        index = torch.device(device).index or 0
+        return torch.cuda.get_device_properties(index).total_memory, f"{torch.cuda.get_device_name(index)}"
+    import psutil
+
+    return psutil.virtual_memory().available, "free RAM now"

@@ -1,0 +1,105 @@
+"""The memory plan from metadata alone: header-only fixtures of hub shapes plan to the byte counts
+an independent count gives; a plan that does not fit picks the first smaller delta format that
+does, or refuses in one line naming what to change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evomerge.cli import main
+from evomerge.config import compose
+from evomerge.errors import UserError
+from evomerge.merge.memory import Adapter, lora_factor_bytes, parse_size
+from evomerge.plan import plan_search, planned_config, safetensors_shapes
+from hub_fixtures import LLAMA_7B, LLAMA_70B, linear_shapes, write_header, write_lora, write_model
+
+TINY = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_hidden_layers": 2, "intermediate_size": 12,
+        "vocab_size": 10, "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True}
+LLAMA_7B_PARAMS = 6_738_415_616  # Llama-2-7B's parameter count, as its model card gives 6.74e9
+
+
+def overrides(base, experts, *more):
+    return [f"models.base={base}", f"models.experts=[{','.join(map(str, experts))}]", *more]
+
+
+def test_a_tiny_plan_counts_each_parameter_once_and_lora_factors(tmp_path):
+    base = write_model(tmp_path / "base", TINY)
+    full = write_model(tmp_path / "full", TINY)
+    lora = write_lora(tmp_path / "lora", TINY, rank=2, targets=("q_proj", "down_proj"))
+    plan = plan_search(compose(overrides(base, [full, lora])), device_memory=2**30).plan
+    # by hand: embedding (tied: the head is the same tensor) 10*8, per block 2 norms of 8, q 8x8,
+    # k and v 4x8, o 8x8, gate and up 12x8, down 8x12; the final norm 8
+    params = 80 + 2 * (16 + 64 + 32 + 32 + 64 + 96 + 96 + 96) + 8
+    assert plan.base == plan.working == params * 4
+    # LoRA: per block q (A 2x8, B 8x2) and down (A 2x12, B 8x2), in float32 (the working dtype)
+    assert plan.deltas == params * 4 + 2 * (2 * 8 + 8 * 2 + 2 * 12 + 8 * 2) * 4
+    assert plan.experts == 2 and plan.adapters == 1 and plan.activations > 0
+
+
+def test_lora_factor_bytes_by_rank_and_module():
+    modules = {"q": (4096, 4096), "down": (4096, 11008)}
+    assert lora_factor_bytes(modules, 16, torch.bfloat16) == 16 * (8192 + 15104) * 2
+    assert lora_factor_bytes(modules, {"q": 8, "down": 4}, torch.float32) == (8 * 8192 + 4 * 15104) * 4
+    # quantized delta formats keep LoRA factors in the working dtype
+    adapter = Adapter(modules, 16)
+    assert adapter.factor_bytes("int8", torch.float32) == adapter.factor_bytes(torch.float32, torch.float32)
+
+
+def test_headers_are_read_without_data(tmp_path):
+    write_header(tmp_path / "h.safetensors", {"a": (3, 4), "b": (5,)})
+    assert safetensors_shapes(tmp_path / "h.safetensors") == {"a": (3, 4), "b": (5,)}
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(UserError, match="not a safetensors file"):
+        safetensors_shapes(tmp_path / "bad.safetensors")
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    return {"7b": write_model(root / "7b", LLAMA_7B), "70b": write_model(root / "70b", LLAMA_70B),
+            "experts7": [write_model(root / f"e7-{i}", LLAMA_7B) for i in range(4)],
+            "experts70": [write_model(root / f"e70-{i}", LLAMA_70B) for i in range(2)],
+            "lora7": [write_lora(root / f"l7-{i}", LLAMA_7B) for i in range(16)]}
+
+
+def test_7b_with_4_experts_plans_fp32_deltas_and_picks_the_first_format_that_fits(hub):
+    config = compose(overrides(hub["7b"], hub["experts7"], "runtime.device=cuda"))
+    roomy = plan_search(config, device_memory=parse_size("1TB"))
+    assert roomy.plan.deltas == 4 * LLAMA_7B_PARAMS * 4 and roomy.plan.base == LLAMA_7B_PARAMS * 4
+    assert not roomy.changed and roomy.fit.workers == 1
+    # 141 GB: fp32 deltas (4 x 27 GB + 2 x 27 GB) do not fit, bfloat16 ones do
+    h200 = plan_search(config, device_memory=parse_size("141GB"))
+    assert h200.changed and h200.plan.delta_dtype == torch.bfloat16
+    assert h200.plan.deltas == 4 * LLAMA_7B_PARAMS * 2
+    assert planned_config(config, h200)["runtime"]["delta_dtype"] == "bfloat16"
+    assert any("using runtime.delta_dtype=bfloat16" in line for line in h200.lines())
+
+
+def test_7b_with_16_lora_experts_holds_their_factors(hub):
+    config = compose(overrides(hub["7b"], hub["lora7"], "runtime.device=cuda", "runtime.dtype=bfloat16"))
+    plan = plan_search(config, device_memory=parse_size("24GB")).plan
+    factors = sum(lora_factor_bytes({k: v for k, v in linear_shapes(LLAMA_7B).items()}, 16, torch.bfloat16)
+                  for _ in range(16))
+    assert plan.deltas == factors == 16 * 32 * 16 * (4 * 8192 + 3 * 15104) * 2
+    assert plan.adapters == 16 and plan.base == LLAMA_7B_PARAMS * 2
+
+
+def test_70b_that_fits_nowhere_is_refused_in_one_line(hub):
+    config = compose(overrides(hub["70b"], hub["experts70"], "runtime.device=cpu", "runtime.workers=2"))
+    search = plan_search(config, device_memory=parse_size("24GB"))
+    assert search.fit.chosen is None
+    message = search.refusal()
+    assert "\n" not in message and "runtime.workers=2" in message and "int4" in message
+    assert "streaming deltas from host memory to the GPU is not built" in message
+    with pytest.raises(UserError, match="does not fit"):
+        planned_config(config, search)
+
+
+def test_plan_command_prints_then_refuses_with_exit_code_2(hub, capsys):
+    code = main(["plan", *overrides(hub["70b"], hub["experts70"], "runtime.device=cuda"), "--device-memory", "80GB"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "evaluation activations" in out and "does not fit" in out
+    assert err.count("\n") == 1 and err.startswith("evomerge: error: the search does not fit cuda")
+    assert main(["plan", *overrides(hub["7b"], hub["experts7"]), "--device-memory", "lots"]) == 2
+    assert "device memory 'lots' is not a size" in capsys.readouterr().err
