@@ -34,6 +34,12 @@ arithmetic's time against its floor, the memory plan and the process's peak RSS;
 plan does not fit the free RAM says so instead. The experts' deltas are drawn tensor by tensor as
 the merger stacks them, so the dense fp32 pool is never held whole.
 
+With ``--lora``, rows for LoRA-adapter experts: the same four skills as the LoRA zoo's adapters
+(``zoo=smollm2-lora``, held as factors) and as the full zoo's fine-tunes, per method the time
+per materialization and the resident deltas, then one worker holding 16 adapters (the LoRA zoo's
+four and twelve random ones of the same shapes): its memory plan, its measured RSS growth and
+a task-arithmetic merge of all 16.
+
     python experiments/bench_merge.py --quick
     python experiments/bench_merge.py --repeats 5 --mergekit
     nice python experiments/bench_merge.py --big
@@ -322,6 +328,61 @@ def big_rows(repeats: int) -> None:
         subprocess.run([sys.executable, __file__, "--big-row", fmt, "--repeats", str(repeats)], check=False)
 
 
+LORA_METHODS = ("task_arithmetic", "ties", "dare_ties", "tsv_m")
+
+
+def every_expert_recipe(method: str, base: str, experts: dict[str, str], num_layers: int) -> Recipe:
+    """``method`` over every expert at weight 0.3 (density 0.5): pools of 4 and 16 compare."""
+    config = MethodConfig(method, {n: ExpertParams(weight=0.3, density=0.5) for n in experts})
+    return Recipe.uniform(base, list(experts), num_layers, config, expert_refs=experts)
+
+
+def lora_rows(repeats: int) -> None:
+    """Adapters (factors) against full fine-tunes of the same skills, then 16 adapters in one worker."""
+    import gc
+
+    import psutil
+
+    from evomerge.config import zoo_config
+    from evomerge.merge.factored import LowRank
+    from evomerge.zoo.build import Zoo
+
+    zoos = {"full": Zoo.at(zoo_config()), "LoRA": Zoo.at(zoo_config(["zoo=smollm2-lora"]))}
+    for label, zoo in zoos.items():
+        if not zoo.is_built():
+            print(f"the {label} zoo is not built at {zoo.root}; run `evomerge zoo build zoo={zoo.config.name}`")
+            return
+    print(f"{'experts':<8} {'method':<16} {'first s':>8} {'merger s':>9} {'deltas MiB':>11}")
+    for label, zoo in zoos.items():
+        experts = {k: str(v) for k, v in zoo.experts.items()}
+        merger = Merger(ModelPool(str(zoo.base), experts))
+        for method in LORA_METHODS:
+            first, seconds = time_materialize(merger, every_expert_recipe(method, str(zoo.base), experts,
+                                                                          merger.num_layers), repeats)
+            print(f"{label:<8} {method:<16} {first:>8.2f} {seconds:>9.3f} {merger.plan.deltas / 2**20:>11.1f}",
+                  flush=True)
+        del merger
+        gc.collect()
+    process = psutil.Process()
+    before = process.memory_info().rss
+    zoo = zoos["LoRA"]
+    pool = ModelPool(str(zoo.base), {k: str(v) for k, v in zoo.experts.items()})
+    template = pool.task_vectors[pool.expert_names[0]]
+    generator = torch.Generator().manual_seed(0)
+    for i in range(12):  # random adapters of the zoo's shapes and factor scale
+        pool.task_vectors[f"random{i}"] = {
+            name: LowRank(torch.randn(f.left.shape, generator=generator) * f.left.std(),
+                          torch.randn(f.right.shape, generator=generator) * f.right.std(), f.scale)
+            for name, f in template.items()}
+    merger = Merger(pool)
+    grown = process.memory_info().rss - before
+    experts = {name: name for name in merger.experts}
+    first, seconds = time_materialize(merger, every_expert_recipe("task_arithmetic", str(zoo.base), experts,
+                                                                  merger.num_layers), repeats)
+    print(f"16 LoRA experts in one worker: plan {merger.plan.summary()}; RSS grew {grown / 2**30:.2f} GiB "
+          f"loading pool and merger; task arithmetic of all 16: {seconds:.3f} s (first {first:.2f} s)")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -340,7 +401,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--big", action="store_true",
                         help="only the rows of a random 1B model with 2 experts (fp32, int8, int4 deltas)")
     parser.add_argument("--big-row", choices=("fp32", "int8", "int4"), help=argparse.SUPPRESS)
+    parser.add_argument("--lora", action="store_true",
+                        help="only the rows of LoRA-adapter experts (the LoRA zoo) beside full fine-tunes")
     args = parser.parse_args(argv)
+    if args.lora:
+        return lora_rows(args.repeats)
     if args.big_row:
         return big_row(args.big_row, args.repeats)
     if args.big:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from evomerge.architecture import layout_of, transposed_weights
 from evomerge.errors import UserError
@@ -213,8 +214,15 @@ def test_a_non_llama_path_folds_its_scales(pools, tmp_path):
 
 
 def test_cli_search_inspect_export_on_gpt2(pools, pico_zoo, tmp_path):
+    """One CLI run for two features: a non-Llama family, and a pool mixing a full expert with
+    a LoRA adapter (GPT-2's Conv1D: peft's fan_in_fan_out) that mergekit re-merges as base+adapter."""
+    from test_export import run_mergekit
+    from test_lora import _adapter
+
     runs = tmp_path / "runs"
     folder = pools / "gpt2"
+    adapter = _adapter(str(folder / "base"), tmp_path / "lora", 5, target_modules=["c_attn", "c_proj", "c_fc"],
+                       fan_in_fan_out=True)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 
     def cli(*args):
@@ -222,7 +230,7 @@ def test_cli_search_inspect_export_on_gpt2(pools, pico_zoo, tmp_path):
                               env=env, timeout=300)
 
     done = cli("search", f"runs_dir={runs}", "name=gpt2", f"models.base={folder / 'base'}",
-               f"models.experts=[{folder / 'a'},{folder / 'b'}]", "tasks=[zoo_add]",
+               f"models.experts=[{folder / 'a'},{adapter}]", "tasks=[zoo_add]",
                f"include_path={pico_zoo.task_dir}", "algorithm=ga", "fitness=random",
                "fitness.objectives=[mean]", "fitness.items_per_task=4", "fitness.probe_merges=0",
                "space.granularity=1", "space.knots=0", "space.split_components=true", "space.parents=false",
@@ -241,6 +249,13 @@ def test_cli_search_inspect_export_on_gpt2(pools, pico_zoo, tmp_path):
     assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_layer == LAYERS
     # the exported weights are what the archived recipe merges to here
     recipe = Recipe.from_yaml((tmp_path / "merge" / "recipe.yaml").read_text())
-    want = _merger(pools, "gpt2").materialize(recipe).state_dict()
+    want = Merger(ModelPool(str(folder / "base"), recipe.expert_refs)).materialize(recipe).state_dict()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, want[name], rtol=0, atol=0, msg=name)
+    config = yaml.safe_load((tmp_path / "merge" / "mergekit.yaml").read_text())
+    assert f"{folder / 'base'}+{adapter}" in [m["model"] for m in config["models"]]
+    theirs = run_mergekit(tmp_path / "merge" / "mergekit.yaml", tmp_path / "mergekit",
+                          lora_merge_cache=str(tmp_path / "lora-cache"))
+    assert len(theirs) >= len(want) - 1  # GPT-2's tied head is stored once
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(tensor.float(), want[name], rtol=0, atol=1e-5, msg=name)

@@ -1,6 +1,6 @@
 """LoRA adapters as experts: factors equal to peft's own merge, merges equal to the same experts
-merged densely, memory counted as factors, bad adapters refused in one line, and a mixed pool
-(adapters and a full fine-tune) searched, exported and re-merged by mergekit from the CLI."""
+merged densely, memory counted as factors, bad adapters refused in one line. A mixed pool
+searched, exported and re-merged by mergekit from the CLI: tests/test_architectures.py (GPT-2)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from evomerge.errors import UserError
 from evomerge.merge.engine import Merger
@@ -163,44 +162,3 @@ def test_bad_adapters_are_one_line_errors(pico_zoo, adapters, tmp_path):
     with pytest.raises(UserError, match=r"factor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' "
                                         r"has shape \[2, 96\], which does not fit"):
         check_expert(info, str(wide))
-
-
-def test_a_mixed_pool_searches_exports_and_remerges_in_mergekit_from_the_cli(pico_zoo, pico_cache, adapters, tmp_path):
-    """search (adapters + a full expert) -> inspect -> export: the folder reloads with the
-    in-memory merge's logits and mergekit's ``base+adapter`` config re-merges the same weights."""
-    from test_export import run_mergekit
-    from test_search import cli
-
-    from evomerge.zoo.tasks import task_name
-
-    base = str(pico_zoo.base)
-    tasks = ",".join(task_name(skill) for skill in ("add", "reverse"))
-    experts = f"[{adapters['plain']},{adapters['patterned']},{pico_zoo.expert('add')}]"
-    done = cli("search", "zoo=pico", f"models.base={base}", f"models.experts={experts}",
-               f"tasks=[{tasks}]", f"include_path={pico_zoo.task_dir}", f"runs_dir={tmp_path}", "name=lora", "fitness=anchors",
-               "fitness.items_per_task=8", "fitness.probe_merges=0", "algorithm=random", "algorithm.pop_size=4",
-               "algorithm.generations=1", "runtime.workers=1", "space=global", "space.methods=[task_arithmetic]",
-               "fitness.verify=1", "space.parents=false", cache=pico_cache)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = tmp_path / "lora"
-    shown = cli("inspect", str(run), cache=pico_cache)
-    assert shown.returncode == 0 and "plain" in shown.stdout, shown.stderr[-2000:]
-    out = tmp_path / "export"
-    exported = cli("export", str(run), "--out", str(out), cache=pico_cache)
-    assert exported.returncode == 0, exported.stderr[-2000:]
-    config = yaml.safe_load((out / "mergekit.yaml").read_text())
-    models = [m["model"] for m in config["models"]]
-    assert f"{base}+{adapters['plain']}" in models and str(pico_zoo.expert("add")) in models
-    # the export equals the recipe merged in memory from the adapters' factors
-    from evomerge.recipe import Recipe as _Recipe
-
-    recipe = _Recipe.from_yaml((out / "recipe.yaml").read_text())
-    merger = Merger(ModelPool(base, recipe.expert_refs))
-    ours = merger.materialize(recipe).state_dict()
-    reloaded, _ = load_model(str(out / "model"))
-    for name, tensor in reloaded.state_dict().items():
-        torch.testing.assert_close(tensor, ours[name], atol=1e-6, rtol=0)
-    theirs = run_mergekit(out / "mergekit.yaml", tmp_path / "mergekit", lora_merge_cache=str(tmp_path / "lora-cache"))
-    assert theirs.keys() <= ours.keys() and len(theirs) >= len(merger.pool.base)
-    for name, tensor in theirs.items():
-        torch.testing.assert_close(tensor.float(), ours[name], atol=1e-5, rtol=0)
