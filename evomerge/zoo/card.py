@@ -84,7 +84,7 @@ def card_markdown(card: dict) -> str:
     tasks = [*card["config"]["skills"], *card["config"]["probes"]]
     lines = [
         f"# evomerge zoo `{card['name']}`", "",
-        f"Base: {card['base']}. Experts: full fine-tunes of the base, one per skill. "
+        f"Base: {card['base']}. Experts: {_experts_text(card['config'])}, one per skill. "
         "Scores: exact-match accuracy, validation / test.", "",
         "| model | " + " | ".join(tasks) + " |",
         "|---|" + "---|" * len(tasks),
@@ -110,6 +110,14 @@ def card_markdown(card: dict) -> str:
     lines += ["", f"This build run took {card['build_seconds'] / 60:.1f} min on {card.get('cpus', '?')} CPUs "
               "(stages already in the cache are reused, not re-run or counted)."]
     return "\n".join(lines) + "\n"
+
+
+def _experts_text(config: dict) -> str:
+    if config.get("experts", "full") == "lora":
+        lora = config["lora"]
+        return (f"peft LoRA adapters of the base (rank {lora['rank']}, alpha {lora['alpha']:g}, "
+                f"{lora['target_modules']})")
+    return "full fine-tunes of the base"
 
 
 def write_card(zoo, training: dict, started: float, log: Callable[[str], None] = print) -> dict:
