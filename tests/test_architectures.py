@@ -178,6 +178,10 @@ def test_gpt2_conv1d_rows_are_output_rows(pools):
     generator = torch.Generator().manual_seed(tensor_seed(recipe.seed, name))
     stored = methods.merge_tensor("della", base, deltas, params, generator)
     assert (merged - stored).abs().max() > 1e-4  # the orientation matters: rows of (in, out) differ
+    # mergekit would rank the stored rows: no mergekit.yaml, and the model card says why
+    out = export(recipe, merger, pools.parent / "della-gpt2", force=True)
+    assert not (out / "mergekit.yaml").exists()
+    assert "della works row by row and GPT2LMHeadModel stores weights transposed" in (out / "model" / "README.md").read_text()
 
 
 def test_post_norm_opt_refuses_the_dataflow_fold(pools, tmp_path):

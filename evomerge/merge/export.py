@@ -91,10 +91,26 @@ def _write_mergekit(recipe: Plan, path: Path, layout: Layout, source_model: torc
     try:
         text = recipe.to_mergekit_yaml(layout)
         check_mergekit_reads(source_model.config, set(source_model.state_dict()))
+        _check_rows(recipe, source_model)
     except UserError as error:
         return str(error)
     path.write_text(text)
     return None
+
+
+def _check_rows(recipe: Plan, source_model: torch.nn.Module) -> None:
+    """Refuse a row-wise method over transposed weights: evomerge ranks a Conv1D weight's output
+    rows, mergekit the rows as stored (inputs), so the two would merge different models."""
+    from evomerge.architecture import transposed_weights
+    from evomerge.merge import registry
+
+    if isinstance(recipe, LayerPath) or not transposed_weights(source_model):
+        return
+    for _, config in recipe._configs():
+        if registry.method(config.method).reads_rows(config.params):
+            raise UserError(f"{config.method} works row by row and {type(source_model).__name__} stores "
+                            f"weights transposed (Conv1D), which mergekit would rank as stored rows; "
+                            f"the merged model folder is the export")
 
 
 def model_card(recipe: Plan, scores: Mapping[str, float] | None, mergekit_note: str | None,

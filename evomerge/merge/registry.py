@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from evomerge.errors import UserError
 
@@ -276,6 +276,14 @@ class MethodSpec:
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    def reads_rows(self, params: Mapping[str, object]) -> bool:
+        """Whether the merge treats a weight's rows as units (DELLA's in-row ranks, Model Stock's
+        ``filter_wise`` ratios), so a weight stored transposed (GPT-2's Conv1D) merges
+        differently wherever rows are taken as stored rather than as output rows."""
+        if self.variant is not None:
+            return self.variant.sparsification == "rank"
+        return self.name == "model_stock" and bool(params.get("filter_wise"))
 
     @property
     def expert_params(self) -> tuple[Param, ...]:
