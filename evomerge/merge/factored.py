@@ -36,10 +36,6 @@ class LowRank:
     def rank(self) -> int:
         return self.left.shape[1]
 
-    @property
-    def nbytes(self) -> int:
-        return self.left.nbytes + self.right.nbytes
-
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
         dtype = dtype or self.left.dtype
         return (self.left.to(dtype) @ self.right.to(dtype)).mul_(self.scale)
@@ -65,14 +61,6 @@ class FactoredStack:
     dense_part: Tensor | QuantizedStack | None
     factors: dict[int, LowRank]
     device: torch.device
-
-    def __len__(self) -> int:
-        return self.experts
-
-    @property
-    def nbytes(self) -> int:
-        dense = 0 if self.dense_part is None else self.dense_part.nbytes
-        return dense + sum(f.nbytes for f in self.factors.values())
 
     def dense_numel(self) -> int:
         """Elements of the dense ``[K, n]`` stack this stands for (what a dense merge touches)."""

@@ -68,10 +68,16 @@ def tsv_bases(factors: tuple[Tensor, Tensor, Tensor], rank: int) -> tuple[Tensor
     """``(U⊥ [m, K*rank], V⊥h [K*rank, n])``: every expert's top ``rank`` left and right singular
     vectors side by side, each set made orthonormal as a whole. Experts' directions that
     overlap are pulled apart, so one expert's update no longer moves along another's."""
-    u, _, vh = factors
+    u, s, vh = factors
     count = u.shape[0]
-    left = u[:, :, :rank].permute(1, 0, 2).reshape(u.shape[1], count * rank)
-    right = vh[:, :rank, :].reshape(count * rank, vh.shape[2])
+    # Directions past an expert's numerical rank (a LoRA adapter's delta has rank r) carry none of
+    # its task and are an arbitrary basis of its null space: left in, they would steer the joint
+    # orthonormalization of the real ones (two equal-up-to-rounding pools merged 70% apart).
+    # Zeroed, they drop out of it, and the other directions' orthonormal factor is unique.
+    tolerance = s[:, :1] * max(u.shape[1], vh.shape[2]) * torch.finfo(s.dtype).eps
+    real = (s[:, :rank] > tolerance).to(u.dtype)
+    left = (u[:, :, :rank] * real[:, None, :]).permute(1, 0, 2).reshape(u.shape[1], count * rank)
+    right = (vh[:, :rank, :] * real[:, :, None]).reshape(count * rank, vh.shape[2])
     return orthogonal_factor(left), orthogonal_factor(right.T).T
 
 
