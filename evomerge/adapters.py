@@ -51,7 +51,9 @@ def inspect_adapter(ref: str, folder: Path, *, allow_pickle: bool = False) -> Ad
                         f"({_first_line(error)})") from None
     weights = folder / "adapter_model.safetensors"
     if weights.is_file():
-        shapes = _header_shapes(weights)
+        from evomerge.pool import safetensors_shapes
+
+        shapes = safetensors_shapes(weights)
     elif (folder / "adapter_model.bin").is_file():
         if not allow_pickle:
             raise UserError(f"adapter {ref} has only pickle weights (adapter_model.bin), which can run code "
@@ -124,13 +126,6 @@ def adapter_deltas(adapter: AdapterInfo, fresh_base: Callable[[], torch.nn.Modul
             if bool(delta.any()):
                 deltas[name] = delta
     return deltas
-
-
-def _header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as handle:
-        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
 
 def _same_model(named: str, base_ref: str) -> bool:

@@ -16,7 +16,6 @@ from host memory to a GPU would be the next resort and is not built.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +24,7 @@ import torch
 
 from evomerge.config import Config, read_config
 from evomerge.errors import UserError
+from evomerge.pool import safetensors_shapes
 from evomerge.merge.memory import (SMALLER_FORMATS, Adapter, Architecture, Fit, MemoryPlan, delta_format,
                                    dtype_name, fit_delta_format, format_name, pool_loading_bytes,
                                    size_text)
@@ -36,25 +36,9 @@ perplexity objective's window (text.token_windows) and lm-eval's default answer 
 (``max_gen_toks``, tasks.py); the zoo's prompts are far shorter. Long-context tasks: pass
 ``--sequence-length``."""
 
-_HEADER_LIMIT = 100 * 2**20  # a larger header is a corrupt file, not a model
 
 
 # --- reading metadata ----------------------------------------------------------------------------
-
-
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from one safetensors file's header, reading only the header's bytes."""
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        if not 0 < length <= _HEADER_LIMIT:
-            raise UserError(f"{path} is not a safetensors file (its first 8 bytes give no header length)")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError:
-            raise UserError(f"{path} has a corrupt safetensors header (not JSON)") from None
-    return {name: tuple(int(n) for n in entry["shape"]) for name, entry in header.items()
-            if name != "__metadata__"}
 
 
 @dataclass(frozen=True)

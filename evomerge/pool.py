@@ -10,6 +10,7 @@ can run arbitrary code when loaded.
 from __future__ import annotations
 
 import json
+import struct
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -76,14 +77,30 @@ def _download(hub_id: str, *, allow_pickle: bool) -> Path:
                         f"pass a local model folder or .gguf file instead") from None
 
 
-def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
+_HEADER_LIMIT = 100 * 2**20  # a larger header is a corrupt file, not a model
 
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from one safetensors file's header, reading only the header's bytes (the
+    one reader of them: the mergeability check, adapters and the memory plan, whose header-only
+    fixtures have no weights behind the header)."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < length <= _HEADER_LIMIT:
+            raise UserError(f"{path} is not a safetensors file (its first 8 bytes give no header length)")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise UserError(f"{path} has a corrupt safetensors header (not JSON)") from None
+    return {name: tuple(int(n) for n in entry["shape"]) for name, entry in header.items()
+            if name != "__metadata__"}
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
+        shapes.update(safetensors_shapes(file))
     return shapes
 
 
