@@ -238,12 +238,14 @@ class ModelPool:
         self.model, self.tokenizer = loaded or load_model(base, dtype=dtype, device=device, **opts)
         self.base = {k: v.clone() for k, v in unique_parameters(self.model).items()}
         self.task_vectors: dict[str, dict[str, Delta]] = {}
+        self.adapters: set[str] = set()  # experts whose task vectors hold only what they change
         for name, ref in named.items():
             folder, gguf_file = resolve(ref, allow_pickle=allow_pickle)
             if gguf_file is None and is_adapter_folder(folder):
                 adapter = inspect_adapter(ref, folder, allow_pickle=allow_pickle)
                 fresh = lambda: load_model(base, dtype=dtype, device=device, **opts)[0]  # noqa: E731
                 self.task_vectors[name] = adapter_deltas(adapter, fresh, self.base)
+                self.adapters.add(name)
                 continue
             expert, _ = load_model(ref, dtype=dtype, device=device, **opts)
             weights = unique_parameters(expert)

@@ -282,6 +282,7 @@ def big_row(fmt: str, repeats: int) -> None:
     pool.base_ref, pool.expert_refs, pool.model, pool.tokenizer = "random-1b", {}, model, None
     pool.base = {k: v.clone() for k, v in unique_parameters(model).items()}
     pool.task_vectors = {f"expert{i}": _DrawnDeltas(pool.base, i) for i in range(2)}
+    pool.adapters = set()
     delta = {"fp32": torch.float32}.get(fmt, fmt)
     try:
         merger = Merger(pool, dtype=torch.bfloat16, delta_dtype=delta)
@@ -374,6 +375,7 @@ def lora_rows(repeats: int) -> None:
             name: LowRank(torch.randn(f.left.shape, generator=generator) * f.left.std(),
                           torch.randn(f.right.shape, generator=generator) * f.right.std(), f.scale)
             for name, f in template.items()}
+        pool.adapters.add(f"random{i}")
     merger = Merger(pool)
     grown = process.memory_info().rss - before
     experts = {name: name for name in merger.experts}

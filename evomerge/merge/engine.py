@@ -50,11 +50,11 @@ def pool_plan(pool: ModelPool, dtype: torch.dtype, delta_dtype: DeltaFormat) -> 
     adapter's factors (:class:`~evomerge.merge.memory.Adapter`), and the few tensors an adapter
     changes densely (DoRA, ``modules_to_save``) as dense rows; nothing for what it leaves alone."""
     full, adapters, extra = 0, [], 0
-    for tau in pool.task_vectors.values():
-        factors = {name: d for name, d in tau.items() if isinstance(d, LowRank)}
-        if len(tau) == len(pool.base) and not factors:
+    for expert, tau in pool.task_vectors.items():
+        if expert not in pool.adapters:
             full += 1
             continue
+        factors = {name: d for name, d in tau.items() if isinstance(d, LowRank)}
         adapters.append(Adapter({name: f.shape for name, f in factors.items()},
                                 {name: f.rank for name, f in factors.items()}))
         for name, entry in tau.items():
@@ -197,7 +197,8 @@ class Merger:
         become views of the result (quantized: are dropped), so the old copies are freed tensor
         by tensor."""
         base = pool.base[name].to(device=self.device, dtype=self.dtype)
-        entries = [pool.task_vectors[expert].get(name) for expert in self.experts]
+        entries = [pool.task_vectors[expert].get(name) if expert in pool.adapters else pool.task_vectors[expert][name]
+                   for expert in self.experts]
         dense_rows = [i for i, entry in enumerate(entries) if isinstance(entry, Tensor)]
         dense = None
         if dense_rows:
