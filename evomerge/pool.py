@@ -20,18 +20,12 @@ from typing import Mapping, Sequence
 import torch
 
 from evomerge.adapters import ADAPTER_CONFIG, adapter_deltas, check_adapter, inspect_adapter, is_adapter_folder
-from evomerge.architecture import Layout, block_of, layout_of
+from evomerge.architecture import Layout, layout_of
 from evomerge.errors import UserError
 from evomerge.merge.factored import Delta, LowRank
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def layer_index(tensor_name: str) -> int | None:
-    """Block of a Llama-layout tensor name (``model.layers.N.*``), for callers holding names only;
-    a pool's own tensors are placed by :attr:`ModelPool.layout`, found from the model."""
-    return block_of(tensor_name, "model.layers")
 
 
 @dataclass

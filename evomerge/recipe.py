@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import yaml
 
-from evomerge.architecture import LLAMA_STYLE, Family
 from evomerge.errors import UserError
 from evomerge.merge import registry
 
@@ -29,12 +28,6 @@ if TYPE_CHECKING:
     from evomerge.architecture import Layout
 
 COMPONENTS = ("all", "attn", "mlp")
-
-
-def component_of(tensor_name: str, family: Family = LLAMA_STYLE) -> str:
-    """Kind of a block tensor, as ``config_for`` and the mergekit filters understand it; a pool's
-    own tensors are placed by its :class:`~evomerge.architecture.Layout`."""
-    return family.component_of(tensor_name)
 
 
 class ExpertParams(Mapping[str, float]):

@@ -140,12 +140,10 @@ def floor_seconds(merger: Merger, method_experts: int, bandwidth: float) -> floa
 def svd_seconds(merger: Merger) -> float:
     """One SVD of every 2-D tensor inside the blocks (of its first delta: the same size as any
     sum of them), the work an SVD-per-candidate method cannot skip."""
-    from evomerge.pool import layer_index
-
     start = time.perf_counter()
     for name, base in merger.pool.base.items():
-        if base.ndim == 2 and layer_index(name) is not None:
-            torch.linalg.svd(merger.pool.task_vectors[merger.experts[0]][name].float(), full_matrices=False)
+        if base.ndim == 2 and merger.layout.layer_of(name) is not None:
+            torch.linalg.svd(merger.pool.delta(merger.experts[0], name).float(), full_matrices=False)
     _sync(merger.device)
     return time.perf_counter() - start
 

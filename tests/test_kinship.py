@@ -13,7 +13,7 @@ import torch
 
 from evomerge.errors import UserError
 from evomerge.kinship import OUTSIDE, kinship, pool_for, render
-from evomerge.pool import ModelPool, layer_index
+from evomerge.pool import ModelPool
 
 torch.set_num_threads(1)
 
@@ -34,7 +34,7 @@ def test_norms_and_cosines_match_torch(pool):
     for expert, tau in pool.task_vectors.items():
         for layer in result.layers:
             part = [t for name, t in tau.items()
-                    if str(layer_index(name)) == layer or (layer == OUTSIDE and layer_index(name) is None)]
+                    if str(pool.layout.layer_of(name)) == layer or (layer == OUTSIDE and pool.layout.layer_of(name) is None)]
             assert result.norms[expert][layer] == pytest.approx(float(flat(part).norm()), rel=1e-9)
         assert result.total[expert] == pytest.approx(float(flat(tau.values()).norm()), rel=1e-9)
         assert result.relative[expert] == pytest.approx(
@@ -95,7 +95,7 @@ def test_subspace_overlap_matches_a_per_matrix_loop(pool):
     want = [[0.0] * count for _ in range(count)]
     matrices = 0
     for name, base in pool.base.items():
-        if base.ndim != 2 or layer_index(name) is None:
+        if base.ndim != 2 or pool.layout.layer_of(name) is None:
             continue
         k = max(1, min(base.shape) // count)
         tops = [torch.linalg.svd(pool.task_vectors[e][name].double(), full_matrices=False)[0][:, :k] for e in experts]

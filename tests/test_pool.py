@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evomerge.errors import UserError
-from evomerge.pool import ModelPool, layer_index, load_model
+from evomerge.architecture import llama_layout
+from evomerge.pool import ModelPool, load_model
 
 
 @pytest.fixture
@@ -47,11 +48,12 @@ def test_task_vectors_are_expert_minus_base(pico_zoo):
     assert set(norms) == set(pico_zoo.config.skills) and all(0 < v < 1 for v in norms.values())
 
 
-def test_layer_index():
-    assert layer_index("model.layers.12.self_attn.q_proj.weight") == 12
-    assert layer_index("model.layers.0.mlp.up_proj.weight") == 0
-    assert layer_index("model.embed_tokens.weight") is None
-    assert layer_index("model.norm.weight") is None
+def test_layer_of():
+    layout = llama_layout(30)
+    assert layout.layer_of("model.layers.12.self_attn.q_proj.weight") == 12
+    assert layout.layer_of("model.layers.0.mlp.up_proj.weight") == 0
+    assert layout.layer_of("model.embed_tokens.weight") is None
+    assert layout.layer_of("model.norm.weight") is None
 
 
 @pytest.mark.reliability("bad input", "an expert of another architecture than the base")

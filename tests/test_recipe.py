@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from evomerge.errors import UserError
-from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe, component_of
+from evomerge.architecture import LLAMA_STYLE
+from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 
 EXPERTS = ("add", "reverse")
 
@@ -173,9 +174,9 @@ def test_config_for_prefers_the_component_group():
     assert recipe.config_for(3, "mlp") == ties(0.1, 0.9)
     assert recipe.config_for(3, "norm") == recipe.config_for(3, "all") == ties(0.6, 0.4)
     assert recipe.config_for(None, "all") == ties(1.0, 1.0)
-    assert recipe.config_for(2, component_of("model.layers.2.self_attn.q_proj.weight")).lambda_ == 1.5
-    assert component_of("model.layers.2.mlp.up_proj.weight") == "mlp"
-    assert component_of("model.layers.2.input_layernorm.weight") == "all"
+    assert recipe.config_for(2, LLAMA_STYLE.component_of("model.layers.2.self_attn.q_proj.weight")).lambda_ == 1.5
+    assert LLAMA_STYLE.component_of("model.layers.2.mlp.up_proj.weight") == "mlp"
+    assert LLAMA_STYLE.component_of("model.layers.2.input_layernorm.weight") == "all"
     raises_one_line("layer 4 is outside", recipe.config_for, 4, "all")
     raises_one_line("'ffn'", recipe.config_for, 1, "ffn")
 
