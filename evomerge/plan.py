@@ -208,7 +208,8 @@ class SearchPlan:
                    if smallest.total < plan.total else ", and no smaller delta format makes it smaller")
         return (f"the search does not fit {self.device} ({size_text(fit.memory)}): {fit.workers} x "
                 f"{size_text(plan.total)} with {format_name(plan.delta_dtype)} deltas{smaller}; fit it with "
-                f"{', '.join(advice)} (streaming deltas from host memory to the GPU is not built)")
+                f"{', '.join(advice)} (streaming deltas from host memory to the GPU is not built: no GPU "
+                f"was at hand to build and measure it)")
 
 
 def plan_search(config: Mapping[str, Any], *, device_memory: int | None = None,
