@@ -103,11 +103,12 @@ def _export(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from evomerge.config import compose
-    from evomerge.search.loop import start
+    from evomerge.search.loop import check, start
     from evomerge.search.settings import build_zoo_for
 
     config = compose(args.overrides)
     build_zoo_for(config, log=_log)
+    check(config)  # bad input is one line, before the plan prints
     config = _planned(config)
     run = start(config, log=_log)
     print(f"done: {run.root}\n  evomerge inspect {run.root}\n  evomerge export {run.root} --pick knee")

@@ -53,6 +53,12 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def check(config: dict[str, Any]) -> None:
+    """Every check ``start`` makes before writing a file (models, tasks, space, algorithm), so a
+    caller can refuse bad input in one line before it prints anything else (the memory plan)."""
+    Search(read_settings(config), lambda _: None)
+
+
 def start(config: dict[str, Any], log: Log = _stderr, *, hooks: SearchHooks | None = None) -> RunDir:
     """Check ``config``, create its run folder and search; returns the folder."""
     search = Search(read_settings(config), log, hooks=hooks)  # every check passes before a file is written
