@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -77,21 +77,57 @@ def check_adapter(base_ref: str, base_shapes: dict[str, tuple[int, ...]], adapte
     if adapter.base_model and not _same_model(adapter.base_model, base_ref):
         raise UserError(f"adapter {adapter.ref} was trained on {adapter.base_model!r} (its {ADAPTER_CONFIG}), "
                         f"not on base {base_ref}; pass that model as models.base")
-    for key, shape in adapter.shapes.items():
-        for part, axis in ((".lora_A.", 1), (".lora_B.", 0)):
-            if part not in key:
-                continue
-            module = key.split(part)[0].removeprefix("base_model.model.")
-            weight = f"{module}.weight"
-            if weight not in base_shapes:
-                raise UserError(f"adapter {adapter.ref} targets {module!r}, which base {base_ref} lacks; "
-                                f"the adapter was made for another model")
-            rows, cols = base_shapes[weight][:2] if len(base_shapes[weight]) >= 2 else (None, None)
-            out_size, in_size = (cols, rows) if adapter.fan_in_fan_out else (rows, cols)
-            expected = in_size if part == ".lora_A." else out_size
-            if len(shape) != 2 or shape[axis] != expected:
-                raise UserError(f"adapter {adapter.ref} factor {key!r} has shape {list(shape)}, which does "
-                                f"not fit {weight!r} {list(base_shapes[weight])} of base {base_ref}")
+    for module, factor in lora_factors(adapter.ref, adapter.shapes).items():
+        weight = f"{module}.weight"
+        if weight not in base_shapes:
+            raise UserError(f"adapter {adapter.ref} targets {module!r}, which base {base_ref} lacks; "
+                            f"the adapter was made for another model")
+        stored = base_shapes[weight]
+        rows, cols = stored[:2] if len(stored) >= 2 else (None, None)
+        out_size, in_size = (cols, rows) if adapter.fan_in_fan_out else (rows, cols)
+        if (factor.out_features, factor.in_features) != (out_size, in_size):
+            raise UserError(f"adapter {adapter.ref} factors of {module!r} (lora_A {list(factor.a)}, lora_B "
+                            f"{list(factor.b)}) do not fit {weight!r} {list(stored)} of base {base_ref}")
+
+
+@dataclass(frozen=True)
+class LoraFactor:
+    """One targeted module's factor shapes as peft saves them, whatever the weight's layout:
+    ``lora_A`` is ``rank x in``, ``lora_B`` is ``out x rank``."""
+
+    a: tuple[int, int]
+    b: tuple[int, int]
+
+    @property
+    def rank(self) -> int:
+        return self.a[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.a[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.b[0]
+
+
+def lora_factors(ref: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, LoraFactor]:
+    """Each targeted module (named as in the base, peft's ``base_model.model.`` prefix removed)
+    with its factor shapes, from an adapter file's tensor shapes: the one reading of them, for
+    the check against the base and for the memory plan."""
+    factors: dict[str, LoraFactor] = {}
+    for key, a in shapes.items():
+        if ".lora_A." not in key:
+            continue
+        b = shapes.get(key.replace(".lora_A.", ".lora_B."))
+        if b is None or len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise UserError(f"LoRA adapter {ref} factor {key!r} {list(a)} has no 2-D lora_B partner of its "
+                            f"rank (found {list(b) if b is not None else 'none'})")
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        factors[module] = LoraFactor((int(a[0]), int(a[1])), (int(b[0]), int(b[1])))
+    if not factors:
+        raise UserError(f"LoRA adapter {ref} has no lora_A/lora_B tensors in its adapter weights")
+    return factors
 
 
 def adapter_deltas(adapter: AdapterInfo, fresh_base: Callable[[], torch.nn.Module],

@@ -24,7 +24,8 @@ import torch
 
 from evomerge.config import Config, read_config
 from evomerge.errors import UserError
-from evomerge.pool import safetensors_shapes
+from evomerge.adapters import lora_factors
+from evomerge.pool import folder_shapes
 from evomerge.merge.memory import (SMALLER_FORMATS, Adapter, Architecture, Fit, MemoryPlan, delta_format,
                                    dtype_name, fit_delta_format, format_name, pool_loading_bytes,
                                    size_text)
@@ -80,21 +81,10 @@ def read_expert(ref: str, base: ModelMeta) -> ModelMeta | Adapter:
 
 
 def _adapter(ref: str, shapes: Mapping[str, tuple[int, ...]]) -> Adapter:
-    """Each targeted module's ``(out, in)`` and rank from its ``lora_A`` (``r x in``) and
-    ``lora_B`` (``out x r``) tensors."""
-    modules: dict[str, tuple[int, int]] = {}
-    ranks: dict[str, int] = {}
-    for name, shape in shapes.items():
-        if ".lora_A." in name:
-            module = name.split(".lora_A.")[0]
-            b_shape = shapes.get(name.replace(".lora_A.", ".lora_B."))
-            if b_shape is None or len(shape) != 2 or len(b_shape) != 2:
-                raise UserError(f"LoRA adapter {ref} has {name} without a 2-D lora_B partner")
-            modules[module] = (b_shape[0], shape[1])
-            ranks[module] = shape[0]
-    if not modules:
-        raise UserError(f"LoRA adapter {ref} has no lora_A/lora_B tensors in adapter_model.safetensors")
-    return Adapter(modules, ranks)
+    """Each targeted module's ``(out, in)`` and rank, as :func:`~evomerge.adapters.lora_factors` reads them."""
+    factors = lora_factors(ref, shapes)
+    return Adapter({m: (f.out_features, f.in_features) for m, f in factors.items()},
+                   {m: f.rank for m, f in factors.items()})
 
 
 def _metadata_files(ref: str) -> dict[str, Any]:
@@ -112,9 +102,7 @@ def _metadata_files(ref: str) -> dict[str, Any]:
         if not out:
             raise UserError(f"model folder {ref} has neither config.json nor adapter_config.json; expected "
                             f"a Hugging Face model folder or a peft LoRA adapter")
-        out["shapes"] = {}
-        for file in sorted(path.glob("*.safetensors")):
-            out["shapes"].update(safetensors_shapes(file))
+        out["shapes"] = folder_shapes(path)
         return out
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         raise UserError(f"model {ref!r} not found: expected a local model folder, a LoRA adapter folder "

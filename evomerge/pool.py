@@ -91,7 +91,8 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             if name != "__metadata__"}
 
 
-def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+def folder_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a folder's safetensors files (shards merged), headers only."""
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(folder.glob("*.safetensors")):
         shapes.update(safetensors_shapes(file))
@@ -121,7 +122,7 @@ def inspect_model(ref: str, *, allow_pickle: bool = False, trust_remote_code: bo
         return ModelInfo(ref, folder, gguf_file, type(model).__name__, shapes, tokenizer.get_vocab())
     config = json.loads((folder / "config.json").read_text())
     architecture = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
-    shapes = _safetensors_shapes(folder)
+    shapes = folder_shapes(folder)
     if not shapes:
         if not any((folder / name).exists() for name in _PICKLE_WEIGHTS):
             raise UserError(f"model {ref} has no *.safetensors weights; expected model.safetensors "

@@ -162,6 +162,31 @@ def test_bad_adapters_are_one_line_errors(pico_zoo, adapters, tmp_path):
     wrap(big, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(wide)
     config = json.loads((wide / "adapter_config.json").read_text())
     (wide / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
-    with pytest.raises(UserError, match=r"factor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' "
-                                        r"has shape \[2, 96\], which does not fit"):
+    with pytest.raises(UserError, match=r"factors of 'model.layers.0.self_attn.q_proj' \(lora_A \[2, 96\], "
+                                        r"lora_B \[96, 2\]\) do not fit 'model.layers.0.self_attn.q_proj.weight'"):
         check_expert(info, str(wide))
+
+
+def test_factor_shapes_are_read_once_for_the_check_and_the_plan():
+    """lora_factors is the one reading of an adapter file's shapes: modules named as in the base,
+    rank and (in, out) from A and B whatever the layout, and a factor without its partner refused."""
+    from evomerge.adapters import lora_factors
+    from evomerge.plan import _adapter
+
+    shapes = {"base_model.model.h.0.attn.c_attn.lora_A.weight": (4, 64),
+              "base_model.model.h.0.attn.c_attn.lora_B.weight": (192, 4),
+              "base_model.model.h.0.mlp.c_fc.lora_A.weight": (2, 64),
+              "base_model.model.h.0.mlp.c_fc.lora_B.weight": (256, 2)}
+    factors = lora_factors("a", shapes)
+    assert {m: (f.rank, f.in_features, f.out_features) for m, f in factors.items()} == {
+        "h.0.attn.c_attn": (4, 64, 192), "h.0.mlp.c_fc": (2, 64, 256)}
+    planned = _adapter("a", shapes)
+    assert dict(planned.modules) == {"h.0.attn.c_attn": (192, 64), "h.0.mlp.c_fc": (256, 64)}
+    assert dict(planned.rank) == {"h.0.attn.c_attn": 4, "h.0.mlp.c_fc": 2}
+    for broken, found in (({k: v for k, v in shapes.items() if "c_fc.lora_B" not in k}, "none"),
+                          ({**shapes, "base_model.model.h.0.mlp.c_fc.lora_B.weight": (256, 3)}, r"\[256, 3\]")):
+        with pytest.raises(UserError, match=rf"factor 'base_model.model.h.0.mlp.c_fc.lora_A.weight' \[2, 64\] has no "
+                                            rf"2-D lora_B partner of its rank \(found {found}\)"):
+            lora_factors("a", broken)
+    with pytest.raises(UserError, match="has no lora_A/lora_B tensors"):
+        lora_factors("a", {"h.0.weight": (4, 4)})
