@@ -155,6 +155,47 @@ def test_a_family_merges_exports_and_reloads(pools, family, tmp_path):
         torch.testing.assert_close(tensor, ours[name], rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_family_goes_through_the_searchs_own_pieces(pools, pico_zoo, family, tmp_path):
+    """What `evomerge search` does with a pool, in process (the CLI run below does it through Ray
+    for GPT-2): the settings read the block count from the model, the genome gives each block's
+    attention its own genes, a worker merges and scores decoded genomes, and the scored merge exports and reloads
+    to the logits the worker scored."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.config import compose
+    from evomerge.search.settings import read_settings
+    from evomerge.search.workers import EvalRequest, MergeWorker
+    from evomerge.space import search_space
+
+    folder = pools / family
+    settings = read_settings(compose([
+        f"models.base={folder / 'base'}", f"models.experts=[{folder / 'a'},{folder / 'b'}]", "tasks=[zoo_add]",
+        f"include_path={pico_zoo.task_dir}", "fitness=random", "fitness.items_per_task=3",
+        "fitness.objectives=[mean]", "space.granularity=1", "space.knots=0", "space.split_components=true",
+        "space.methods=[task_arithmetic,ties]", "runtime.workers=1"]))
+    assert settings.num_layers == LAYERS
+    space = search_space(settings.space, settings.base, tuple(settings.experts), settings.num_layers,
+                         expert_refs=settings.experts)
+    worker = MergeWorker(settings.worker_spec(), "w0")
+    rng = random.Random(0)
+    recipes = [space.decode(space.random(rng)) for _ in range(2)]
+    for recipe in recipes:
+        # per block one group for its attention tensors, one for the rest (MLP and norms)
+        assert sorted((g.start, g.component) for g in recipe.groups) == \
+            sorted((layer, c) for layer in range(LAYERS) for c in ("all", "attn"))
+        result = worker.evaluate(EvalRequest(recipe))
+        assert result.error is None and result.evaluation is not None
+    model = worker.merger.materialize(recipes[-1])
+    out = export(recipes[-1], worker.merger, tmp_path / "merge")
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    ids = torch.tensor([[5, 17, 40, 3, 22, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_gpt2_conv1d_rows_are_output_rows(pools):
     """DELLA ranks within rows: a Conv1D weight is stored (in, out), so the merge must rank the
     transposed tensor, i.e. give what a Linear's (out, in) weight of the same values gives."""
