@@ -174,7 +174,8 @@ class SearchPlan:
             f"{size_text(fit.memory)}: {'fits' if fit.chosen else 'does not fit'}",
         ]
         lines.append(f"  loading: each worker's pool peaks at {size_text(self.loading)} of host RAM (float32 "
-                     f"base, copy and dense task vectors, before the merger stores its deltas; not checked)")
+                     f"base and the expert being read, task vectors stored as {format_name(plan.delta_dtype)} "
+                     f"as they load; not checked)")
         if self.changed:
             lines.append(f"  {format_name(fit.requested.delta_dtype)} deltas would need "
                          f"{size_text(fit.needs(fit.requested))}: using runtime.delta_dtype="
@@ -225,7 +226,7 @@ def plan_search(config: Mapping[str, Any], *, device_memory: int | None = None,
     workers = 1 if gpu else runtime.workers  # Ray gives each worker a GPU of its own
     fit = fit_delta_format(plan_for, requested, workers, memory)
     fallbacks = () if fit.chosen else tuple(plan_for(f) for f in SMALLER_FORMATS if f != requested)
-    loading = pool_loading_bytes(base.shapes, dense)
+    loading = pool_loading_bytes(base.shapes, (fit.chosen or fit.requested).deltas)
     return SearchPlan(fit, "cuda" if gpu else "cpu", source, typed.fitness.batch_size, sequence, base_ref,
                       loading, fallbacks)
 

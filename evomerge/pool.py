@@ -21,8 +21,15 @@ import torch
 
 from evomerge.adapters import ADAPTER_CONFIG, adapter_deltas, check_adapter, inspect_adapter, is_adapter_folder
 from evomerge.architecture import Layout, layout_of
+from evomerge.config import QUANTIZED_DELTAS
 from evomerge.errors import UserError
-from evomerge.merge.factored import Delta, LowRank
+from evomerge.merge.memory import DeltaFormat, delta_format
+from evomerge.merge.factored import LowRank
+from evomerge.merge.quantized import QuantizedStack
+
+Delta = torch.Tensor | LowRank | QuantizedStack
+"""One expert's task vector for one tensor as a pool holds it: dense (in the pool's delta
+format), an adapter's factors, or a one-row quantized stack."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -205,15 +212,17 @@ def unique_parameters(model) -> dict[str, torch.Tensor]:
 class ModelPool:
     """The base's weights and each expert's task vector τ = θ_expert − θ_base, on one device.
 
-    Experts load one at a time and only their difference is kept, so peak memory is the pool
-    plus one model, not all models at once. A LoRA adapter's task vector stays factored: its
+    Experts load one at a time and only their difference is kept, each tensor's stored in
+    ``delta_dtype`` (default: ``dtype``; ``int8``/``int4`` quantized) as soon as it is computed,
+    so loading peaks at two models (the base, the expert being read) plus the task vectors as the
+    Merger will hold them. A LoRA adapter's task vector stays factored: its
     entries are :class:`~evomerge.merge.factored.LowRank` for the projections it adapts, absent
     for the tensors it leaves alone (:meth:`delta` reads any entry densely).
     """
 
     def __init__(self, base: str, experts: Mapping[str, str] | Sequence[str], *,
-                 dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
-                 trust_remote_code: bool = False, device: str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, delta_dtype: torch.dtype | str | None = None,
+                 allow_pickle: bool = False, trust_remote_code: bool = False, device: str = "cpu") -> None:
         if isinstance(experts, Mapping):
             named = dict(experts)
         else:
@@ -231,7 +240,10 @@ class ModelPool:
         self.base_ref = base
         self.expert_refs = named
         self.model, self.tokenizer = loaded or load_model(base, dtype=dtype, device=device, **opts)
-        self.base = {k: v.clone() for k, v in unique_parameters(self.model).items()}
+        self.delta_dtype = delta_format(delta_dtype, dtype)
+        # The model's own tensors while experts load (read only); copied once they are in, so the
+        # peak is two models (base, the expert loading) plus the task vectors as stored.
+        self.base = unique_parameters(self.model)
         self.task_vectors: dict[str, dict[str, Delta]] = {}
         self.adapters: set[str] = set()  # experts whose task vectors hold only what they change
         for name, ref in named.items():
@@ -239,13 +251,15 @@ class ModelPool:
             if gguf_file is None and is_adapter_folder(folder):
                 adapter = inspect_adapter(ref, folder, allow_pickle=allow_pickle)
                 fresh = lambda: load_model(base, dtype=dtype, device=device, **opts)[0]  # noqa: E731
-                self.task_vectors[name] = adapter_deltas(adapter, fresh, self.base)
+                self.task_vectors[name] = {k: d if isinstance(d, LowRank) else stored_delta(d, self.delta_dtype)
+                                           for k, d in adapter_deltas(adapter, fresh, self.base).items()}
                 self.adapters.add(name)
                 continue
             expert, _ = load_model(ref, dtype=dtype, device=device, **opts)
             weights = unique_parameters(expert)
-            self.task_vectors[name] = {k: weights[k] - self.base[k] for k in self.base}
+            self.task_vectors[name] = {k: stored_delta(weights[k] - self.base[k], self.delta_dtype) for k in self.base}
             del expert, weights
+        self.base = {k: v.clone() for k, v in self.base.items()}
 
     @cached_property
     def layout(self) -> Layout:
@@ -259,17 +273,26 @@ class ModelPool:
     def delta(self, expert: str, name: str) -> torch.Tensor:
         """``expert``'s task vector for tensor ``name``, dense (zeros where an adapter leaves it)."""
         entry = self.task_vectors[expert].get(name)
+        base = self.base[name]
         if entry is None:
-            return torch.zeros_like(self.base[name])
-        return entry.dense() if isinstance(entry, LowRank) else entry
+            return torch.zeros_like(base)
+        if isinstance(entry, QuantizedStack):
+            return entry.dense(base.dtype)[0].view(base.shape)
+        return (entry.dense() if isinstance(entry, LowRank) else entry).to(base.dtype)
 
     def relative_norms(self) -> dict[str, float]:
         """‖τ‖/‖θ_base‖ per expert: how far each fine-tune moved, the regime merging depends on."""
-        if any(not tau for tau in self.task_vectors.values()):
-            raise ValueError("this pool's task vectors went to a Merger that quantized them; "
-                             "measure norms on a pool of its own")
         base_norm = _norm(self.base.values())
         return {name: _norm(self.delta(name, k) for k in tau) / base_norm for name, tau in self.task_vectors.items()}
+
+
+def stored_delta(delta: torch.Tensor, fmt: DeltaFormat) -> torch.Tensor | QuantizedStack:
+    """A dense task vector as a pool holds it in ``fmt``: cast to a float format, or quantized as
+    a one-row stack, as soon as it is computed, so a pool never holds its experts in float32
+    first (the Merger stacks the rows without converting them again)."""
+    if isinstance(fmt, str):
+        return QuantizedStack.of(delta.reshape(1, -1), QUANTIZED_DELTAS[fmt])
+    return delta.to(fmt)
 
 
 def _norm(tensors) -> float:

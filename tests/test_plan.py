@@ -73,6 +73,9 @@ def test_7b_with_4_experts_plans_fp32_deltas_and_picks_the_first_format_that_fit
     h200 = plan_search(config, device_memory=parse_size("141GB"))
     assert h200.changed and h200.plan.delta_dtype == torch.bfloat16
     assert h200.plan.deltas == 4 * LLAMA_7B_PARAMS * 2
+    # loading: the float32 base and the expert being read, the task vectors as the chosen format stores them
+    assert h200.loading == 2 * LLAMA_7B_PARAMS * 4 + 4 * LLAMA_7B_PARAMS * 2
+    assert roomy.loading == 2 * LLAMA_7B_PARAMS * 4 + roomy.plan.deltas
     assert planned_config(config, h200)["runtime"]["delta_dtype"] == "bfloat16"
     assert any("using runtime.delta_dtype=bfloat16" in line for line in h200.lines())
 

@@ -237,11 +237,41 @@ def test_memory_plan_counts_codes_and_scales(pico_zoo, fp32, pair):
     assert codes_and_scales <= ratio < codes_and_scales * 1.1  # groups padded at each tensor's end
     assert (plan.base, plan.working) == (dense_plan.base, dense_plan.working)
     assert f"4 experts, {fmt} in groups of 128 + fp32 scales" in plan.summary()
-    # the pool's task vectors could not be views of codes: they were dropped, names kept
-    assert quantized_merger.pool.expert_names == list(pico_zoo.experts)
-    assert all(tv == {} for tv in quantized_merger.pool.task_vectors.values())
-    with pytest.raises(ValueError, match="quantized them"):
-        quantized_merger.pool.relative_norms()
+    # the pool's entries are rows of the merger's codes (views): read densely, they are the stack's rows
+    pool = quantized_merger.pool
+    assert pool.expert_names == list(pico_zoo.experts)
+    for name, stack in quantized_merger._stacks.items():
+        rows = stack.dense()
+        for i, expert in enumerate(pool.expert_names):
+            entry = pool.task_vectors[expert][name]
+            assert entry.codes.data_ptr() == stack.row(i).codes.data_ptr()
+            torch.testing.assert_close(pool.delta(expert, name), rows[i].view(pool.base[name].shape), rtol=0, atol=0)
+    assert set(pool.relative_norms()) == set(pico_zoo.experts)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "bfloat16"])
+def test_a_pool_stores_deltas_as_they_load_and_merges_as_one_converted_after(pico_zoo, fmt):
+    """A pool told the merger's delta format stores each task vector in it as it loads (never
+    the pool in float32 first); the merger stacks those rows as they are and merges exactly as
+    over a float32 pool it converts itself."""
+    early = ModelPool(str(pico_zoo.base), {k: str(v) for k, v in pico_zoo.experts.items()}, delta_dtype=fmt)
+    held = next(iter(early.task_vectors.values()))
+    want = QuantizedStack if fmt == "int4" else torch.Tensor
+    assert all(isinstance(d, want) for d in held.values())
+    if fmt == "bfloat16":
+        assert all(d.dtype == torch.bfloat16 for d in held.values())
+    late = Merger(pool_of(pico_zoo), delta_dtype=fmt)
+    stored = Merger(early, delta_dtype=fmt)
+    for name, stack in late._stacks.items():
+        if fmt == "int4":
+            assert torch.equal(stored._stacks[name].codes, stack.codes)
+            assert torch.equal(stored._stacks[name].scales, stack.scales)
+        else:
+            assert torch.equal(stored._stacks[name], stack)
+    for method in ("task_arithmetic", "ties"):
+        ours, theirs = merged(stored, recipe(pico_zoo, method)), merged(late, recipe(pico_zoo, method))
+        for name in ours:
+            assert torch.equal(ours[name], theirs[name]), (method, name)
 
 
 def test_fused_dequantize_combine_is_the_unfused_merge():

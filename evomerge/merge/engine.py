@@ -146,9 +146,7 @@ class Merger:
     usable without being held twice, and its model becomes the working model. ``dtype`` is the
     working model's (and base's) dtype, ``delta_dtype`` the stacks' (default: ``dtype``): a float
     dtype, or ``int8`` / ``int4`` for group-wise quantized stacks (:mod:`evomerge.merge.quantized`),
-    which cannot be viewed as tensors: the pool's task vectors are then emptied as they are
-    quantized (its ``task_vectors`` keeps each expert's name, with no tensors), and whatever needs
-    them (kinship, relative norms) reads them from its own pool.
+    whose rows the pool's entries then are (one-row stacks of views; ``pool.delta`` dequantizes).
     ``quantile_resolution`` sets the magnitude quantile table per tensor: tensors of at most
     ``resolution + 1`` elements get exact thresholds, larger ones interpolate, keeping within
     ``numel / resolution`` elements of the exact count. The tables (a few KiB per tensor) and
@@ -194,25 +192,30 @@ class Merger:
 
     def _take(self, pool: ModelPool, name: str) -> None:
         """Move one tensor's base and task vectors onto the device, stacked; the pool's entries
-        become views of the result (quantized: are dropped), so the old copies are freed tensor
-        by tensor."""
+        become views of the result (rows of codes over quantized stacks), so the old copies are
+        freed tensor by tensor. Rows the pool already quantized to this format are stacked as
+        they are: the same codes as quantizing the dense stack."""
         base = pool.base[name].to(device=self.device, dtype=self.dtype)
         entries = [pool.task_vectors[expert].get(name) if expert in pool.adapters else pool.task_vectors[expert][name]
                    for expert in self.experts]
-        dense_rows = [i for i, entry in enumerate(entries) if isinstance(entry, Tensor)]
+        dense_rows = [i for i, entry in enumerate(entries) if isinstance(entry, (Tensor, QuantizedStack))]
         dense = None
         if dense_rows:
-            dense_dtype = self._dense_dtype if self.quantized else self.delta_dtype
-            dense = torch.empty((len(dense_rows), base.numel()), dtype=dense_dtype, device=self.device)
-            for row, i in enumerate(dense_rows):
-                expert = self.experts[i]
-                dense[row].copy_(entries[i].reshape(-1))
+            rows = [entries[i] for i in dense_rows]
+            bits = QUANTIZED_DELTAS[self.delta_dtype] if self.quantized else None
+            if bits is not None and all(isinstance(r, QuantizedStack) and r.bits == bits for r in rows):
+                dense = QuantizedStack.stacked([r.to(self.device) for r in rows])
+            else:
+                dense_dtype = self._dense_dtype if self.quantized else self.delta_dtype
+                dense = torch.empty((len(rows), base.numel()), dtype=dense_dtype, device=self.device)
+                for row, entry in enumerate(rows):
+                    dense[row].copy_((entry.dense(dense_dtype)[0] if isinstance(entry, QuantizedStack)
+                                      else entry).reshape(-1))
                 if self.quantized:
-                    del pool.task_vectors[expert][name]
-                else:
-                    pool.task_vectors[expert][name] = dense[row].view(base.shape)
-            if self.quantized:
-                dense = QuantizedStack.of(dense, QUANTIZED_DELTAS[self.delta_dtype])
+                    dense = QuantizedStack.of(dense, bits)
+            for row, i in enumerate(dense_rows):
+                pool.task_vectors[self.experts[i]][name] = (dense.row(row) if self.quantized
+                                                            else dense[row].view(base.shape))
         pool.base[name] = base
         self._base[name] = base
         if len(dense_rows) == len(self.experts):
@@ -399,7 +402,8 @@ def _bytes_on(pool: ModelPool, device: torch.device) -> int:
     """Bytes of the pool's tensors already on ``device``: the merger reuses or frees them."""
     deltas = [d for tv in pool.task_vectors.values() for d in tv.values()]
     factors = [t for d in deltas if isinstance(d, LowRank) for t in (d.left, d.right)]
-    tensors = [*pool.base.values(), *(d for d in deltas if isinstance(d, Tensor)), *factors,
+    codes = [t for d in deltas if isinstance(d, QuantizedStack) for t in (d.codes, d.scales)]
+    tensors = [*pool.base.values(), *(d for d in deltas if isinstance(d, Tensor)), *factors, *codes,
                *unique_parameters(pool.model).values()]
     return sum(t.nbytes for t in tensors if t.device == device)
 

@@ -226,12 +226,12 @@ def fit_delta_format(plan_for: Callable[[DeltaFormat], MemoryPlan], requested: D
     return Fit(first, None, workers, memory)
 
 
-def pool_loading_bytes(shapes: Mapping[str, Sequence[int]], dense_experts: int) -> int:
+def pool_loading_bytes(shapes: Mapping[str, Sequence[int]], deltas: int) -> int:
     """Peak host bytes of loading a :class:`~evomerge.pool.ModelPool` before a Merger takes it
-    over: the pool loads in float32 and holds the model, a copy of its weights as the base and
-    every dense expert's task vector, plus the expert being loaded: ``3 + K`` float32 models,
-    whatever delta format the merger then stores (measured on the zoo: experiments/README.md)."""
-    return (3 + dense_experts) * sum(_numel(shape) for shape in shapes.values()) * 4
+    over: two float32 models (the base, read-only while experts load and copied after them; and
+    the expert being read) plus ``deltas``, the task vectors stored as they load in the format
+    the merger holds them (its plan's ``deltas``)."""
+    return 2 * sum(_numel(shape) for shape in shapes.values()) * 4 + deltas
 
 
 def available_bytes(device: torch.device) -> int:

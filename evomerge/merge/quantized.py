@@ -96,6 +96,22 @@ class QuantizedStack:
                 codes[:, first * GROUP // 2:last * GROUP // 2] = _pack(quantized)
         return cls(codes, scales, numel, bits)
 
+    @classmethod
+    def stacked(cls, rows: Sequence[QuantizedStack]) -> QuantizedStack:
+        """One stack of stacks quantized apart (a pool quantizes each expert as it loads): the
+        codes and scales of quantizing their dense stack at once, since no group spans two rows."""
+        first = rows[0]
+        if any((r.numel, r.bits) != (first.numel, first.bits) for r in rows):
+            raise ValueError("stacked rows must share their length and bits")
+        return cls(torch.cat([r.codes for r in rows]), torch.cat([r.scales for r in rows]), first.numel, first.bits)
+
+    def to(self, device: torch.device | str) -> QuantizedStack:
+        return QuantizedStack(self.codes.to(device), self.scales.to(device), self.numel, self.bits)
+
+    def row(self, index: int) -> QuantizedStack:
+        """Row ``index`` as a one-row stack of views (nothing copied)."""
+        return QuantizedStack(self.codes[index:index + 1], self.scales[index:index + 1], self.numel, self.bits)
+
     @property
     def shape(self) -> tuple[int, int]:
         """``(K, numel)``: the dense stack's shape."""

@@ -85,6 +85,7 @@ class MergeWorker:
 
         from evomerge.fitness import Evaluator
         from evomerge.merge.engine import Merger
+        from evomerge.merge.memory import delta_format
         from evomerge.pool import ModelPool
 
         torch.set_num_threads(spec.runtime.threads_per_worker)
@@ -92,10 +93,11 @@ class MergeWorker:
         self.spec = spec
         device = spec.runtime.resolved_device()
         dtype = getattr(torch, spec.runtime.dtype)
-        pool = ModelPool(spec.base, spec.experts, allow_pickle=spec.allow_pickle,
+        # the pool stores each task vector in the merger's format as it loads (see ModelPool)
+        deltas = delta_format(spec.runtime.delta_dtype, dtype)
+        pool = ModelPool(spec.base, spec.experts, delta_dtype=deltas, allow_pickle=spec.allow_pickle,
                          trust_remote_code=spec.trust_remote_code)
-        # a name: the Merger resolves float dtypes and quantized formats (int8, int4) alike
-        self.merger = Merger(pool, device=device, dtype=dtype, delta_dtype=spec.runtime.delta_dtype)
+        self.merger = Merger(pool, device=device, dtype=dtype, delta_dtype=deltas)
         if spec.runtime.memory_limit_gb is not None and \
                 self.merger.memory_plan().total > spec.runtime.memory_limit_gb * 2**30:
             raise UserError(f"a worker needs {self.merger.memory_plan().summary()}, more than "
