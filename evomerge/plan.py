@@ -25,7 +25,7 @@ import torch
 from evomerge.config import Config, read_config
 from evomerge.errors import UserError
 from evomerge.adapters import lora_factors
-from evomerge.pool import folder_shapes
+from evomerge.pool import folder_shapes, local_ref
 from evomerge.merge.memory import (SMALLER_FORMATS, Adapter, Architecture, Fit, MemoryPlan, delta_format,
                                    dtype_name, fit_delta_format, format_name, pool_loading_bytes,
                                    size_text)
@@ -90,24 +90,17 @@ def _adapter(ref: str, shapes: Mapping[str, tuple[int, ...]]) -> Adapter:
 def _metadata_files(ref: str) -> dict[str, Any]:
     """``config.json`` / ``adapter_config.json`` (parsed) and ``shapes`` (every safetensors
     header merged) of a local folder, or of a hub id through the hub's header endpoint."""
-    path = Path(ref).expanduser()
-    if path.suffix == ".gguf":
+    local = local_ref(ref)
+    if local is None:
+        return _hub_files(ref)
+    path, gguf_file = local
+    if gguf_file is not None:
         raise UserError(f"model {ref} is a .gguf file, which loads dequantized; plan with its "
                         f"safetensors original instead")
-    if path.is_dir():
-        out: dict[str, Any] = {}
-        for name in ("config.json", "adapter_config.json"):
-            if (path / name).is_file():
-                out[name] = json.loads((path / name).read_text())
-        if not out:
-            raise UserError(f"model folder {ref} has neither config.json nor adapter_config.json; expected "
-                            f"a Hugging Face model folder or a peft LoRA adapter")
-        out["shapes"] = folder_shapes(path)
-        return out
-    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        raise UserError(f"model {ref!r} not found: expected a local model folder, a LoRA adapter folder "
-                        f"or a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
-    return _hub_files(ref)
+    out: dict[str, Any] = {name: json.loads((path / name).read_text())
+                           for name in ("config.json", "adapter_config.json") if (path / name).is_file()}
+    out["shapes"] = folder_shapes(path)
+    return out
 
 
 def _hub_files(repo: str) -> dict[str, Any]:

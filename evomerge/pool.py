@@ -47,8 +47,10 @@ class ModelInfo:
     vocab: dict[str, int] = field(repr=False)
 
 
-def resolve(ref: str, *, allow_pickle: bool = False) -> tuple[Path, str | None]:
-    """Local folder (and GGUF file name) for ``ref``, downloading a hub id's files if needed."""
+def local_ref(ref: str) -> tuple[Path, str | None] | None:
+    """A local model's folder (and GGUF file name), or None for a hub id: the one reading of a
+    model reference, for loading and for the memory plan (which must not download). Anything
+    else is a one-line UserError saying what a reference may be."""
     path = Path(ref).expanduser()
     if _is_gguf(ref):
         return path.parent, path.name
@@ -61,7 +63,13 @@ def resolve(ref: str, *, allow_pickle: bool = False) -> tuple[Path, str | None]:
     if path.suffix == ".gguf" or ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
         raise UserError(f"model {ref!r} not found: expected a local model folder, a .gguf file, "
                         f"or a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
-    return _download(ref, allow_pickle=allow_pickle), None
+    return None
+
+
+def resolve(ref: str, *, allow_pickle: bool = False) -> tuple[Path, str | None]:
+    """Local folder (and GGUF file name) for ``ref``, downloading a hub id's files if needed."""
+    local = local_ref(ref)
+    return local if local is not None else (_download(ref, allow_pickle=allow_pickle), None)
 
 
 def _download(hub_id: str, *, allow_pickle: bool) -> Path:

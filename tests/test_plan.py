@@ -107,3 +107,17 @@ def test_plan_command_prints_then_refuses_with_exit_code_2(hub, capsys):
     assert err.count("\n") == 1 and err.startswith("evomerge: error: the search does not fit cuda")
     assert main(["plan", *overrides(hub["7b"], hub["experts7"]), "--device-memory", "lots"]) == 2
     assert "device memory 'lots' is not a size" in capsys.readouterr().err
+
+
+def test_bad_model_references_are_one_line_as_when_loading(hub, tmp_path):
+    """The plan reads references as loading does (pool.local_ref) but never downloads: a missing
+    path, a folder without a config and a GGUF file each get one line naming the reference."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    cases = {str(tmp_path / "missing"): "not found: expected a local model folder",
+             str(tmp_path / "empty"): "has no config.json",
+             str(tmp_path / "model.gguf"): "is a .gguf file, which loads dequantized"}
+    for ref, message in cases.items():
+        with pytest.raises(UserError, match=message) as caught:
+            plan_search(compose(overrides(ref, hub["experts7"][:1])), device_memory=parse_size("1TB"))
+        assert ref in str(caught.value) and "\n" not in str(caught.value)
