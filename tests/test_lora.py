@@ -190,3 +190,24 @@ def test_factor_shapes_are_read_once_for_the_check_and_the_plan():
             lora_factors("a", broken)
     with pytest.raises(UserError, match="has no lora_A/lora_B tensors"):
         lora_factors("a", {"h.0.weight": (4, 4)})
+
+
+def test_a_mixed_pool_quantized_as_it_loads_merges_as_one_quantized_after(pico_zoo, adapters):
+    """Factors stay factors, DoRA's dense deltas and the full expert are stored as int8 rows as
+    they load; the merger stacks them as they are, to the codes it would have made itself."""
+    from evomerge.merge.quantized import QuantizedStack
+
+    base = str(pico_zoo.base)
+    refs = {**{k: str(v) for k, v in adapters.items()}, "add": str(pico_zoo.expert("add"))}
+    early = ModelPool(base, refs, delta_dtype="int8")
+    assert all(isinstance(d, LowRank) for d in early.task_vectors["plain"].values())
+    assert all(isinstance(d, QuantizedStack) for d in early.task_vectors["dora"].values())
+    stored, late = Merger(early, delta_dtype="int8"), Merger(ModelPool(base, refs), delta_dtype="int8")
+    weights = dict(zip(stored.experts, (0.7, 0.4, 0.5, 0.3)))
+    for method in ("task_arithmetic", "ties"):
+        config = MethodConfig(method, {n: ExpertParams(weight=w, density=0.5) for n, w in weights.items()})
+        recipe = Recipe.uniform(base, stored.experts, stored.num_layers, config)
+        ours = {k: v.clone() for k, v in stored.materialize(recipe).state_dict().items()}
+        theirs = late.materialize(recipe).state_dict()
+        for name, tensor in ours.items():
+            assert torch.equal(tensor, theirs[name]), (method, name)
