@@ -158,7 +158,7 @@ def adapter_deltas(adapter: AdapterInfo, fresh_base: Callable[[], torch.nn.Modul
         for name, weight in merged.items():
             if name in deltas:
                 continue
-            delta = weight - base[name]
+            delta = weight.float() - base[name].float()  # the base may be held in bfloat16
             if bool(delta.any()):
                 deltas[name] = delta
     return deltas

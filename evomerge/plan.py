@@ -25,7 +25,7 @@ import torch
 from evomerge.config import Config, read_config
 from evomerge.errors import UserError
 from evomerge.adapters import lora_factors
-from evomerge.pool import folder_shapes, local_ref
+from evomerge.pool import folder_header, local_ref, stored_dtype
 from evomerge.merge.memory import (SMALLER_FORMATS, Adapter, Architecture, Fit, MemoryPlan, delta_format,
                                    dtype_name, fit_delta_format, format_name, pool_loading_bytes,
                                    size_text)
@@ -49,6 +49,7 @@ class ModelMeta:
     ref: str
     config: dict
     shapes: dict[str, tuple[int, ...]]
+    stored: torch.dtype = torch.float32  # the dtype its files hold the weights in: what a pool loads it in
 
 
 def read_model(ref: str) -> ModelMeta:
@@ -64,7 +65,7 @@ def read_model(ref: str) -> ModelMeta:
         raise UserError(f"model {ref} has no *.safetensors weights; the plan reads their headers")
     if config.get("tie_word_embeddings") is True:
         shapes.pop("lm_head.weight", None)
-    return ModelMeta(ref, config, shapes)
+    return ModelMeta(ref, config, shapes, stored_dtype(files["dtypes"]))
 
 
 def read_expert(ref: str, base: ModelMeta) -> ModelMeta | Adapter:
@@ -99,7 +100,9 @@ def _metadata_files(ref: str) -> dict[str, Any]:
                         f"safetensors original instead")
     out: dict[str, Any] = {name: json.loads((path / name).read_text())
                            for name in ("config.json", "adapter_config.json") if (path / name).is_file()}
-    out["shapes"] = folder_shapes(path)
+    header = folder_header(path)
+    out["shapes"] = {name: tuple(int(n) for n in entry["shape"]) for name, entry in header.items()}
+    out["dtypes"] = [entry.get("dtype", "") for entry in header.values()]
     return out
 
 
@@ -116,8 +119,9 @@ def _hub_files(repo: str) -> dict[str, Any]:
             except EntryNotFoundError:
                 pass
         metadata = get_safetensors_metadata(repo)
-        out["shapes"] = {name: tuple(info.shape) for file in metadata.files_metadata.values()
-                         for name, info in file.tensors.items()}
+        tensors = [(name, info) for file in metadata.files_metadata.values() for name, info in file.tensors.items()]
+        out["shapes"] = {name: tuple(info.shape) for name, info in tensors}
+        out["dtypes"] = [str(info.dtype) for _, info in tensors]
         return out
     except Exception as error:  # offline, unknown repo, gated: all mean "cannot plan this id"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -166,9 +170,9 @@ class SearchPlan:
             f"  {workers} x {size_text(plan.total)} = {size_text(fit.needs(plan))} of "
             f"{size_text(fit.memory)}: {'fits' if fit.chosen else 'does not fit'}",
         ]
-        lines.append(f"  loading: each worker's pool peaks at {size_text(self.loading)} of host RAM (float32 "
-                     f"base and the expert being read, task vectors stored as {format_name(plan.delta_dtype)} "
-                     f"as they load; not checked)")
+        lines.append(f"  loading: each worker's pool peaks at {size_text(self.loading)} of host RAM (base and "
+                     f"the expert being read as their files store them, task vectors stored as "
+                     f"{format_name(plan.delta_dtype)} as they load; not checked)")
         if self.changed:
             lines.append(f"  {format_name(fit.requested.delta_dtype)} deltas would need "
                          f"{size_text(fit.needs(fit.requested))}: using runtime.delta_dtype="
@@ -219,7 +223,10 @@ def plan_search(config: Mapping[str, Any], *, device_memory: int | None = None,
     workers = 1 if gpu else runtime.workers  # Ray gives each worker a GPU of its own
     fit = fit_delta_format(plan_for, requested, workers, memory)
     fallbacks = () if fit.chosen else tuple(plan_for(f) for f in SMALLER_FORMATS if f != requested)
-    loading = pool_loading_bytes(base.shapes, (fit.chosen or fit.requested).deltas)
+    full = [e for e in experts if isinstance(e, ModelMeta)]
+    second = max([base.stored, *(e.stored for e in full), *([torch.float32] if adapters else [])],
+                 key=lambda d: d.itemsize)
+    loading = pool_loading_bytes(base.shapes, base.stored, second, (fit.chosen or fit.requested).deltas)
     return SearchPlan(fit, "cuda" if gpu else "cpu", source, typed.fitness.batch_size, sequence, base_ref,
                       loading, fallbacks)
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -89,10 +89,10 @@ def _download(hub_id: str, *, allow_pickle: bool) -> Path:
 _HEADER_LIMIT = 100 * 2**20  # a larger header is a corrupt file, not a model
 
 
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from one safetensors file's header, reading only the header's bytes (the
-    one reader of them: the mergeability check, adapters and the memory plan, whose header-only
-    fixtures have no weights behind the header)."""
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """Each tensor's header entry (``dtype``, ``shape``, ``data_offsets``) of one safetensors
+    file, reading only the header's bytes: the one reader of them (the mergeability check,
+    adapters, the memory plan, whose header-only fixtures have no weights behind the header)."""
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
@@ -102,16 +102,43 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             header = json.loads(handle.read(length))
         except ValueError:
             raise UserError(f"{path} has a corrupt safetensors header (not JSON)") from None
-    return {name: tuple(int(n) for n in entry["shape"]) for name, entry in header.items()
-            if name != "__metadata__"}
+    return {name: entry for name, entry in header.items() if name != "__metadata__"}
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(int(n) for n in entry["shape"]) for name, entry in safetensors_header(path).items()}
+
+
+def folder_header(folder: Path) -> dict[str, dict]:
+    """Every tensor's header entry in a folder's safetensors files (shards merged)."""
+    entries: dict[str, dict] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        entries.update(safetensors_header(file))
+    return entries
 
 
 def folder_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in a folder's safetensors files (shards merged), headers only."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        shapes.update(safetensors_shapes(file))
-    return shapes
+    return {name: tuple(int(n) for n in entry["shape"]) for name, entry in folder_header(folder).items()}
+
+
+_STORED_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(names: Iterable[str]) -> torch.dtype:
+    """The float dtype weights are stored in, from their safetensors dtype names (the widest if
+    they differ); float32 when none is a float (nothing known: GGUF, pickles)."""
+    found = [_STORED_FLOATS[n] for n in names if n in _STORED_FLOATS]
+    return max(found, key=lambda d: d.itemsize, default=torch.float32)
+
+
+def _load_dtype(ref: str, *, allow_pickle: bool) -> torch.dtype:
+    """What a pool loads ``ref`` in: the dtype its safetensors store (every stored value is exact
+    in it, and a bfloat16 checkpoint takes half of float32's host RAM), float32 otherwise."""
+    folder, gguf_file = resolve(ref, allow_pickle=allow_pickle)
+    if gguf_file is not None:
+        return torch.float32  # GGUF weights arrive dequantized
+    return stored_dtype(entry.get("dtype", "") for entry in folder_header(folder).values())
 
 
 def _pickle_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -220,16 +247,18 @@ def unique_parameters(model) -> dict[str, torch.Tensor]:
 class ModelPool:
     """The base's weights and each expert's task vector τ = θ_expert − θ_base, on one device.
 
-    Experts load one at a time and only their difference is kept, each tensor's stored in
-    ``delta_dtype`` (default: ``dtype``; ``int8``/``int4`` quantized) as soon as it is computed,
-    so loading peaks at two models (the base, the expert being read) plus the task vectors as the
-    Merger will hold them. A LoRA adapter's task vector stays factored: its
+    Models load in ``dtype``, by default the dtype their files store (a bfloat16 checkpoint in
+    bfloat16: exact, and half of float32's memory); the Merger casts the base to its own dtype.
+    Experts load one at a time and only their difference is kept (computed in float32 at least),
+    each tensor's stored in ``delta_dtype`` (default float32; ``int8``/``int4`` quantized) as soon
+    as it is computed, so loading peaks at two models (the base, the expert being read) plus the
+    task vectors as the Merger will hold them. A LoRA adapter's task vector stays factored: its
     entries are :class:`~evomerge.merge.factored.LowRank` for the projections it adapts, absent
     for the tensors it leaves alone (:meth:`delta` reads any entry densely).
     """
 
     def __init__(self, base: str, experts: Mapping[str, str] | Sequence[str], *,
-                 dtype: torch.dtype = torch.float32, delta_dtype: torch.dtype | str | None = None,
+                 dtype: torch.dtype | None = None, delta_dtype: torch.dtype | str | None = None,
                  allow_pickle: bool = False, trust_remote_code: bool = False, device: str = "cpu") -> None:
         if isinstance(experts, Mapping):
             named = dict(experts)
@@ -241,14 +270,17 @@ class ModelPool:
             raise UserError(f"expert names collide in {list(experts)}; name them explicitly")
         opts = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
         # Inspecting a GGUF file means dequantizing it; a GGUF base is loaded once, for both.
-        loaded = load_model(base, dtype=dtype, device=device, **opts) if _is_gguf(base) else None
+        def load_dtype(ref: str) -> torch.dtype:
+            return dtype or _load_dtype(ref, allow_pickle=allow_pickle)
+
+        loaded = load_model(base, dtype=load_dtype(base), device=device, **opts) if _is_gguf(base) else None
         base_info = inspect_model(base, loaded=loaded, **opts)
         for ref in named.values():
             check_expert(base_info, ref, **opts)
         self.base_ref = base
         self.expert_refs = named
-        self.model, self.tokenizer = loaded or load_model(base, dtype=dtype, device=device, **opts)
-        self.delta_dtype = delta_format(delta_dtype, dtype)
+        self.model, self.tokenizer = loaded or load_model(base, dtype=load_dtype(base), device=device, **opts)
+        self.delta_dtype = delta_format(delta_dtype, dtype or torch.float32)
         # The model's own tensors while experts load (read only); copied once they are in, so the
         # peak is two models (base, the expert loading) plus the task vectors as stored.
         self.base = unique_parameters(self.model)
@@ -258,14 +290,17 @@ class ModelPool:
             folder, gguf_file = resolve(ref, allow_pickle=allow_pickle)
             if gguf_file is None and is_adapter_folder(folder):
                 adapter = inspect_adapter(ref, folder, allow_pickle=allow_pickle)
-                fresh = lambda: load_model(base, dtype=dtype, device=device, **opts)[0]  # noqa: E731
+                # peft merges into a float32 copy, so what it changes densely loses nothing to rounding
+                fresh = lambda: load_model(base, dtype=dtype or torch.float32, device=device, **opts)[0]  # noqa: E731
                 self.task_vectors[name] = {k: d if isinstance(d, LowRank) else stored_delta(d, self.delta_dtype)
                                            for k, d in adapter_deltas(adapter, fresh, self.base).items()}
                 self.adapters.add(name)
                 continue
-            expert, _ = load_model(ref, dtype=dtype, device=device, **opts)
+            expert, _ = load_model(ref, dtype=load_dtype(ref), device=device, **opts)
             weights = unique_parameters(expert)
-            self.task_vectors[name] = {k: stored_delta(weights[k] - self.base[k], self.delta_dtype) for k in self.base}
+            # in float32 at least: the difference of two bfloat16 weights need not be one
+            self.task_vectors[name] = {k: stored_delta(_wide(weights[k]) - _wide(self.base[k]), self.delta_dtype)
+                                       for k in self.base}
             del expert, weights
         self.base = {k: v.clone() for k, v in self.base.items()}
 
@@ -283,15 +318,19 @@ class ModelPool:
         entry = self.task_vectors[expert].get(name)
         base = self.base[name]
         if entry is None:
-            return torch.zeros_like(base)
+            return torch.zeros_like(base, dtype=torch.promote_types(base.dtype, torch.float32))
         if isinstance(entry, QuantizedStack):
-            return entry.dense(base.dtype)[0].view(base.shape)
-        return (entry.dense() if isinstance(entry, LowRank) else entry).to(base.dtype)
+            return entry.dense(torch.float32)[0].view(base.shape)
+        return entry.dense() if isinstance(entry, LowRank) else entry
 
     def relative_norms(self) -> dict[str, float]:
         """‖τ‖/‖θ_base‖ per expert: how far each fine-tune moved, the regime merging depends on."""
         base_norm = _norm(self.base.values())
         return {name: _norm(self.delta(name, k) for k in tau) / base_norm for name, tau in self.task_vectors.items()}
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def stored_delta(delta: torch.Tensor, fmt: DeltaFormat) -> torch.Tensor | QuantizedStack:

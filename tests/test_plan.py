@@ -73,16 +73,20 @@ def test_7b_with_4_experts_plans_fp32_deltas_and_picks_the_first_format_that_fit
     h200 = plan_search(config, device_memory=parse_size("141GB"))
     assert h200.changed and h200.plan.delta_dtype == torch.bfloat16
     assert h200.plan.deltas == 4 * LLAMA_7B_PARAMS * 2
-    # loading: the float32 base and the expert being read, the task vectors as the chosen format stores them
-    assert h200.loading == 2 * LLAMA_7B_PARAMS * 4 + 4 * LLAMA_7B_PARAMS * 2
-    assert roomy.loading == 2 * LLAMA_7B_PARAMS * 4 + roomy.plan.deltas
+    # loading: the base and the expert being read as their headers store them (bfloat16), the task
+    # vectors as the chosen format stores them
+    assert h200.loading == 2 * LLAMA_7B_PARAMS * 2 + 4 * LLAMA_7B_PARAMS * 2
+    assert roomy.loading == 2 * LLAMA_7B_PARAMS * 2 + roomy.plan.deltas
     assert planned_config(config, h200)["runtime"]["delta_dtype"] == "bfloat16"
     assert any("using runtime.delta_dtype=bfloat16" in line for line in h200.lines())
 
 
 def test_7b_with_16_lora_experts_holds_their_factors(hub):
     config = compose(overrides(hub["7b"], hub["lora7"], "runtime.device=cuda", "runtime.dtype=bfloat16"))
-    plan = plan_search(config, device_memory=parse_size("24GB")).plan
+    search = plan_search(config, device_memory=parse_size("24GB"))
+    plan = search.plan
+    # loading: the bfloat16 base, the float32 copy peft merges each adapter into, the factors
+    assert search.loading == LLAMA_7B_PARAMS * (2 + 4) + plan.deltas
     factors = sum(lora_factor_bytes({k: v for k, v in linear_shapes(LLAMA_7B).items()}, 16, torch.bfloat16)
                   for _ in range(16))
     assert plan.deltas == factors == 16 * 32 * 16 * (4 * 8192 + 3 * 15104) * 2

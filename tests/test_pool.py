@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,35 @@ def test_pickle_weights_refused_unless_opted_in(pico_zoo, tmp_path):
     assert "pickle" in message and "allow_pickle" in message
     pool = ModelPool(str(pico_zoo.base), {"add": str(folder)}, allow_pickle=True)
     assert pool.relative_norms()["add"] > 0
+
+
+def test_a_bfloat16_checkpoint_loads_as_stored_and_merges_as_in_float32(pico_zoo, tmp_path):
+    """A pool loads each model in the dtype its files store (half the host RAM for bfloat16)
+    and computes task vectors in float32: the merge equals that of the same files loaded in
+    float32, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.engine import Merger
+    from evomerge.pool import folder_header, stored_dtype
+    from evomerge.recipe import ExpertParams, MethodConfig, Recipe
+
+    refs = {}
+    for name, source in {"base": pico_zoo.base, **{k: pico_zoo.expert(k) for k in ("add", "upper")}}.items():
+        model = AutoModelForCausalLM.from_pretrained(source).to(torch.bfloat16)
+        model.save_pretrained(tmp_path / name)
+        for file in Path(source).iterdir():  # the tokenizer's files
+            if file.is_file() and file.suffix != ".safetensors" and file.name != "config.json":
+                shutil.copy(file, tmp_path / name / file.name)
+        refs[name] = str(tmp_path / name)
+    assert stored_dtype(e["dtype"] for e in folder_header(tmp_path / "base").values()) == torch.bfloat16
+    assert stored_dtype(e["dtype"] for e in folder_header(Path(pico_zoo.base)).values()) == torch.float32
+    experts = {k: refs[k] for k in ("add", "upper")}
+    as_stored = ModelPool(refs["base"], experts)
+    in_float32 = ModelPool(refs["base"], experts, dtype=torch.float32)
+    assert next(iter(as_stored.base.values())).dtype == torch.bfloat16
+    assert all(d.dtype == torch.float32 for d in as_stored.task_vectors["add"].values())
+    config = MethodConfig("ties", {k: ExpertParams(weight=0.6, density=0.5) for k in experts})
+    recipe = Recipe.uniform(refs["base"], list(experts), 4, config)
+    ours = {k: v.clone() for k, v in Merger(as_stored).materialize(recipe).state_dict().items()}
+    theirs = Merger(in_float32).materialize(recipe).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -226,12 +226,15 @@ def fit_delta_format(plan_for: Callable[[DeltaFormat], MemoryPlan], requested: D
     return Fit(first, None, workers, memory)
 
 
-def pool_loading_bytes(shapes: Mapping[str, Sequence[int]], deltas: int) -> int:
+def pool_loading_bytes(shapes: Mapping[str, Sequence[int]], stored: torch.dtype, second: torch.dtype,
+                       deltas: int) -> int:
     """Peak host bytes of loading a :class:`~evomerge.pool.ModelPool` before a Merger takes it
-    over: two float32 models (the base, read-only while experts load and copied after them; and
-    the expert being read) plus ``deltas``, the task vectors stored as they load in the format
-    the merger holds them (its plan's ``deltas``)."""
-    return 2 * sum(_numel(shape) for shape in shapes.values()) * 4 + deltas
+    over: the base as its files store it (``stored``), a second model of its shapes in ``second``
+    (the widest of the experts being read as stored, the float32 copy peft merges an adapter
+    into, and the base's own copy made after the experts), plus ``deltas``, the task vectors
+    stored as they load in the format the merger holds them (its plan's ``deltas``)."""
+    numel = sum(_numel(shape) for shape in shapes.values())
+    return numel * (itemsize(stored) + itemsize(second)) + deltas
 
 
 def available_bytes(device: torch.device) -> int:
