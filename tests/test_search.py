@@ -348,12 +348,20 @@ def _bad(override: str, named: str, what: str):
     _bad("+colour=red", "colour", "`evomerge search` with an unknown config key"),
     _bad("runtime.auth_token_file=/no/token", "/no/token", "`evomerge search` with a Ray token file that does not exist"),
 ])
-def test_bad_search_input_fails_fast_in_one_line(override, named, pico_zoo, pico_cache, tmp_path):
+def test_bad_search_input_fails_fast_in_one_line(override, named, pico_zoo, pico_cache, tmp_path, capsys,
+                                                 monkeypatch):
+    """In process (the CLI's own ``main``; a subprocess per case cost 3 s of imports each): the
+    one-line error path is the same code either way."""
+    from evomerge.cli import main
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(pico_cache))
     started = time.time()
-    done = cli(*search_args(tmp_path, "bad", override), cache=pico_cache)
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and named in lines[0], done.stderr
+    capsys.readouterr()
+    code = main(search_args(tmp_path, "bad", override))
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], err
     assert not (tmp_path / "bad").exists()  # nothing written, nothing started
     assert time.time() - started < 60
 
