@@ -25,7 +25,7 @@ import torch
 from evomerge.config import Config, read_config
 from evomerge.errors import UserError
 from evomerge.adapters import lora_factors
-from evomerge.pool import folder_header, local_ref, stored_dtype
+from evomerge.pool import folder_header, header_shapes, local_ref, stored_dtype
 from evomerge.merge.memory import (SMALLER_FORMATS, Adapter, Architecture, Fit, MemoryPlan, delta_format,
                                    dtype_name, fit_delta_format, format_name, pool_loading_bytes,
                                    size_text)
@@ -101,7 +101,7 @@ def _metadata_files(ref: str) -> dict[str, Any]:
     out: dict[str, Any] = {name: json.loads((path / name).read_text())
                            for name in ("config.json", "adapter_config.json") if (path / name).is_file()}
     header = folder_header(path)
-    out["shapes"] = {name: tuple(int(n) for n in entry["shape"]) for name, entry in header.items()}
+    out["shapes"] = header_shapes(header)
     out["dtypes"] = [entry.get("dtype", "") for entry in header.values()]
     return out
 

@@ -105,8 +105,13 @@ def safetensors_header(path: Path) -> dict[str, dict]:
     return {name: entry for name, entry in header.items() if name != "__metadata__"}
 
 
+def header_shapes(entries: Mapping[str, dict]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from its safetensors header entry."""
+    return {name: tuple(int(n) for n in entry["shape"]) for name, entry in entries.items()}
+
+
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(int(n) for n in entry["shape"]) for name, entry in safetensors_header(path).items()}
+    return header_shapes(safetensors_header(path))
 
 
 def folder_header(folder: Path) -> dict[str, dict]:
@@ -119,7 +124,7 @@ def folder_header(folder: Path) -> dict[str, dict]:
 
 def folder_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in a folder's safetensors files (shards merged), headers only."""
-    return {name: tuple(int(n) for n in entry["shape"]) for name, entry in folder_header(folder).items()}
+    return header_shapes(folder_header(folder))
 
 
 _STORED_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
