@@ -31,6 +31,19 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Task vectors may also be stored quantized (evomerge.merge.quantized): format name -> bits per code.
 QUANTIZED_DELTAS = {"int8": 8, "int4": 4}
 DELTA_DTYPES = DTYPES + tuple(QUANTIZED_DELTAS)
+# pymoo algorithms by how many objectives they optimize (evomerge.search.algorithms makes them)
+SINGLE = ("ga", "de", "cmaes")
+MULTI = ("nsga2", "nsga3", "smsemoa", "agemoea", "moead")
+ANY = ("random",)  # any number of objectives: the baseline every other algorithm must beat
+# How a candidate's score is estimated and what is optimized (evomerge.fitness implements them)
+ESTIMATORS = ("full", "random", "anchors", "irt")
+OBJECTIVES = ("tasks", "mean", "ece", "length", "perplexity")
+# The zoo's skills (evomerge.zoo.skills generates their items): those an expert is fine-tuned on,
+# and the cross-skill probes no expert learns, scored to see whether a merge composes skills.
+TRAINED_SKILLS = ("add", "reverse", "sort", "upper")
+PROBE_SKILLS = ("shout",)
+SKILLS = TRAINED_SKILLS + PROBE_SKILLS
+ZOO_FORMAT = 3  # bump when a change to evomerge.zoo's build code changes what a config produces
 
 T = TypeVar("T")
 
@@ -142,8 +155,6 @@ class AlgorithmConfig:
     sigma: float = 0.2  # CMA-ES initial step size, in units of the gene range
 
     def __post_init__(self) -> None:
-        from evomerge.search.algorithms import ANY, MULTI, SINGLE
-
         if self.name not in SINGLE + MULTI + ANY:
             raise UserError(f"algorithm {self.name!r} is unknown; valid: {', '.join(SINGLE + MULTI + ANY)}")
         if not isinstance(self.pop_size, int) or self.pop_size < 2:
@@ -154,8 +165,6 @@ class AlgorithmConfig:
     def check_objectives(self, count: int, averageable: bool = False) -> None:
         """``averageable``: the objectives are accuracies on one scale (one per task), which a
         single-objective algorithm is told the mean of."""
-        from evomerge.search.algorithms import MULTI, SINGLE
-
         if self.name in SINGLE and count != 1 and not averageable:
             raise UserError(f"algorithm={self.name} optimizes one objective, but the fitness config "
                             f"defines {count} that do not average (not all task accuracies); use "
@@ -189,9 +198,6 @@ class FitnessConfig:
     perplexity_tokens: int = 1024  # tokens of that text scored per candidate
 
     def __post_init__(self) -> None:
-        from evomerge.fitness.estimators import ESTIMATORS
-        from evomerge.fitness.evaluator import OBJECTIVES
-
         if self.estimator not in ESTIMATORS:
             raise UserError(f"unknown fitness.estimator {self.estimator!r}; valid: {', '.join(ESTIMATORS)}")
         for key in ("items_per_task", "batch_size", "perplexity_tokens"):
@@ -314,8 +320,6 @@ class ZooConfig:
     lora: LoraZooConfig = field(default_factory=LoraZooConfig)  # read when experts is "lora"
 
     def __post_init__(self) -> None:
-        from evomerge.zoo.skills import SKILLS
-
         if self.experts not in ZOO_EXPERTS:
             raise UserError(f"zoo.experts={self.experts!r} is unknown; valid: {', '.join(ZOO_EXPERTS)}")
         if self.experts == "lora" and (self.lora.rank < 1 or self.lora.alpha <= 0):
@@ -328,7 +332,7 @@ class ZooConfig:
             if name not in SKILLS:
                 raise UserError(f"skill {name!r} is unknown; valid: {', '.join(SKILLS)}")
         for name in self.skills:
-            if not SKILLS[name].trained:
+            if name not in TRAINED_SKILLS:
                 raise UserError(f"skill {name!r} is a cross-skill probe and cannot train an expert; "
                                 f"list it under probes")
         if len(self.skills) < 2:
@@ -357,8 +361,6 @@ class ZooConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skipped}
 
     def fingerprint(self) -> str:
-        from evomerge.zoo.build import ZOO_FORMAT
-
         blob = json.dumps({"format": ZOO_FORMAT, **self.built_fields()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

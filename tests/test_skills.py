@@ -2,9 +2,15 @@ import random
 
 import pytest
 
+from evomerge import config
 from evomerge.zoo.skills import SKILLS, make_splits
 
 SIZES = {"train": 300, "validation": 50, "test": 50}
+
+
+def test_every_skill_the_config_names_has_a_generator_and_no_other():
+    assert sorted(SKILLS) == sorted(config.SKILLS)
+    assert [n for n in SKILLS if SKILLS[n].trained] == list(config.TRAINED_SKILLS)
 
 
 @pytest.mark.parametrize("name", sorted(SKILLS))

@@ -33,9 +33,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from evomerge.config import ESTIMATORS
 from evomerge.errors import UserError
 
-ESTIMATORS = ("full", "random", "anchors", "irt")
 THETA_GRID = np.linspace(-6.0, 6.0, 1201)
 PRIOR_LOG_A = 0.5  # std of log discrimination: a stays within ~[0.4, 2.7]
 PRIOR_D = 3.0  # std of item easiness d

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from evomerge.config import FitnessConfig
+from evomerge.config import OBJECTIVES, FitnessConfig
 from evomerge.errors import UserError
 from evomerge.fitness.estimators import make_estimator
 from evomerge.fitness.native import pad_id, perplexity
@@ -24,7 +24,6 @@ from evomerge.fitness.objectives import Objective
 from evomerge.fitness.tasks import ItemResults, TaskSuite
 from evomerge.fitness.text import heldout_text, token_windows
 
-OBJECTIVES = ("tasks", "mean", "ece", "length", "perplexity")
 ECE_BINS = 10
 
 

@@ -12,12 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from evomerge.config import AlgorithmConfig
+from evomerge.config import ANY, MULTI, SINGLE, AlgorithmConfig
 from evomerge.space import Space
-
-SINGLE = ("ga", "de", "cmaes")
-MULTI = ("nsga2", "nsga3", "smsemoa", "agemoea", "moead")
-ANY = ("random",)  # any number of objectives: the baseline every other algorithm must beat
 
 
 def make_problem(space: Space, n_obj: int):

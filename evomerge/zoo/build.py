@@ -25,7 +25,6 @@ from evomerge.zoo.skills import SKILLS, extend_split, make_splits
 from evomerge.zoo.tasks import SPLITS, read_jsonl, task_name, write_task_files
 
 DEV_ITEMS = 50  # validation items an expert's early stopping looks at
-ZOO_FORMAT = 3  # bump when a change to the build code changes what a config produces
 
 
 def cache_dir() -> Path:

@@ -16,6 +16,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+from evomerge.config import TRAINED_SKILLS
+
 Item = dict[str, object]
 
 _CONSONANTS = "bdfgklmnprstvz"
@@ -124,13 +126,18 @@ def _shout_distractors(rng: random.Random, answer: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Skill:
-    """A named item generator; ``trained`` is False for cross-skill probes no expert learns."""
+    """A named item generator. Which skills exist and which train an expert are the config's
+    name lists (it checks a zoo config against them); this is how each one's items are made."""
 
     name: str
     description: str
     make: Callable[[random.Random], tuple[str, str]]
     distract: Callable[[random.Random, str], list[str]]
-    trained: bool = True
+
+    @property
+    def trained(self) -> bool:
+        """False for cross-skill probes no expert learns."""
+        return self.name in TRAINED_SKILLS
 
     def item(self, rng: random.Random) -> Item:
         prompt, answer = self.make(rng)
@@ -147,7 +154,7 @@ SKILLS: dict[str, Skill] = {
         Skill("sort", "sort 4-6 digits ascending", _sort, _sort_distractors),
         Skill("upper", "upper-case one or two English words", _upper, _upper_distractors),
         Skill("shout", "reverse spaced letters and upper-case them (needs reverse + upper)", _shout,
-              _shout_distractors, trained=False),
+              _shout_distractors),
     )
 }
 
