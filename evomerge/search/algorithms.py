@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from evomerge.config import ANY, MULTI, SINGLE, AlgorithmConfig
+from evomerge.config import AlgorithmConfig
 from evomerge.space import Space
 
 

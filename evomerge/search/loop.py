@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evomerge import front as fronts
+from evomerge.config import SINGLE
 from evomerge.errors import DiskError, UserError
 from evomerge.fitness.objectives import Objective, hypervolume, minimized_matrix
 from evomerge.html_report import write_report
 from evomerge.layer_path import Plan, plan_from_dict
 from evomerge.run import ArchiveEntry, RunDir
-from evomerge.search.algorithms import SINGLE, make_algorithm, make_problem, setup
+from evomerge.search.algorithms import make_algorithm, make_problem, setup
 from evomerge.search.hooks import SearchHooks
 from evomerge.search.settings import Settings, changed_keys, read_settings, search_fingerprint
 from evomerge.search.workers import EvalRequest, EvalResult, WorkerPool, worst_objectives
