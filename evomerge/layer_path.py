@@ -22,7 +22,8 @@ from typing import Any, Mapping, Union
 
 from evomerge.architecture import Layout, llama_layout
 from evomerge.errors import UserError
-from evomerge.recipe import Recipe, _canonical_json, _dump_yaml, _load_yaml, _mapping, _short
+from evomerge.recipe import Recipe
+from evomerge.serialization import canonical_json, checked_mapping, dump_yaml, load_yaml, short_repr
 
 KIND = "path"  # the ``kind`` key of a path's dict; recipes have none
 BASE = "base"
@@ -47,7 +48,7 @@ class Slice:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Slice:
-        _mapping(data, where, required=("source", "start", "end"), optional=("scale",))
+        checked_mapping(data, where, required=("source", "start", "end"), optional=("scale",))
         return cls(data["source"], data["start"], data["end"], data.get("scale", 1.0))
 
 
@@ -64,38 +65,38 @@ class LayerPath:
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, str) or not self.base:
-            raise UserError(f"path base must be a non-empty string, got {_short(self.base)}")
+            raise UserError(f"path base must be a non-empty string, got {short_repr(self.base)}")
         experts = tuple(self.experts) if isinstance(self.experts, (list, tuple)) else ()
         if not experts or not all(isinstance(e, str) and e for e in experts) or len(set(experts)) != len(experts):
-            raise UserError(f"path experts must be a non-empty list of distinct names, got {_short(self.experts)}")
+            raise UserError(f"path experts must be a non-empty list of distinct names, got {short_repr(self.experts)}")
         if BASE in experts or MERGE in experts:
             raise UserError(f"an expert may not be named {BASE!r} or {MERGE!r}: a path names its sources so")
         object.__setattr__(self, "experts", experts)
         if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
-            raise UserError(f"path num_layers must be a positive integer, got {_short(self.num_layers)}")
+            raise UserError(f"path num_layers must be a positive integer, got {short_repr(self.num_layers)}")
         if self.merge is not None and not isinstance(self.merge, Recipe):
-            raise UserError(f"path merge must be a recipe, got {_short(self.merge)}")
+            raise UserError(f"path merge must be a recipe, got {short_repr(self.merge)}")
         sources = self.sources
         if self.outside not in sources:
             raise UserError(f"path outside source {self.outside!r} is not one of {', '.join(sources)}")
         for i, piece in enumerate(self.slices):
             if not isinstance(piece, Slice):
-                raise UserError(f"path slices[{i}] must be a Slice, got {_short(piece)}")
+                raise UserError(f"path slices[{i}] must be a Slice, got {short_repr(piece)}")
             if piece.source not in sources:
                 raise UserError(f"path slices[{i}] source {piece.source!r} is not one of {', '.join(sources)}")
             for key in ("start", "end"):
                 value = getattr(piece, key)
                 if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self.num_layers:
-                    raise UserError(f"path slices[{i}].{key}={_short(value)} must be an integer in "
+                    raise UserError(f"path slices[{i}].{key}={short_repr(value)} must be an integer in "
                                     f"0..{self.num_layers}")
             if not isinstance(piece.scale, (int, float)) or not math.isfinite(piece.scale) or piece.scale <= 0:
-                raise UserError(f"path slices[{i}].scale={_short(piece.scale)} must be a finite number > 0")
+                raise UserError(f"path slices[{i}].scale={short_repr(piece.scale)} must be a finite number > 0")
         object.__setattr__(self, "slices", _canonical(self.slices))
         if not self.slices:
             raise UserError("a path needs at least one non-empty slice (start < end)")
         refs = self.expert_refs
         if not isinstance(refs, Mapping) or any(k not in experts for k in refs):
-            raise UserError(f"path expert_refs must map expert names to model paths, got {_short(refs)}")
+            raise UserError(f"path expert_refs must map expert names to model paths, got {short_repr(refs)}")
         object.__setattr__(self, "expert_refs", {k: v for k, v in refs.items() if k != v})
 
     @property
@@ -131,18 +132,18 @@ class LayerPath:
 
     @classmethod
     def from_dict(cls, data: Any) -> LayerPath:
-        _mapping(data, "path", required=("kind", "base", "experts", "num_layers", "slices"),
+        checked_mapping(data, "path", required=("kind", "base", "experts", "num_layers", "slices"),
                  optional=("outside", "merge", "dtype", "expert_refs"))
         if not isinstance(data["slices"], list):
-            raise UserError(f"path slices must be a list, got {_short(data['slices'])}")
+            raise UserError(f"path slices must be a list, got {short_repr(data['slices'])}")
         merge = data.get("merge")
         return cls(data["base"], data["experts"], data["num_layers"],
                    tuple(Slice.from_dict(s, f"slices[{i}]") for i, s in enumerate(data["slices"])),
                    data.get("outside", BASE), Recipe.from_dict(merge) if merge is not None else None,
-                   data.get("dtype", "float32"), _mapping(data.get("expert_refs") or {}, "expert_refs"))
+                   data.get("dtype", "float32"), checked_mapping(data.get("expert_refs") or {}, "expert_refs"))
 
     def to_yaml(self) -> str:
-        return _dump_yaml(self.to_dict())
+        return dump_yaml(self.to_dict())
 
     @cached_property
     def hash(self) -> str:
@@ -150,7 +151,7 @@ class LayerPath:
         content = {k: v for k, v in self.to_dict().items() if k not in ("base", "expert_refs")}
         if self.merge is not None:
             content["merge"] = self.merge.hash
-        return hashlib.sha256(_canonical_json(content).encode()).hexdigest()[:16]
+        return hashlib.sha256(canonical_json(content).encode()).hexdigest()[:16]
 
     def __hash__(self) -> int:
         return hash(self.hash)
@@ -193,7 +194,7 @@ class LayerPath:
         return {"slices": out, "merge_method": "passthrough", "dtype": self.dtype}
 
     def to_mergekit_yaml(self, layout: Layout | None = None) -> str:
-        return _dump_yaml(self.to_mergekit(layout))
+        return dump_yaml(self.to_mergekit(layout))
 
 
 def summary_line(slices: list[Mapping[str, Any]], outside: str) -> str:
@@ -232,7 +233,7 @@ def plan_from_dict(data: Any) -> Plan:
 
 
 def plan_from_yaml(text: str) -> Plan:
-    return plan_from_dict(_load_yaml(text, "recipe"))
+    return plan_from_dict(load_yaml(text, "recipe"))
 
 
 def source_recipe(path: LayerPath, source: str) -> Recipe:

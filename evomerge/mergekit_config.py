@@ -22,8 +22,8 @@ from evomerge.architecture import Layout, llama_layout
 from evomerge.errors import UserError
 from evomerge.merge import registry
 from evomerge.merge.registry import Param
-from evomerge.recipe import (ExpertParams, LayerGroup, MethodConfig, Recipe, _load_yaml, _mapping,
-                             _short)
+from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
+from evomerge.serialization import checked_mapping, load_yaml, short_repr
 
 # Top-level keys that do not change merged weights of same-vocabulary models (evomerge's pools
 # require one vocabulary), and a parameter that only changes how masks are stored.
@@ -52,7 +52,7 @@ def to_mergekit(recipe: Recipe, layout: Layout | None = None) -> dict[str, Any]:
     layout = layout or llama_layout(recipe.num_layers)
     check_mergekit_knows(layout)
     marks = layout.marks() if any(g.component != "all" for g in recipe.groups) else {}
-    labelled = list(recipe._configs())
+    labelled = list(recipe.method_configs())
     by_method: dict[str, list[str]] = {}
     for where, config in labelled:
         by_method.setdefault(config.method, []).append(where)
@@ -124,18 +124,18 @@ def from_mergekit(config: dict[str, Any] | str,
     values vary along a gradient get one group each. ``expert_names`` maps model references
     to names (default: the reference's last path component); ``num_layers`` is needed for the
     ``models`` form, ``base`` when the config has no base_model (linear)."""
-    data = _load_yaml(config, "mergekit config") if isinstance(config, str) else config
-    _mapping(data, "mergekit config", required=("merge_method",),
+    data = load_yaml(config, "mergekit config") if isinstance(config, str) else config
+    checked_mapping(data, "mergekit config", required=("merge_method",),
              optional=("base_model", "dtype", "parameters", "models", "slices")
              + _MERGEKIT_IGNORED)
     method = data["merge_method"]
     if not isinstance(method, str):
-        raise UserError(f"merge_method must be a name, got {_short(method)}")
+        raise UserError(f"merge_method must be a name, got {short_repr(method)}")
     spec = registry.method(method)
     with_base = spec.needs_base
     if not with_base and data.get("base_model") is not None:
         raise UserError(f"a {method} merge in mergekit counts base_model "
-                        f"{_short(data['base_model'])} as one more input, which a recipe "
+                        f"{short_repr(data['base_model'])} as one more input, which a recipe "
                         f"cannot express; drop base_model and pass base=")
     base_ref = data.get("base_model", base)
     if base_ref is None:
@@ -155,7 +155,7 @@ def from_mergekit(config: dict[str, Any] | str,
     given = dict(expert_names or {})
     for ref in given:
         if ref not in expert_refs:
-            raise UserError(f"expert_names names {_short(ref)}, which is not an expert model "
+            raise UserError(f"expert_names names {short_repr(ref)}, which is not an expert model "
                             f"of this config ({', '.join(expert_refs)})")
     names = {ref: given.get(ref) or ref.rstrip("/").rsplit("/", 1)[-1] for ref in expert_refs}
     seen: dict[str, str] = {}
@@ -225,10 +225,10 @@ def _read_models(models: Any, num_layers: int | None, base_ref: str | None) -> l
         raise UserError("a mergekit config in the 'models:' form does not say how many layers "
                         "the model has; pass num_layers")
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise UserError(f"num_layers must be a positive integer, got {_short(num_layers)}")
+        raise UserError(f"num_layers must be a positive integer, got {short_repr(num_layers)}")
     sources = []
     for i, entry in enumerate(_list(models, "models")):
-        _mapping(entry, f"models[{i}]", required=("model",), optional=("parameters",))
+        checked_mapping(entry, f"models[{i}]", required=("model",), optional=("parameters",))
         sources.append((_ref(entry["model"], f"models[{i}].model"),
                         _params(entry.get("parameters"), f"models[{i}].parameters")))
     if base_ref is not None and base_ref not in [ref for ref, _ in sources]:
@@ -242,23 +242,23 @@ def _read_slices(slices: Any, num_layers: int | None, base_ref: str) -> list[_Sl
     position = 0
     for i, piece in enumerate(_list(slices, "slices")):
         where = f"slices[{i}]"
-        _mapping(piece, where, required=("sources",),
+        checked_mapping(piece, where, required=("sources",),
                  optional=("parameters", "base_model", "residual_weight"))
         if piece.get("base_model") not in (None, base_ref):
-            raise UserError(f"{where} has its own base_model {_short(piece['base_model'])}; a "
+            raise UserError(f"{where} has its own base_model {short_repr(piece['base_model'])}; a "
                             f"recipe has one base ({base_ref})")
         if piece.get("residual_weight") is not None:
-            raise UserError(f"{where}.residual_weight {_short(piece['residual_weight'])} cannot "
+            raise UserError(f"{where}.residual_weight {short_repr(piece['residual_weight'])} cannot "
                             f"be expressed in a recipe")
         sources, length = [], 0
         for j, source in enumerate(_list(piece["sources"], f"{where}.sources")):
             at = f"{where}.sources[{j}]"
-            _mapping(source, at, required=("model", "layer_range"), optional=("parameters",))
+            checked_mapping(source, at, required=("model", "layer_range"), optional=("parameters",))
             span = source["layer_range"]
             if not (isinstance(span, list) and len(span) == 2
                     and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
                     and span[0] < span[1]):
-                raise UserError(f"{at}.layer_range must be [start, end], got {_short(span)}")
+                raise UserError(f"{at}.layer_range must be [start, end], got {short_repr(span)}")
             length = length or span[1] - span[0]
             if span != [position, position + length]:
                 raise UserError(f"{at}.layer_range {span} would feed output layers "
@@ -327,7 +327,7 @@ def _evaluate(setting: Any, tensor: str, t: float, convert: Callable[[Any, str],
     if isinstance(setting, Mapping) or (isinstance(setting, list) and setting
                                         and all(isinstance(c, Mapping) for c in setting)):
         for i, condition in enumerate([setting] if isinstance(setting, Mapping) else setting):
-            _mapping(condition, f"{where} condition {i}", required=("value",),
+            checked_mapping(condition, f"{where} condition {i}", required=("value",),
                      optional=("filter",))
             mark = condition.get("filter")
             if mark is None or mark == "*" or (isinstance(mark, str) and mark in tensor):
@@ -396,16 +396,16 @@ def _params(data: Any, where: str) -> Mapping[str, Any]:
     """Parameters of one scope: any parameter some registered method takes (a method ignores the
     others, as mergekit does), plus those mergekit reads and no merge here needs."""
     known = [*registry.known_params("expert"), *registry.known_params("global"), *_IGNORED_PARAMS]
-    return _mapping(data if data is not None else {}, where, optional=known)
+    return checked_mapping(data if data is not None else {}, where, optional=known)
 
 
 def _list(data: Any, where: str) -> list[Any]:
     if not isinstance(data, list) or not data:
-        raise UserError(f"{where} must be a non-empty list, got {_short(data)}")
+        raise UserError(f"{where} must be a non-empty list, got {short_repr(data)}")
     return data
 
 
 def _ref(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise UserError(f"{where} must be a model path or hub id, got {_short(value)}")
+        raise UserError(f"{where} must be a model path or hub id, got {short_repr(value)}")
     return value

@@ -14,15 +14,13 @@ Which parameters a method takes, their defaults and ranges are the method regist
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-import yaml
-
 from evomerge.errors import UserError
 from evomerge.merge import registry
+from evomerge.serialization import canonical_json, checked_mapping, dump_yaml, load_yaml, short_repr
 
 if TYPE_CHECKING:
     from evomerge.architecture import Layout
@@ -76,7 +74,7 @@ class ExpertParams(Mapping[str, float]):
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> ExpertParams:
-        _mapping(data, where, optional=list(registry.known_params("expert")))
+        checked_mapping(data, where, optional=list(registry.known_params("expert")))
         try:
             return cls(**data)
         except UserError as error:
@@ -95,15 +93,15 @@ class MethodConfig:
 
     def __init__(self, method: str, experts: Mapping[str, ExpertParams], **params: Any) -> None:
         if not isinstance(method, str) or not method:
-            raise UserError(f"merge method must be a non-empty name, got {_short(method)}")
+            raise UserError(f"merge method must be a non-empty name, got {short_repr(method)}")
         spec = registry.method(method)
         if not isinstance(experts, Mapping):
             raise UserError(f"experts of a {method} config must map names to ExpertParams, "
-                            f"got {_short(experts)}")
+                            f"got {short_repr(experts)}")
         for name, values in experts.items():
             if not isinstance(name, str) or not name or not isinstance(values, ExpertParams):
                 raise UserError(f"experts of a {method} config must map names to "
-                                f"ExpertParams, got {_short(name)}: {_short(values)}")
+                                f"ExpertParams, got {short_repr(name)}: {short_repr(values)}")
         known = registry.known_params("global")
         given = {("lambda" if k == "lambda_" else k): v for k, v in params.items()}
         for key, value in given.items():
@@ -146,7 +144,7 @@ class MethodConfig:
         try:
             return object.__getattribute__(self, "_hash")
         except AttributeError:
-            digest = hashlib.sha256(_canonical_json(self.to_dict()).encode()).digest()
+            digest = hashlib.sha256(canonical_json(self.to_dict()).encode()).digest()
             object.__setattr__(self, "_hash", int.from_bytes(digest[:8], "little"))
             return self._hash
 
@@ -165,8 +163,8 @@ class MethodConfig:
     @classmethod
     def from_dict(cls, data: Any, where: str = "config") -> MethodConfig:
         known = registry.known_params("global")
-        _mapping(data, where, required=("method",), optional=("experts", *known))
-        experts = _mapping(data.get("experts", {}), f"{where}.experts")
+        checked_mapping(data, where, required=("method",), optional=("experts", *known))
+        experts = checked_mapping(data.get("experts", {}), f"{where}.experts")
         shared = {k: known[k].convert(v, f"{where}.{k}") for k, v in data.items()
                   if k in known and v is not None}
         return cls(data["method"],
@@ -208,15 +206,15 @@ class LayerGroup:
         for name in ("start", "end"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise UserError(f"layer group {name} must be an integer, got "
-                                f"{_short(getattr(self, name))}")
+                                f"{short_repr(getattr(self, name))}")
         if not 0 <= self.start < self.end:
             raise UserError(f"layer group [{self.start}, {self.end}) is empty or negative; "
                             f"need 0 <= start < end")
         if self.component not in COMPONENTS:
-            raise UserError(f"layer group component {_short(self.component)} is not one of "
+            raise UserError(f"layer group component {short_repr(self.component)} is not one of "
                             f"{', '.join(COMPONENTS)}")
         if not isinstance(self.config, MethodConfig):
-            raise UserError(f"layer group config must be a MethodConfig, got {_short(self.config)}")
+            raise UserError(f"layer group config must be a MethodConfig, got {short_repr(self.config)}")
 
     @property
     def label(self) -> str:
@@ -228,7 +226,7 @@ class LayerGroup:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> LayerGroup:
-        _mapping(data, where, required=("start", "end", "config"), optional=("component",))
+        checked_mapping(data, where, required=("start", "end", "config"), optional=("component",))
         return cls(data["start"], data["end"], data.get("component", "all"),
                    MethodConfig.from_dict(data["config"], f"{where}.config"))
 
@@ -249,29 +247,29 @@ class Recipe:
         for name in ("base", "dtype"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UserError(f"recipe {name} must be a non-empty string, got "
-                                f"{_short(getattr(self, name))}")
+                                f"{short_repr(getattr(self, name))}")
         experts = tuple(self.experts) if isinstance(self.experts, (list, tuple)) else None
         if not experts or not all(isinstance(e, str) and e for e in experts):
             raise UserError(f"recipe experts must be a non-empty list of names, got "
-                            f"{_short(self.experts)}")
+                            f"{short_repr(self.experts)}")
         if len(set(experts)) != len(experts):
             raise UserError(f"recipe experts {list(experts)} name an expert twice")
         if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) \
                 or self.num_layers < 1:
-            raise UserError(f"num_layers must be a positive integer, got {_short(self.num_layers)}")
+            raise UserError(f"num_layers must be a positive integer, got {short_repr(self.num_layers)}")
         if not isinstance(self.outside, MethodConfig):
-            raise UserError(f"recipe outside must be a MethodConfig, got {_short(self.outside)}")
+            raise UserError(f"recipe outside must be a MethodConfig, got {short_repr(self.outside)}")
         if not isinstance(self.groups, (list, tuple)) or \
                 not all(isinstance(g, LayerGroup) for g in self.groups):
             raise UserError(f"recipe groups must be a list of LayerGroup, got "
-                            f"{_short(self.groups)}")
+                            f"{short_repr(self.groups)}")
         refs = self.expert_refs
         if not isinstance(refs, Mapping) or \
                 not all(isinstance(v, str) and v for v in refs.values()):
-            raise UserError(f"expert_refs must map expert names to model paths, got {_short(refs)}")
+            raise UserError(f"expert_refs must map expert names to model paths, got {short_repr(refs)}")
         for name in refs:
             if name not in experts:
-                raise UserError(f"expert_refs names {_short(name)}, which is not one of the "
+                raise UserError(f"expert_refs names {short_repr(name)}, which is not one of the "
                                 f"recipe's experts ({', '.join(experts)})")
         object.__setattr__(self, "experts", experts)
         # Order, identity refs and where a run of equal configs is cut carry no meaning, so
@@ -280,7 +278,7 @@ class Recipe:
             _joined(self.groups), key=lambda g: (g.start, COMPONENTS.index(g.component), g.end))))
         object.__setattr__(self, "expert_refs", {k: v for k, v in refs.items() if k != v})
         self._check_coverage()
-        for where, config in self._configs():
+        for where, config in self.method_configs():
             for name in config.experts:
                 if name not in experts:
                     raise UserError(f"expert {name!r} in the {where} config is not one of the "
@@ -306,7 +304,8 @@ class Recipe:
                                 f"{_runs(gaps)}; every layer needs one (for its norms, and for "
                                 f"attn/mlp tensors without a group of their own)")
 
-    def _configs(self) -> Iterator[tuple[str, MethodConfig]]:
+    def method_configs(self) -> Iterator[tuple[str, MethodConfig]]:
+        """(label, config) of every method config the recipe applies: outside, then each group."""
         yield "outside", self.outside
         for group in self.groups:
             yield group.label, group.config
@@ -357,24 +356,24 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:
-        _mapping(data, "recipe", required=("base", "experts", "num_layers", "groups", "outside"),
+        checked_mapping(data, "recipe", required=("base", "experts", "num_layers", "groups", "outside"),
                  optional=("dtype", "expert_refs"))
         groups = data["groups"]
         if not isinstance(groups, list):
-            raise UserError(f"recipe groups must be a list, got {_short(groups)}")
+            raise UserError(f"recipe groups must be a list, got {short_repr(groups)}")
         return cls(base=data["base"], experts=data["experts"], num_layers=data["num_layers"],
                    groups=tuple(LayerGroup.from_dict(g, f"groups[{i}]")
                                 for i, g in enumerate(groups)),
                    outside=MethodConfig.from_dict(data["outside"], "outside"),
                    dtype=data.get("dtype", "float32"),
-                   expert_refs=_mapping(data.get("expert_refs") or {}, "expert_refs"))
+                   expert_refs=checked_mapping(data.get("expert_refs") or {}, "expert_refs"))
 
     def to_yaml(self) -> str:
-        return _dump_yaml(self.to_dict())
+        return dump_yaml(self.to_dict())
 
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
-        return cls.from_dict(_load_yaml(text, "recipe"))
+        return cls.from_dict(load_yaml(text, "recipe"))
 
     @cached_property
     def hash(self) -> str:
@@ -382,7 +381,7 @@ class Recipe:
         expert_refs are left out), so a recipe moved to another machine keeps its identity and
         seed. Floats count to 12 significant digits, so arithmetic noise is no new candidate."""
         content = {k: v for k, v in self.to_dict().items() if k not in ("base", "expert_refs")}
-        return hashlib.sha256(_canonical_json(content).encode()).hexdigest()[:16]
+        return hashlib.sha256(canonical_json(content).encode()).hexdigest()[:16]
 
     @property
     def seed(self) -> int:
@@ -414,7 +413,7 @@ class Recipe:
         return to_mergekit(self, layout)
 
     def to_mergekit_yaml(self, layout: Layout | None = None) -> str:
-        return _dump_yaml(self.to_mergekit(layout))
+        return dump_yaml(self.to_mergekit(layout))
 
     @classmethod
     def from_mergekit(cls, config: dict[str, Any] | str,
@@ -424,40 +423,6 @@ class Recipe:
         from evomerge.mergekit_config import from_mergekit
 
         return from_mergekit(config, expert_names, num_layers, base=base)
-
-
-def _mapping(data: Any, where: str, required: Sequence[str] = (),
-             optional: Sequence[str] | None = None) -> dict[str, Any]:
-    """``data`` as a dict with string keys; with ``optional`` given, no keys beyond the valid."""
-    if not isinstance(data, dict):
-        raise UserError(f"{where} must be a mapping, got {_short(data)}")
-    for key in data:
-        if not isinstance(key, str):
-            raise UserError(f"{where} has a non-string key {_short(key)}")
-        if optional is not None and key not in required and key not in optional:
-            raise UserError(f"unknown key {key!r} in {where}; valid keys: "
-                            f"{', '.join(sorted([*required, *optional]))}")
-    for key in required:
-        if key not in data:
-            raise UserError(f"{where} is missing {key!r}")
-    return data
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _runs(layers: list[int]) -> str:
@@ -475,29 +440,3 @@ def _mean(values: list[tuple[int, float]]) -> str:
     total = sum(n for n, _ in values)
     mean = sum(n * v for n, v in values) / total
     return f"{'=' if len({v for _, v in values}) == 1 else '≈'}{mean:.2f}"
-
-
-def _canonical_json(data: Any) -> str:
-    def canon(x: Any) -> Any:
-        if isinstance(x, float):
-            return float(f"{x:.12g}") + 0.0  # + 0.0 turns -0.0 into 0.0
-        if isinstance(x, dict):
-            return {k: canon(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [canon(v) for v in x]
-        return x
-    return json.dumps(canon(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _dump_yaml(data: Mapping[str, Any]) -> str:
-    return yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=None, allow_unicode=True)
-
-
-def _load_yaml(text: str, what: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise UserError(f"malformed {what} YAML{at}: {' '.join(problem.split())}") from None

@@ -106,7 +106,7 @@ def _check_rows(recipe: Plan, source_model: torch.nn.Module) -> None:
 
     if isinstance(recipe, LayerPath) or not transposed_weights(source_model):
         return
-    for _, config in recipe._configs():
+    for _, config in recipe.method_configs():
         if registry.method(config.method).reads_rows(config.params):
             raise UserError(f"{config.method} works row by row and {type(source_model).__name__} stores "
                             f"weights transposed (Conv1D), which mergekit would rank as stored rows; "

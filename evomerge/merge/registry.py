@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any, Literal, Mapping
 
 from evomerge.errors import UserError
+from evomerge.serialization import short_repr
 
 
 class MergeParamError(UserError, ValueError):
@@ -91,7 +92,7 @@ class Param:
         check (:func:`resolve`), where the message can name the expert."""
         if self.kind == "bool":
             if not isinstance(value, bool):
-                raise MergeParamError(f"{where} must be true or false, got {_short(value)}")
+                raise MergeParamError(f"{where} must be true or false, got {short_repr(value)}")
             return value
         if isinstance(value, str):
             try:
@@ -101,7 +102,7 @@ class Param:
         if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
             value = value.item()  # a 0-d tensor or numpy scalar
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise MergeParamError(f"{where} must be a finite number, got {_short(value)}")
+            raise MergeParamError(f"{where} must be a finite number, got {short_repr(value)}")
         return float(value)
 
 
@@ -469,7 +470,7 @@ def _floats(raw: Any) -> float | list[float]:
         return float(raw)
     if isinstance(raw, (list, tuple)):
         return [float(v) for v in raw]
-    raise MergeParamError(f"per-expert value {_short(raw)} is neither a number nor one number per expert")
+    raise MergeParamError(f"per-expert value {short_repr(raw)} is neither a number nor one number per expert")
 
 
 def _labels(spec: MethodSpec, params: MergeParams, experts: Sequence[str] | int | None) -> list[str] | None:
@@ -544,8 +545,3 @@ def resolve(method: str, params: MergeParams, experts: Sequence[str] | int | Non
 def validate(method: str, params: MergeParams, experts: Sequence[str] | int | None = None) -> None:
     """Raise :class:`MergeParamError` (a ValueError) naming the first value ``method`` cannot use."""
     resolve(method, params, experts)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
