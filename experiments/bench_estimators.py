@@ -44,7 +44,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from evomerge.config import FitnessConfig
-from evomerge.fitness import Evaluation, Evaluator
+from evomerge.fitness.evaluator import Evaluation, Evaluator
 from evomerge.fitness.estimators import make_estimator
 from evomerge.merge.engine import Merger
 from evomerge.pool import ModelPool

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from bench_estimators import forced_answers, matrix  # this folder: run as a script
 
-from evomerge.fitness import Evaluation
+from evomerge.fitness.evaluator import Evaluation
 from evomerge.zoo.build import cache_dir
 
 PROBES = 9  # base, 4 experts, 4 probe merges: the cache's first rows, as bench_estimators writes them

@@ -59,7 +59,7 @@ def test_exported_model_scores_what_the_archive_says(zoo_run, zoo, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.config import FitnessConfig
-    from evomerge.fitness import Evaluator
+    from evomerge.fitness.evaluator import Evaluator
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merge" / "model")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merge" / "model")

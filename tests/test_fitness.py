@@ -13,7 +13,7 @@ import torch
 
 from evomerge.config import FitnessConfig, compose, parse, read_config
 from evomerge.errors import UserError
-from evomerge.fitness import Evaluation, Evaluator
+from evomerge.fitness.evaluator import Evaluation, Evaluator
 from evomerge.fitness.estimators import fit_ability, fit_irt, make_estimator
 from evomerge.fitness.evaluator import expected_calibration_error
 from evomerge.fitness.native import generate, perplexity

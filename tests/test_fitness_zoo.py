@@ -4,7 +4,7 @@ lm-eval's per-item results on a real BPE tokenizer and real merges."""
 import pytest
 
 from evomerge.config import FitnessConfig
-from evomerge.fitness import Evaluator
+from evomerge.fitness.evaluator import Evaluator
 from evomerge.fitness.tasks import TaskSuite
 from evomerge.zoo.card import task_arithmetic
 from evomerge.zoo.tasks import task_name

@@ -1,9 +1,5 @@
 """Fitness: lm-eval tasks scored on a resident model, objectives, and estimators that rank
-candidates like a full evaluation at a fraction of its cost."""
+candidates like a full evaluation at a fraction of its cost.
 
-from evomerge.fitness.estimators import ESTIMATORS
-from evomerge.fitness.evaluator import OBJECTIVES, Evaluation, Evaluator
-from evomerge.fitness.objectives import Objective, hypervolume, minimized_matrix
-
-__all__ = ["ESTIMATORS", "OBJECTIVES", "Evaluation", "Evaluator", "Objective",
-           "hypervolume", "minimized_matrix"]
+Import the modules themselves (``evomerge.fitness.evaluator``, ``.objectives``, ...): this
+package loads none of them, so reading objectives from a run folder does not load torch."""

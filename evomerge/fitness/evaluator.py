@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from evomerge.config import OBJECTIVES, FitnessConfig
+from evomerge.config import FitnessConfig
 from evomerge.errors import UserError
 from evomerge.fitness.estimators import make_estimator
 from evomerge.fitness.native import pad_id, perplexity

@@ -106,7 +106,7 @@ def resumed_config(run: RunDir) -> dict[str, Any]:
 
 class Search:
     def __init__(self, settings: Settings, log: Log = _stderr, *, hooks: SearchHooks | None = None) -> None:
-        from evomerge.fitness import Evaluator
+        from evomerge.fitness.evaluator import Evaluator
 
         self.settings = settings
         self.log = log

@@ -23,7 +23,7 @@ from evomerge.errors import UserError
 from evomerge.search.hooks import SearchHooks
 
 if TYPE_CHECKING:
-    from evomerge.fitness import Evaluation
+    from evomerge.fitness.evaluator import Evaluation
     from evomerge.layer_path import Plan
 
 
@@ -83,7 +83,7 @@ class MergeWorker:
     def __init__(self, spec: WorkerSpec, name: str) -> None:
         import torch
 
-        from evomerge.fitness import Evaluator
+        from evomerge.fitness.evaluator import Evaluator
         from evomerge.merge.engine import Merger
         from evomerge.merge.memory import delta_format
         from evomerge.pool import ModelPool

@@ -285,7 +285,7 @@ def probe_population(settings, scorer: Scorer, path: Path, log: Log) -> None:
         return
     from transformers import AutoTokenizer
 
-    from evomerge.fitness import Evaluation, Evaluator
+    from evomerge.fitness.evaluator import Evaluation, Evaluator
     from evomerge.pool import resolve
     from evomerge.space import SearchSpace
 
