@@ -34,6 +34,12 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
+def merged_output(base: Tensor, out: Tensor | None) -> Tensor:
+    """Where a method writes its merged tensor: ``out`` when the caller gives one (the resident
+    model's weight, merged in place), else a new tensor like ``base``. One rule for every method."""
+    return torch.empty(base.shape, dtype=base.dtype, device=base.device) if out is None else out
+
+
 def weight_total(weight: Tensor) -> Tensor:
     """Sum of weights as a divisor, 1 where it vanishes (mergekit's guard against dividing by 0)."""
     total = weight.sum(0)

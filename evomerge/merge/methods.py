@@ -34,7 +34,8 @@ from torch import Tensor
 
 from evomerge.merge.draws import DRAW_STEPS, Grid, draw_keys
 from evomerge.merge.kernels import (
-    Combination, KeepRule, combine, consensus_slab, elementwise, magmax_slab, merge_kept, weight_total, work_dtype)
+    Combination, KeepRule, combine, consensus_slab, elementwise, magmax_slab, merge_kept, merged_output, weight_total,
+    work_dtype)
 from evomerge.merge.registry import METHODS, MergeParamError, MergeParams, TaskArithmeticVariant, resolve
 from evomerge.merge.stats import MagnitudeStats, l1_norms, magnitude_cuts, rank_width, ranked_l1_norms, row_ranks
 
@@ -119,16 +120,12 @@ def generalized_task_arithmetic(variant: TaskArithmeticVariant, base: Tensor, de
         weight=torch.tensor(params.weight, dtype=work, device=base.device)[:, None, None],
         lam=torch.tensor(params.lambda_, dtype=work, device=base.device), elect=variant.elect_sign,
         normalize=params.normalize, norms=norms, ranked_norms=ranked_norms)
-    merged = _output(base, out)
+    merged = merged_output(base, out)
     merge_kept(deltas.reshape(count, -1, width), base.reshape(-1, width), rule, combination, merged.view(-1, width))
     return merged
 
 
 # --- methods -----------------------------------------------------------------------------------
-
-
-def _output(base: Tensor, out: Tensor | None) -> Tensor:
-    return torch.empty(base.shape, dtype=base.dtype, device=base.device) if out is None else out
 
 
 def _stack(deltas: Tensor) -> Tensor:
@@ -141,7 +138,7 @@ def linear(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.G
     arXiv:2203.05482): fine-tunes of one base stay in one loss basin, so averaging them keeps
     each one's gains; the baseline every other method must beat."""
     weight = params.weight
-    merged = _output(base, out)
+    merged = merged_output(base, out)
     if params.normalize:
         total = math.fsum(weight)
         combine(base.reshape(-1), _stack(deltas), 1.0, [w / total for w in weight], merged.view(-1))
@@ -176,7 +173,7 @@ def slerp(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Ge
     sin_theta = torch.sin(theta)
     start_coef = torch.where(nearly_parallel, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     end_coef = torch.where(nearly_parallel, t, torch.sin(t * theta) / sin_theta)
-    merged = _output(base, out)
+    merged = merged_output(base, out)
     # start_coef * base + end_coef * (base + delta)
     combine(base.reshape(-1), _stack(deltas), float(start_coef + end_coef), [float(end_coef)], merged.view(-1))
     return merged
@@ -203,7 +200,7 @@ def model_stock(base: Tensor, deltas: Tensor, params: MergeParams, generator: to
     denominator = 1 + (count - 1) * mean_cos
     singular = denominator.abs() < 1e-6
     ratio = torch.where(singular, 0.0, count * mean_cos / torch.where(singular, 1.0, denominator))
-    merged = _output(base, out)
+    merged = merged_output(base, out)
     if filter_wise:
         step = ratio[:, None] * rows.mean(0)
         merged.copy_(base.to(work) + step.reshape(base.shape))
@@ -220,7 +217,7 @@ def magmax(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.G
     work = work_dtype(base.dtype)
     weight = torch.tensor(params.weight, dtype=work, device=base.device)
     lam = torch.tensor(params.lambda_, dtype=work, device=base.device)
-    merged = _output(base, out)
+    merged = merged_output(base, out)
     elementwise(magmax_slab, base.reshape(-1), _stack(deltas), merged.view(-1), weight[:, None], lam)
     return merged
 
@@ -237,7 +234,7 @@ def consensus(base: Tensor, deltas: Tensor, params: MergeParams, generator: torc
     weight = torch.tensor(params.weight, dtype=work, device=base.device)
     divisor = weight_total(weight) if params.normalize else torch.ones((), dtype=work)
     scalar = lambda value: torch.tensor(value, dtype=work, device=base.device)  # noqa: E731
-    merged = _output(base, out)
+    merged = merged_output(base, out)
     elementwise(consensus_slab, base.reshape(-1), _stack(deltas), merged.view(-1), weight[:, None],
                 scalar(params.lambda_), scalar(params.lambda_tall), scalar(params.k), divisor.to(base.device))
     return merged
@@ -260,7 +257,7 @@ def lines(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Ge
         divisor = 1.0 if abs(total) < 1e-8 else total
     alpha = 1 / deltas.shape[0] if params.alpha is None else params.alpha
     scale = (alpha + params.beta * params.layer_fraction) / divisor
-    merged = _output(base, out)
+    merged = merged_output(base, out)
     combine(base.reshape(-1), _stack(deltas), 1.0, [w * scale for w in weight], merged.view(-1))
     return merged
 
@@ -298,7 +295,7 @@ def cabs(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Gen
         mask = torch.zeros_like(taken).view(-1, block).scatter_(1, top.indices, top.values > -math.inf).view(-1)
         taken |= mask
         update += (weight * params.lambda_) * delta.to(work) * mask[:numel]
-    merged = _output(base, out)
+    merged = merged_output(base, out)
     merged.copy_((base.reshape(-1).to(work) + update).view(base.shape))
     return merged
 

@@ -26,8 +26,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from evomerge.merge.kernels import combine, work_dtype
-from evomerge.merge.methods import _output  # one rule for where a merged tensor goes
+from evomerge.merge.kernels import combine, merged_output, work_dtype
 from evomerge.merge.registry import MergeParams
 
 
@@ -102,14 +101,14 @@ def _is_block_matrix(base: Tensor, params: MergeParams) -> bool:
 
 def _write(base: Tensor, update: Tensor, out: Tensor | None) -> Tensor:
     """base + update, in the base's dtype, into ``out`` when given."""
-    merged = _output(base, out)
+    merged = merged_output(base, out)
     merged.copy_(base.to(update.dtype) + update)
     return merged
 
 
 def _task_arithmetic(base: Tensor, deltas: Tensor, coefficients: list[float], out: Tensor | None) -> Tensor:
     """base + sum_i c_i delta_i: the fallback outside the block matrices."""
-    merged = _output(base, out)
+    merged = merged_output(base, out)
     combine(base.reshape(-1), deltas.reshape(deltas.shape[0], -1), 1.0, coefficients, merged.view(-1))
     return merged
 
