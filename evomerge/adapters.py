@@ -19,6 +19,7 @@ import torch
 
 from evomerge.errors import UserError
 from evomerge.merge.factored import Delta, LowRank
+from evomerge.model_files import safetensors_shapes, unique_parameters
 
 ADAPTER_CONFIG = "adapter_config.json"
 _ADAPTER = "default"  # the name PeftModel.from_pretrained gives the one adapter it loads
@@ -51,8 +52,6 @@ def inspect_adapter(ref: str, folder: Path, *, allow_pickle: bool = False) -> Ad
                         f"({_first_line(error)})") from None
     weights = folder / "adapter_model.safetensors"
     if weights.is_file():
-        from evomerge.pool import safetensors_shapes
-
         shapes = safetensors_shapes(weights)
     elif (folder / "adapter_model.bin").is_file():
         if not allow_pickle:
@@ -137,8 +136,6 @@ def adapter_deltas(adapter: AdapterInfo, fresh_base: Callable[[], torch.nn.Modul
     to wrap (and merge into); ``base`` holds the base's unique parameters to subtract."""
     from peft import PeftModel
     from peft.tuners.lora.layer import Linear as LoraLinear
-
-    from evomerge.pool import unique_parameters
 
     try:
         wrapped = PeftModel.from_pretrained(fresh_base(), str(adapter.folder), adapter_name=_ADAPTER)

@@ -25,7 +25,8 @@ import torch
 from evomerge.config import Config, read_config
 from evomerge.errors import UserError
 from evomerge.adapters import lora_factors
-from evomerge.pool import folder_header, header_shapes, local_ref, stored_dtype
+from evomerge.model_files import folder_header, header_shapes, stored_dtype
+from evomerge.pool import local_ref
 from evomerge.merge.memory import (SMALLER_FORMATS, Adapter, Architecture, Fit, MemoryPlan, delta_format,
                                    dtype_name, fit_delta_format, format_name, pool_loading_bytes,
                                    size_text)

@@ -10,12 +10,11 @@ can run arbitrary code when loaded.
 from __future__ import annotations
 
 import json
-import struct
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -26,6 +25,7 @@ from evomerge.errors import UserError
 from evomerge.merge.memory import DeltaFormat, delta_format
 from evomerge.merge.factored import LowRank
 from evomerge.merge.quantized import QuantizedStack
+from evomerge.model_files import folder_header, folder_shapes, stored_dtype, unique_parameters
 
 Delta = torch.Tensor | LowRank | QuantizedStack
 """One expert's task vector for one tensor as a pool holds it: dense (in the pool's delta
@@ -84,57 +84,6 @@ def _download(hub_id: str, *, allow_pickle: bool) -> Path:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"hub id {hub_id!r} could not be fetched ({reason}); "
                         f"pass a local model folder or .gguf file instead") from None
-
-
-_HEADER_LIMIT = 100 * 2**20  # a larger header is a corrupt file, not a model
-
-
-def safetensors_header(path: Path) -> dict[str, dict]:
-    """Each tensor's header entry (``dtype``, ``shape``, ``data_offsets``) of one safetensors
-    file, reading only the header's bytes: the one reader of them (the mergeability check,
-    adapters, the memory plan, whose header-only fixtures have no weights behind the header)."""
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        if not 0 < length <= _HEADER_LIMIT:
-            raise UserError(f"{path} is not a safetensors file (its first 8 bytes give no header length)")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError:
-            raise UserError(f"{path} has a corrupt safetensors header (not JSON)") from None
-    return {name: entry for name, entry in header.items() if name != "__metadata__"}
-
-
-def header_shapes(entries: Mapping[str, dict]) -> dict[str, tuple[int, ...]]:
-    """Each tensor's shape from its safetensors header entry."""
-    return {name: tuple(int(n) for n in entry["shape"]) for name, entry in entries.items()}
-
-
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    return header_shapes(safetensors_header(path))
-
-
-def folder_header(folder: Path) -> dict[str, dict]:
-    """Every tensor's header entry in a folder's safetensors files (shards merged)."""
-    entries: dict[str, dict] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        entries.update(safetensors_header(file))
-    return entries
-
-
-def folder_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape in a folder's safetensors files (shards merged), headers only."""
-    return header_shapes(folder_header(folder))
-
-
-_STORED_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def stored_dtype(names: Iterable[str]) -> torch.dtype:
-    """The float dtype weights are stored in, from their safetensors dtype names (the widest if
-    they differ); float32 when none is a float (nothing known: GGUF, pickles)."""
-    found = [_STORED_FLOATS[n] for n in names if n in _STORED_FLOATS]
-    return max(found, key=lambda d: d.itemsize, default=torch.float32)
 
 
 def _load_dtype(ref: str, *, allow_pickle: bool) -> torch.dtype:
@@ -242,11 +191,6 @@ def load_model(ref: str, *, dtype: torch.dtype = torch.float32, allow_pickle: bo
 def _is_gguf(ref: str) -> bool:
     path = Path(ref).expanduser()
     return path.suffix == ".gguf" and path.is_file()
-
-
-def unique_parameters(model) -> dict[str, torch.Tensor]:
-    """Named parameters with tied tensors listed once: merging a tied tensor twice is wasted work."""
-    return {name: param.detach() for name, param in model.named_parameters()}
 
 
 class ModelPool:

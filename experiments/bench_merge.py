@@ -60,7 +60,8 @@ import torch
 
 from evomerge.merge.engine import Merger
 from evomerge.merge.export import export
-from evomerge.pool import ModelPool, unique_parameters
+from evomerge.model_files import unique_parameters
+from evomerge.pool import ModelPool
 from evomerge.merge.registry import METHODS
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 

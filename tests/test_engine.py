@@ -11,7 +11,8 @@ from evomerge.errors import UserError
 from evomerge.merge.engine import MemoryPlan, Merger, check_fits, tensor_seed
 from evomerge.merge.methods import merge_tensor
 from evomerge.merge.registry import METHODS, MergeParams
-from evomerge.pool import ModelPool, load_model, unique_parameters
+from evomerge.model_files import unique_parameters
+from evomerge.pool import ModelPool, load_model
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 
 torch.set_num_threads(1)

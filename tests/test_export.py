@@ -12,7 +12,8 @@ import yaml
 from evomerge.errors import UserError
 from evomerge.merge.engine import Merger
 from evomerge.merge.export import export
-from evomerge.pool import ModelPool, unique_parameters
+from evomerge.model_files import unique_parameters
+from evomerge.pool import ModelPool
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from evomerge.config import compose
 from evomerge.errors import UserError
 from evomerge.merge.memory import Adapter, lora_factor_bytes, parse_size
 from evomerge.plan import plan_search, planned_config
-from evomerge.pool import safetensors_shapes
+from evomerge.model_files import safetensors_shapes
 from hub_fixtures import LLAMA_7B, LLAMA_70B, linear_shapes, write_header, write_lora, write_model
 
 TINY = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_hidden_layers": 2, "intermediate_size": 12,

@@ -128,7 +128,7 @@ def test_a_bfloat16_checkpoint_loads_as_stored_and_merges_as_in_float32(pico_zoo
     from transformers import AutoModelForCausalLM
 
     from evomerge.merge.engine import Merger
-    from evomerge.pool import folder_header, stored_dtype
+    from evomerge.model_files import folder_header, stored_dtype
     from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 
     refs = {}

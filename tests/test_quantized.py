@@ -14,7 +14,8 @@ from evomerge.merge import quantized
 from evomerge.merge.engine import Merger, delta_format
 from evomerge.merge.quantized import GROUP, QuantizedStack, levels, quantized_bytes
 from evomerge.merge.registry import METHODS
-from evomerge.pool import ModelPool, unique_parameters
+from evomerge.model_files import unique_parameters
+from evomerge.pool import ModelPool
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 
 torch.set_num_threads(1)

@@ -39,7 +39,8 @@ from evomerge.merge.quantized import GROUP, QuantizedStack, quantized_bytes
 from evomerge.merge.registry import MergeParams
 from evomerge.merge.stats import DeltaStats
 from evomerge.architecture import transposed_weights
-from evomerge.pool import ModelPool, unique_parameters
+from evomerge.model_files import unique_parameters
+from evomerge.pool import ModelPool
 from evomerge.recipe import MethodConfig, Recipe
 
 # Methods that are base plus a fixed combination of task vectors: one BLAS pass (kernels.combine).
