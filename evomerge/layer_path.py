@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Mapping, Union
 
-from evomerge.architecture import Layout, llama_layout
 from evomerge.errors import UserError
 from evomerge.recipe import Recipe
 from evomerge.serialization import canonical_json, checked_mapping, dump_yaml, load_yaml, short_repr
@@ -158,43 +157,6 @@ class LayerPath:
 
     def summary(self) -> str:
         return summary_line([s.to_dict() for s in self.slices], self.outside)
-
-    # --- mergekit --------------------------------------------------------------------------------
-    def to_mergekit(self, layout: Layout | None = None) -> dict[str, Any]:
-        """A mergekit ``passthrough`` config stacking the same slices, each slice's scales folded
-        into its residual writes (``scale`` filtered on ``layout``'s writers, by default Llama's
-        o_proj and down_proj: scaling the hidden state entering a block by s equals, in a pre-norm
-        transformer and up to the norms' epsilon, scaling these writes of that block and every later
-        one by 1/s). mergekit takes the
-        embeddings from the first slice's model and the final norm and head from the last one's,
-        so a path whose outside source differs cannot be expressed; nor can a path through the PS
-        merge, which is no model on disk."""
-        if MERGE in {s.source for s in self.slices} | {self.outside}:
-            raise UserError("the path runs through the parameter-space merge, which mergekit would have to "
-                            "build first: export that recipe, then stack its folder")
-        if self.slices[0].source != self.outside or self.slices[-1].source != self.outside:
-            raise UserError(f"mergekit takes the embeddings from the first slice's model "
-                            f"({self.slices[0].source}) and the head from the last one's ({self.slices[-1].source}); "
-                            f"this path takes both from {self.outside}")
-        layout = layout or llama_layout(self.num_layers)
-        writers = layout.writers()
-        from evomerge.mergekit_config import check_mergekit_knows, mergekit_model
-
-        check_mergekit_knows(layout)
-        refs = {BASE: self.base, **{e: mergekit_model(self.expert_refs.get(e, e), self.base) for e in self.experts}}
-        out, total = [], 1.0
-        for piece in self.slices:
-            total *= piece.scale
-            source: dict[str, Any] = {"model": refs[piece.source], "layer_range": [piece.start, piece.end]}
-            if total != 1.0:
-                fold = float(f"{1 / total:.12g}")
-                source["parameters"] = {"scale": [{"filter": mark, "value": fold}
-                                                  for mark in writers] + [{"value": 1.0}]}
-            out.append({"sources": [source]})
-        return {"slices": out, "merge_method": "passthrough", "dtype": self.dtype}
-
-    def to_mergekit_yaml(self, layout: Layout | None = None) -> str:
-        return dump_yaml(self.to_mergekit(layout))
 
 
 def summary_line(slices: list[Mapping[str, Any]], outside: str) -> str:

@@ -22,8 +22,9 @@ from evomerge.architecture import Layout, llama_layout
 from evomerge.errors import UserError
 from evomerge.merge import registry
 from evomerge.merge.registry import Param
+from evomerge.layer_path import BASE, MERGE, LayerPath, Plan
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
-from evomerge.serialization import checked_mapping, load_yaml, short_repr
+from evomerge.serialization import checked_mapping, dump_yaml, load_yaml, short_repr
 
 # Top-level keys that do not change merged weights of same-vocabulary models (evomerge's pools
 # require one vocabulary), and a parameter that only changes how masks are stored.
@@ -40,7 +41,51 @@ _PRE_WEIGHTS = ("model.embed_tokens.weight",)
 _POST_WEIGHTS = ("model.norm.weight", "lm_head.weight")
 
 
-def to_mergekit(recipe: Recipe, layout: Layout | None = None) -> dict[str, Any]:
+def to_mergekit(plan: Plan, layout: Layout | None = None) -> dict[str, Any]:
+    """A mergekit config doing the same merge as a recipe or a layer path on a model of
+    ``layout`` (default: Llama names)."""
+    if isinstance(plan, LayerPath):
+        return _path_to_mergekit(plan, layout)
+    return _recipe_to_mergekit(plan, layout)
+
+
+def to_mergekit_yaml(plan: Plan, layout: Layout | None = None) -> str:
+    return dump_yaml(to_mergekit(plan, layout))
+
+
+def _path_to_mergekit(path: LayerPath, layout: Layout | None = None) -> dict[str, Any]:
+    """A mergekit ``passthrough`` config stacking the same slices, each slice's scales folded
+    into its residual writes (``scale`` filtered on ``layout``'s writers, by default Llama's
+    o_proj and down_proj: scaling the hidden state entering a block by s equals, in a pre-norm
+    transformer and up to the norms' epsilon, scaling these writes of that block and every later
+    one by 1/s). mergekit takes the
+    embeddings from the first slice's model and the final norm and head from the last one's,
+    so a path whose outside source differs cannot be expressed; nor can a path through the PS
+    merge, which is no model on disk."""
+    if MERGE in {s.source for s in path.slices} | {path.outside}:
+        raise UserError("the path runs through the parameter-space merge, which mergekit would have to "
+                        "build first: export that recipe, then stack its folder")
+    if path.slices[0].source != path.outside or path.slices[-1].source != path.outside:
+        raise UserError(f"mergekit takes the embeddings from the first slice's model "
+                        f"({path.slices[0].source}) and the head from the last one's ({path.slices[-1].source}); "
+                        f"this path takes both from {path.outside}")
+    layout = layout or llama_layout(path.num_layers)
+    writers = layout.writers()
+    check_mergekit_knows(layout)
+    refs = {BASE: path.base, **{e: mergekit_model(path.expert_refs.get(e, e), path.base) for e in path.experts}}
+    out, total = [], 1.0
+    for piece in path.slices:
+        total *= piece.scale
+        source: dict[str, Any] = {"model": refs[piece.source], "layer_range": [piece.start, piece.end]}
+        if total != 1.0:
+            fold = float(f"{1 / total:.12g}")
+            source["parameters"] = {"scale": [{"filter": mark, "value": fold}
+                                              for mark in writers] + [{"value": 1.0}]}
+        out.append({"sources": [source]})
+    return {"slices": out, "merge_method": "passthrough", "dtype": path.dtype}
+
+
+def _recipe_to_mergekit(recipe: Recipe, layout: Layout | None = None) -> dict[str, Any]:
     """A mergekit config doing the same merge: the ``models`` form when every block shares
     one layout, else one slice per run of layers between group boundaries. attn/mlp and
     outside values become ``filter`` lists (mergekit takes embeddings' parameters from the

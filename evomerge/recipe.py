@@ -16,14 +16,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from evomerge.errors import UserError
 from evomerge.merge import registry
 from evomerge.serialization import canonical_json, checked_mapping, dump_yaml, load_yaml, short_repr
-
-if TYPE_CHECKING:
-    from evomerge.architecture import Layout
 
 COMPONENTS = ("all", "attn", "mlp")
 
@@ -402,27 +399,6 @@ class Recipe:
                 parts.append(" ".join([name, *shown]))
         count = len(self.groups)
         return " · ".join(parts + [f"{count} layer group{'s' * (count != 1)}"])
-
-    # --- mergekit --------------------------------------------------------------------------------
-
-    def to_mergekit(self, layout: Layout | None = None) -> dict[str, Any]:
-        """A mergekit config doing the same merge on a model of ``layout`` (default: Llama names;
-        see :func:`mergekit_config.to_mergekit`)."""
-        from evomerge.mergekit_config import to_mergekit
-
-        return to_mergekit(self, layout)
-
-    def to_mergekit_yaml(self, layout: Layout | None = None) -> str:
-        return dump_yaml(self.to_mergekit(layout))
-
-    @classmethod
-    def from_mergekit(cls, config: dict[str, Any] | str,
-                      expert_names: Mapping[str, str] | None = None,
-                      num_layers: int | None = None, *, base: str | None = None) -> Recipe:
-        """The recipe a mergekit config amounts to (see :func:`mergekit_config.from_mergekit`)."""
-        from evomerge.mergekit_config import from_mergekit
-
-        return from_mergekit(config, expert_names, num_layers, base=base)
 
 
 def _runs(layers: list[int]) -> str:

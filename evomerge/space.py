@@ -22,6 +22,7 @@ from evomerge.config import SpaceConfig
 from evomerge.errors import UserError
 from evomerge.merge import registry
 from evomerge.merge.registry import Param
+from evomerge.mergekit_config import from_mergekit
 from evomerge.path_space import PathSpace
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 
@@ -263,7 +264,7 @@ class SearchSpace:
         data = yaml.safe_load(text)
         if isinstance(data, Mapping) and "merge_method" in data:
             refs = {name: ref for name, ref in (self.expert_refs or {e: e for e in self.experts}).items()}
-            recipe = Recipe.from_mergekit(data, num_layers=self.num_layers)
+            recipe = from_mergekit(data, num_layers=self.num_layers)
             # mergekit names experts by path: map them onto the space's expert names.
             by_ref = {ref: name for name, ref in {e: refs.get(e, e) for e in self.experts}.items()}
             rename = {old: by_ref.get(recipe.expert_refs.get(old, old), old) for old in recipe.experts}

@@ -20,6 +20,7 @@ from evomerge.architecture import layout_of, transposed_weights
 from evomerge.errors import UserError
 from evomerge.merge.engine import Merger
 from evomerge.merge.export import export
+from evomerge.mergekit_config import to_mergekit
 from evomerge.pool import ModelPool
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 from evomerge.zoo.pico import char_tokenizer
@@ -236,7 +237,7 @@ def test_post_norm_opt_refuses_the_dataflow_fold(pools, tmp_path):
     assert layout.blocks == "model.decoder.layers" and layout.in_block_mark == "layers."
     with pytest.raises(UserError, match=r"opt with do_layer_norm_before=false normalizes after the residual add.*"
                                         r"space.kind=params") as info:
-        LayerPath("base", EXPERTS, LAYERS, (Slice("a", 0, 2, 0.5),), "a").to_mergekit(layout)
+        to_mergekit(LayerPath("base", EXPERTS, LAYERS, (Slice("a", 0, 2, 0.5),), "a"), layout)
     assert "\n" not in str(info.value)
 
 
@@ -253,7 +254,7 @@ def test_a_non_llama_path_folds_its_scales(pools, tmp_path):
     with torch.no_grad():
         hooked, flat = path_model(path, sources)(ids).logits, folded(path, sources)(ids).logits
     torch.testing.assert_close(flat, hooked, rtol=0, atol=1e-4)
-    scale = path.to_mergekit(merger.layout)["slices"][1]["sources"][0]["parameters"]["scale"]
+    scale = to_mergekit(path, merger.layout)["slices"][1]["sources"][0]["parameters"]["scale"]
     assert [(c.get("filter"), c["value"]) for c in scale] == [
         ("attention.dense", pytest.approx(1 / 0.75)), ("dense_4h_to_h", pytest.approx(1 / 0.75)), (None, 1.0)]
 

@@ -15,6 +15,7 @@ from evomerge.errors import UserError
 from evomerge.layer_path import LayerPath, Slice, plan_from_dict
 from evomerge.merge.engine import Merger
 from evomerge.merge.export import export
+from evomerge.mergekit_config import to_mergekit
 from evomerge.merge.path_model import PathSources, folded, path_model
 from evomerge.path_space import PathSpace
 from evomerge.pool import ModelPool
@@ -63,7 +64,7 @@ def test_a_bad_path_is_a_one_line_error(change, message):
 
 def test_mergekit_config_folds_the_scales_or_says_why_it_cannot():
     p = path(Slice("add", 0, 3, 1.25), Slice("sort", 1, 2, 0.5), Slice("add", 2, 4), outside="add")
-    config = p.to_mergekit()
+    config = to_mergekit(p)
     assert config["merge_method"] == "passthrough"
     assert [s["sources"][0]["layer_range"] for s in config["slices"]] == [[0, 3], [1, 2], [2, 4]]
     # cumulative: 1.25, then 1.25 * 0.5; the residual writes are divided by it
@@ -72,11 +73,11 @@ def test_mergekit_config_folds_the_scales_or_says_why_it_cannot():
     assert folds == [{"o_proj": 0.8, "down_proj": 0.8}, {"o_proj": 1.6, "down_proj": 1.6},
                      {"o_proj": 1.6, "down_proj": 1.6}]
     with pytest.raises(UserError, match=r"embeddings from the first slice's model \(add\).*head from the last"):
-        path(Slice("add", 0, 4), Slice("sort", 3, 4), outside="add").to_mergekit()
+        to_mergekit(path(Slice("add", 0, 4), Slice("sort", 3, 4), outside="add"))
     merge = Recipe.uniform("base", EXPERTS, 4, MethodConfig("task_arithmetic", {e: ExpertParams(weight=0.5)
                                                                                 for e in EXPERTS}))
     with pytest.raises(UserError, match="runs through the parameter-space merge"):
-        path(Slice("merge", 0, 4), outside="merge", merge=merge).to_mergekit()
+        to_mergekit(path(Slice("merge", 0, 4), outside="merge", merge=merge))
 
 
 # --- models ------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import yaml
 
 from evomerge.errors import UserError
 from evomerge.architecture import LLAMA_STYLE
+from evomerge.mergekit_config import from_mergekit, to_mergekit, to_mergekit_yaml
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 
 EXPERTS = ("add", "reverse")
@@ -222,7 +223,7 @@ def test_summary():
 # --- mergekit export -----------------------------------------------------------------------------
 
 def test_uniform_ties_to_mergekit():
-    assert uniform().to_mergekit() == {
+    assert to_mergekit(uniform()) == {
         "merge_method": "ties",
         "base_model": "/zoo/base",
         "dtype": "float32",
@@ -232,11 +233,11 @@ def test_uniform_ties_to_mergekit():
             {"model": "/zoo/reverse", "parameters": {"weight": 0.3, "density": 0.5}},
         ],
     }
-    assert yaml.safe_load(uniform().to_mergekit_yaml()) == uniform().to_mergekit()
+    assert yaml.safe_load(to_mergekit_yaml(uniform())) == to_mergekit(uniform())
 
 
 def test_layerwise_to_mergekit_uses_slices_and_filters():
-    config = layerwise().to_mergekit()
+    config = to_mergekit(layerwise())
     assert "models" not in config and "parameters" not in config
     first, second = config["slices"]
     assert [s["layer_range"] for s in first["sources"]] == [[0, 2]] * 3
@@ -253,25 +254,25 @@ def test_layerwise_to_mergekit_uses_slices_and_filters():
 
 def test_to_mergekit_writes_required_keys_and_those_off_the_default():
     della = MethodConfig("della", {"add": ExpertParams(weight=0.5, density=0.7)})
-    config = Recipe.uniform("base", ["add"], 2, della).to_mergekit()
+    config = to_mergekit(Recipe.uniform("base", ["add"], 2, della))
     assert config["models"][1]["parameters"] == {"weight": 0.5, "density": 0.7}
     wide = MethodConfig("della", {"add": ExpertParams(weight=0.5, density=0.7, epsilon=0.1)}, normalize=False)
-    config = Recipe.uniform("base", ["add"], 2, wide).to_mergekit()
+    config = to_mergekit(Recipe.uniform("base", ["add"], 2, wide))
     assert config["models"][1]["parameters"] == {"weight": 0.5, "density": 0.7, "epsilon": 0.1}
     assert config["parameters"] == {"normalize": False}
     slerp = MethodConfig("slerp", {"add": ExpertParams()})
-    assert Recipe.uniform("base", ["add"], 2, slerp).to_mergekit()["parameters"] == {"t": 0.5}
+    assert to_mergekit(Recipe.uniform("base", ["add"], 2, slerp))["parameters"] == {"t": 0.5}
     linear = MethodConfig("linear", {"add": ExpertParams(weight=0.4), "reverse": ExpertParams(weight=0.6)})
-    config = Recipe.uniform("base", EXPERTS, 2, linear).to_mergekit()
+    config = to_mergekit(Recipe.uniform("base", EXPERTS, 2, linear))
     assert "base_model" not in config and [m["model"] for m in config["models"]] == list(EXPERTS)
-    back = Recipe.from_mergekit(config, num_layers=2, base="base")
+    back = from_mergekit(config, num_layers=2, base="base")
     assert back == Recipe.uniform("base", EXPERTS, 2, linear)
 
 
 def test_mixed_methods_cannot_go_to_mergekit():
     dare = MethodConfig("dare_ties", {"add": ExpertParams(), "reverse": ExpertParams()})
     recipe = replace(layerwise(), groups=layerwise().groups[:3] + (LayerGroup(2, 4, "mlp", dare),))
-    message = raises_one_line("one merge_method", recipe.to_mergekit)
+    message = raises_one_line("one merge_method", lambda: to_mergekit(recipe))
     assert r"dare_ties for mlp layers [2, 4)" in message and "ties for outside" in message
 
 
@@ -282,7 +283,7 @@ def test_mixed_methods_cannot_go_to_mergekit():
      r"all layers \[0, 2\) merges \['add', 'reverse'\] and outside merges \['add'\]"),
 ])
 def test_inexpressible_recipes_say_what(recipe, match):
-    raises_one_line(match, recipe.to_mergekit)
+    raises_one_line(match, lambda: to_mergekit(recipe))
 
 
 # --- mergekit import -----------------------------------------------------------------------------
@@ -290,8 +291,8 @@ def test_inexpressible_recipes_say_what(recipe, match):
 @pytest.mark.parametrize("make", [uniform, layerwise])
 def test_mergekit_round_trip(make):
     recipe = make()
-    assert Recipe.from_mergekit(recipe.to_mergekit(), num_layers=4) == recipe
-    assert Recipe.from_mergekit(recipe.to_mergekit_yaml(), num_layers=4) == recipe
+    assert from_mergekit(to_mergekit(recipe), num_layers=4) == recipe
+    assert from_mergekit(to_mergekit_yaml(recipe), num_layers=4) == recipe
 
 
 def test_per_layer_recipe_round_trips_through_mergekit():
@@ -299,9 +300,9 @@ def test_per_layer_recipe_round_trips_through_mergekit():
     groups = tuple(LayerGroup(i, i + 1, "all", ties(0.1 * i, 1 - 0.1 * i, **flags)) for i in range(6))
     groups += tuple(LayerGroup(i, i + 1, "attn", ties(normalize=False, rescale=True)) for i in range(3))
     recipe = Recipe("b", EXPERTS, 6, groups, ties(**flags))
-    config = recipe.to_mergekit()
+    config = to_mergekit(recipe)
     assert [s["sources"][0]["layer_range"] for s in config["slices"]] == [[i, i + 1] for i in range(6)]
-    assert Recipe.from_mergekit(config) == recipe
+    assert from_mergekit(config) == recipe
 
 
 def test_simple_models_form_with_default_names():
@@ -318,15 +319,15 @@ parameters: {int8_mask: true, lambda: 0.9}
 dtype: bfloat16
 tokenizer_source: base
 """
-    recipe = Recipe.from_mergekit(text, num_layers=3)
+    recipe = from_mergekit(text, num_layers=3)
     config = MethodConfig("dare_ties", {"add-expert": ExpertParams(weight=0.6, density=0.5),
                                         "reverse": ExpertParams(weight=0.4, density=0.7)}, lambda_=0.9)
     assert recipe == Recipe.uniform("HuggingFaceTB/SmolLM2-135M", ["add-expert", "reverse"], 3, config,
                                     dtype="bfloat16",
                                     expert_refs={"add-expert": "me/add-expert",
                                                  "reverse": "/data/reverse/"})
-    renamed = Recipe.from_mergekit(text, {"me/add-expert": "add"}, num_layers=3)
-    raises_one_line("pass num_layers", Recipe.from_mergekit, text)
+    renamed = from_mergekit(text, {"me/add-expert": "add"}, num_layers=3)
+    raises_one_line("pass num_layers", from_mergekit, text)
     assert renamed.experts == ("add", "reverse") and renamed.expert_refs["add"] == "me/add-expert"
 
 
@@ -335,7 +336,7 @@ def test_gradients_interpolate_per_layer_like_mergekit():
     config = {"merge_method": "task_arithmetic", "base_model": "b",
               "models": [{"model": "x/add", "parameters": {"weight": [0, 1, 0.2], "density": 0.5}}],
               "parameters": {"normalize": [True, False]}}
-    recipe = Recipe.from_mergekit(config, num_layers=4)
+    recipe = from_mergekit(config, num_layers=4)
     expected = [0.0, 2 / 3 * 1.0, 2 / 3 * 1.0 + 1 / 3 * 0.2, 0.2]
     assert [(g.start, g.end) for g in recipe.groups] == [(i, i + 1) for i in range(4)]
     assert [recipe.config_for(i, "all").experts["add"].weight for i in range(4)] == \
@@ -356,13 +357,13 @@ def test_gradients_restart_in_each_slice_and_single_layer_slices_take_the_end():
     config = {"merge_method": "ties", "base_model": "b", "parameters": {"density": 0.5},
               "slices": [{"sources": sources(0, 3, [0.0, 1.0])},   # t = 0, 1/2, 1
                          {"sources": sources(3, 4, [0.0, 0.6])}]}  # one layer: t = 1
-    recipe = Recipe.from_mergekit(config)
+    recipe = from_mergekit(config)
     assert recipe.num_layers == 4
     assert [recipe.config_for(i, "mlp").experts["add"].weight for i in range(4)] == \
         pytest.approx([0.0, 0.5, 1.0, 0.6])
     assert recipe.config_for(2, "all").experts["add"].density == 0.5
     # embeddings take slice 0 at t=0 (0.0), the head the last slice at t=0 (0.2): not one config
-    raises_one_line("model.embed_tokens.weight and model.norm.weight different", Recipe.from_mergekit,
+    raises_one_line("model.embed_tokens.weight and model.norm.weight different", from_mergekit,
                     config | {"slices": config["slices"][:1] + [
                         {"sources": sources(3, 4, [0.2, 0.6])}]})
 
@@ -383,7 +384,7 @@ parameters:
       value: [1, 0.5, 0]
     - value: 0.3
 """
-    recipe = Recipe.from_mergekit(text)
+    recipe = from_mergekit(text)
     assert [recipe.config_for(i, "attn").t for i in range(3)] == [0.0, 0.5, 1.0]
     assert [recipe.config_for(i, "mlp").t for i in range(3)] == [1.0, 0.5, 0.0]
     assert [recipe.config_for(i, "norm").t for i in range(3)] == [0.3] * 3
@@ -391,7 +392,7 @@ parameters:
     # every layer's attn and mlp values differ from the rest of its block's, which is one group
     assert {(g.start, g.end, g.component) for g in recipe.groups} == {
         (i, i + 1, c) for i in range(3) for c in ("attn", "mlp")} | {(0, 3, "all")}
-    assert Recipe.from_mergekit(recipe.to_mergekit()) == recipe
+    assert from_mergekit(to_mergekit(recipe)) == recipe
 
 
 @pytest.mark.parametrize("config, match", [
@@ -414,11 +415,11 @@ parameters:
     ({"merge_method": "linear", "base_model": "b", "models": [{"model": "a"}]}, "counts base_model 'b'"),
 ])
 def test_inexpressible_mergekit_configs_say_why(config, match):
-    raises_one_line(match, Recipe.from_mergekit, config, None, 2)
+    raises_one_line(match, from_mergekit, config, None, 2)
 
 
 def test_malformed_mergekit_yaml_names_the_line():
-    raises_one_line("malformed mergekit config YAML at line 2", Recipe.from_mergekit,
+    raises_one_line("malformed mergekit config YAML at line 2", from_mergekit,
                     "merge_method: ties\nmodels: a: b\n", None, 2)
 
 
@@ -426,9 +427,9 @@ def test_mergekit_itself_accepts_exports_and_agrees_on_gradients():
     """Check against mergekit's own schema and gradient evaluation (imports torch: seconds)."""
     mergekit_config = pytest.importorskip("mergekit.config")
     for recipe in (uniform(), layerwise()):
-        mergekit_config.MergeConfiguration.model_validate(yaml.safe_load(recipe.to_mergekit_yaml()))
+        mergekit_config.MergeConfiguration.model_validate(yaml.safe_load(to_mergekit_yaml(recipe)))
     gradient = [0.1, 0.9, 0.3, 0.7]
-    recipe = Recipe.from_mergekit({"merge_method": "ties", "base_model": "b", "models": [
+    recipe = from_mergekit({"merge_method": "ties", "base_model": "b", "models": [
         {"model": "a", "parameters": {"weight": gradient}}]}, num_layers=5)
     theirs = [mergekit_config.evaluate_setting("w", gradient, i / 4, validate=float) for i in range(5)]
     assert [recipe.config_for(i, "all").experts["a"].weight for i in range(5)] == theirs
@@ -443,7 +444,7 @@ def test_mergekit_resolves_an_export_to_the_recipe_for_every_tensor():
     from mergekit.parameter_resolver import resolve_parameters
 
     recipe = replace(layerwise(), outside=ties(1.0, 1.0, lambda_=0.5))
-    config = mergekit_config.MergeConfiguration.model_validate(recipe.to_mergekit())
+    config = mergekit_config.MergeConfiguration.model_validate(to_mergekit(recipe))
     spec = registry.get(config.merge_method).spec
     base = ModelReference.parse(recipe.base)
     names = {ref: name for name, ref in recipe.expert_refs.items()}
@@ -504,7 +505,7 @@ def test_della_recipe_from_python_and_from_mergekit_yaml_agree():
     mergekit YAML it exports, is one recipe (same hash, so the same seed and the same merge)."""
     della = MethodConfig("della", {"add": ExpertParams(weight=0.5, density=0.7)})
     recipe = Recipe.uniform("base", ["add"], 2, della, expert_refs={"add": "x/add"})
-    back = Recipe.from_mergekit(recipe.to_mergekit_yaml(), num_layers=2)
+    back = from_mergekit(to_mergekit_yaml(recipe), num_layers=2)
     assert back.hash == recipe.hash and back.outside.experts["add"].epsilon == 0.15
 
 

@@ -11,6 +11,7 @@ import torch
 from evomerge.config import SpaceConfig
 from evomerge.errors import UserError
 from evomerge.merge import registry
+from evomerge.mergekit_config import to_mergekit
 from evomerge.merge.registry import WEIGHT, MergeParamError, MethodSpec, Param, ParamRange
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 from evomerge.space import SearchSpace
@@ -83,7 +84,7 @@ def test_a_new_method_merges_through_the_engine_s_derived_arguments(boosted_meth
 
 def test_a_method_mergekit_lacks_is_refused_in_one_line(boosted_method):
     with pytest.raises(UserError, match=r"^merge method 'boosted' has no mergekit equivalent; methods that export: "):
-        recipe().to_mergekit()
+        to_mergekit(recipe())
 
 
 def test_a_new_method_s_evolvable_parameters_become_genes(boosted_method):

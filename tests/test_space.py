@@ -7,6 +7,7 @@ import pytest
 
 from evomerge.config import AlgorithmConfig, SpaceConfig, parse
 from evomerge.errors import UserError
+from evomerge.mergekit_config import to_mergekit_yaml
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 from evomerge.search.algorithms import make_algorithm, make_problem
 from evomerge.space import SearchSpace
@@ -81,7 +82,7 @@ def test_initial_recipes_from_mappings_and_mergekit(tmp_path):
     assert genome["L10-19.method"] == "ties" and genome["L10-19.c.density"] == pytest.approx(0.6)
     config = MethodConfig("task_arithmetic", {e: ExpertParams(weight=0.25) for e in EXPERTS})
     path = tmp_path / "mk.yaml"
-    path.write_text(Recipe.uniform("base", EXPERTS, 30, config).to_mergekit_yaml())
+    path.write_text(to_mergekit_yaml(Recipe.uniform("base", EXPERTS, 30, config)))
     read = space(granularity=10, initial=[str(path)]).initial_recipes()[0]
     assert read.config_for(12, "mlp").experts["b"].weight == pytest.approx(0.25)
 

@@ -12,6 +12,7 @@ from evomerge.errors import UserError
 from evomerge.merge.methods import merge_tensor
 from evomerge.merge.registry import MergeParamError, MergeParams, validate
 from evomerge.merge.stats import DeltaStats
+from evomerge.mergekit_config import to_mergekit_yaml
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 
 torch.set_num_threads(1)
@@ -142,7 +143,7 @@ def test_recipes_round_trip_and_refuse_a_mergekit_config_in_one_line(method: str
     recipe = Recipe.uniform("base", ["a", "b"], 4, config)
     assert Recipe.from_yaml(recipe.to_yaml()).hash == recipe.hash
     with pytest.raises(UserError, match=f"{method}' has no mergekit equivalent") as info:
-        recipe.to_mergekit_yaml()
+        to_mergekit_yaml(recipe)
     assert "\n" not in str(info.value)
 
 

@@ -86,10 +86,10 @@ def _model_and_tokenizer(recipe: Plan, source: Merger | torch.nn.Module, tokeniz
 
 def _write_mergekit(recipe: Plan, path: Path, layout: Layout, source_model: torch.nn.Module) -> str | None:
     """Write the mergekit config; the reason instead when mergekit cannot express the recipe."""
-    from evomerge.mergekit_config import check_mergekit_reads
+    from evomerge.mergekit_config import check_mergekit_reads, to_mergekit_yaml
 
     try:
-        text = recipe.to_mergekit_yaml(layout)
+        text = to_mergekit_yaml(recipe, layout)
         check_mergekit_reads(source_model.config, set(source_model.state_dict()))
         _check_rows(recipe, source_model)
     except UserError as error:
