@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from evomerge.run import ArchiveEntry, RunDir
 from evomerge.search.hooks import SearchHooks
-from evomerge.search.workers import EvalRequest
+from evomerge.search.messages import EvalRequest
 
 DRIVER_EXIT = 9  # what a driver killed by a fault exits with
 

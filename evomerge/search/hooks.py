@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     from evomerge.run import ArchiveEntry, RunDir
-    from evomerge.search.workers import EvalRequest
+    from evomerge.search.messages import EvalRequest
 
 
 class SearchHooks:

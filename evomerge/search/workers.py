@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Mapping, Sequence, Ty
 from evomerge.config import FitnessConfig, RuntimeConfig
 from evomerge.errors import UserError
 from evomerge.search.hooks import SearchHooks
+from evomerge.search.messages import EvalRequest, EvalResult
 
 if TYPE_CHECKING:
-    from evomerge.fitness.evaluator import Evaluation
     from evomerge.layer_path import Plan
 
 
@@ -41,40 +41,6 @@ class WorkerSpec:
     trust_remote_code: bool = False
     estimator_state: dict[str, Any] | None = None
     hooks: SearchHooks = field(default_factory=SearchHooks)
-
-
-@dataclass(frozen=True)
-class EvalRequest:
-    """What the driver asks a worker: score ``recipe`` on ``split``, with the estimator's subset
-    of items (a search's candidates) or on every item (``full``: probes, test scoring).
-    ``like_estimates``: score every item the way the estimator scores its own (teacher-forced
-    where the fitness config says so), so a promoted candidate's full-split value measures
-    exactly what its estimate estimated, at a fraction of decoding's cost."""
-
-    recipe: Plan
-    split: str = "validation"
-    full: bool = False
-    like_estimates: bool = False
-
-
-@dataclass
-class EvalResult:
-    """What comes back: the evaluation, or why there is none (``error``), and where the time went
-    (``forward_seconds``: inside the model's forward passes, so benchmarks can tell evaluation
-    from overhead)."""
-
-    worker: str
-    merge_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    forward_seconds: float = 0.0
-    evaluation: Evaluation | None = None
-    error: str | None = None
-
-    @property
-    def seconds(self) -> float:
-        return self.merge_seconds + self.eval_seconds
-
-
 
 
 class MergeWorker:
