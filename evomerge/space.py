@@ -25,6 +25,7 @@ from evomerge.merge.registry import Param
 from evomerge.mergekit_config import from_mergekit
 from evomerge.path_space import PathSpace
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
+from evomerge.serialization import load_yaml
 
 Genome = dict[str, Any]
 
@@ -258,18 +259,18 @@ class SearchSpace:
         file = Path(path)
         if not file.is_file():
             raise UserError(f"space.initial recipe file {path} does not exist")
-        text = file.read_text()
-        import yaml
-
-        data = yaml.safe_load(text)
-        if isinstance(data, Mapping) and "merge_method" in data:
-            refs = {name: ref for name, ref in (self.expert_refs or {e: e for e in self.experts}).items()}
-            recipe = from_mergekit(data, num_layers=self.num_layers)
-            # mergekit names experts by path: map them onto the space's expert names.
-            by_ref = {ref: name for name, ref in {e: refs.get(e, e) for e in self.experts}.items()}
-            rename = {old: by_ref.get(recipe.expert_refs.get(old, old), old) for old in recipe.experts}
-            return Recipe.from_dict(_renamed(recipe.to_dict(), rename))
-        return Recipe.from_yaml(text)
+        data = load_yaml(file.read_text(), f"space.initial recipe file {path}")
+        try:
+            if isinstance(data, Mapping) and "merge_method" in data:
+                refs = {name: ref for name, ref in (self.expert_refs or {e: e for e in self.experts}).items()}
+                recipe = from_mergekit(data, num_layers=self.num_layers)
+                # mergekit names experts by path: map them onto the space's expert names.
+                by_ref = {ref: name for name, ref in {e: refs.get(e, e) for e in self.experts}.items()}
+                rename = {old: by_ref.get(recipe.expert_refs.get(old, old), old) for old in recipe.experts}
+                return Recipe.from_dict(_renamed(recipe.to_dict(), rename))
+            return Recipe.from_dict(data)
+        except UserError as error:  # name the file: a space may read several
+            raise UserError(f"space.initial recipe file {path}: {error}") from None
 
 
 def _value(value: float | None, param: Param) -> float:

@@ -106,6 +106,20 @@ def test_bad_space_settings_fail_in_one_line(settings, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.reliability("bad input", "a space.initial recipe file that is malformed YAML or not a recipe")
+@pytest.mark.parametrize("text, message", [
+    ("method: ties\n  weight: [0.3\n", "malformed .* YAML at line 2"),
+    ("", "recipe must be a mapping, got None"),
+    ("merge_method: ties\nbase_model: b\nmodels: 3\n", "models must be a non-empty list"),
+])
+def test_a_bad_initial_recipe_file_fails_in_one_line_naming_it(tmp_path, text, message):
+    path = tmp_path / "seed.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message) as error:
+        space(initial=[str(path)]).initial_recipes()
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("name", ["ga", "de", "cmaes", "nsga2", "nsga3", "smsemoa", "agemoea", "moead"])
 def test_every_algorithm_runs_ask_tell_on_the_space(name):
     s = space(granularity=15)
