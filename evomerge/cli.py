@@ -80,11 +80,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from evomerge.html_report import write_report
-    from evomerge.kinship import write_run_kinship
     from evomerge.run import RunDir
 
     run = RunDir.open(args.run_dir)
     if args.kinship:
+        from evomerge.kinship import write_run_kinship  # loads models (torch): only when asked
+
         _log("kinship: loading the run's base and experts to compare their task vectors")
         print(f"wrote {write_run_kinship(run)}")
     path = write_report(run, args.out)

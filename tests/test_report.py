@@ -199,6 +199,19 @@ def test_inspect_command(run):
     assert text.returncode == 0 and "1*" in text.stdout and "pareto.png" in text.stdout
 
 
+def test_inspect_and_report_read_the_run_folder_without_torch(run):
+    """They read JSON: importing torch (seconds) would be all their time. A subprocess, since
+    this one has torch loaded."""
+    code = ("import sys; from evomerge.cli import main; "
+            f"assert main(['inspect', {str(run.root)!r}, '--json']) == 0; "
+            f"assert main(['report', {str(run.root)!r}]) == 0; "
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'torch'); assert not loaded, loaded")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert (run.root / "report.html").is_file()
+
+
 @pytest.mark.parametrize("args, named", [(["inspect", "nowhere"], "nowhere"),
                                          (["export", "RUN", "--pick", "best:speed"], "speed"),
                                          (["export", "RUN", "--pick", "99"], "99")])
