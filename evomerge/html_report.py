@@ -99,14 +99,6 @@ def _path_line(recipe: Mapping[str, Any]) -> str:
     return summary_line(recipe.get("slices") or [], recipe.get("outside", BASE))
 
 
-def methods_of(recipe: Mapping[str, Any]) -> list[str]:
-    """The merge methods a recipe uses, in order of first use; a path's is ``path``."""
-    if recipe.get("kind") is not None:
-        return [str(recipe.get("kind"))]
-    configs = [g.get("config", {}) for g in recipe.get("groups", [])] + [recipe.get("outside", {})]
-    return list(dict.fromkeys(str(c.get("method", "?")) for c in configs))
-
-
 def parent_kind(entry: ArchiveEntry) -> str | None:
     """Which of the models a run starts from (generation -1) ``entry`` is: ``base``, ``experts``
     (one expert alone) or ``grid`` (a uniform merge, ``space.uniform``); None for a searched one.
@@ -576,21 +568,6 @@ def _kinship_plot(data: Mapping[str, Any]) -> dict[str, Any]:
         layout["annotations"].append({"text": title, "xref": "paper", "yref": "paper", "x": (k - 0.5) * width,
                                       "y": 1.08, "showarrow": False})
     return {**plot, "figure": {"data": traces, "layout": layout}}
-
-
-def resolve(node: Any, data: Mapping[str, Any]) -> Any:
-    """A figure with its ``$ref``s replaced by what they point at in ``data``: what the page's
-    JavaScript does before plotting, for tests that validate figures with plotly's own schema."""
-    if isinstance(node, list):
-        return [resolve(item, data) for item in node]
-    if isinstance(node, dict):
-        if set(node) == {"$ref"}:
-            target: Any = data
-            for key in node["$ref"].split("/"):
-                target = target[int(key)] if isinstance(target, list) else target[key]
-            return target
-        return {key: resolve(value, data) for key, value in node.items()}
-    return node
 
 
 # --- the page ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Union
 
 from evomerge.errors import UserError
 from evomerge.recipe import Recipe
-from evomerge.serialization import canonical_json, checked_mapping, dump_yaml, load_yaml, short_repr
+from evomerge.serialization import canonical_json, checked_mapping, dump_yaml, short_repr
 
 KIND = "path"  # the ``kind`` key of a path's dict; recipes have none
 BASE = "base"
@@ -192,10 +192,6 @@ def plan_from_dict(data: Any) -> Plan:
     if isinstance(data, Mapping) and data.get("kind") == KIND:
         return LayerPath.from_dict(dict(data))
     return Recipe.from_dict(data)
-
-
-def plan_from_yaml(text: str) -> Plan:
-    return plan_from_dict(load_yaml(text, "recipe"))
 
 
 def source_recipe(path: LayerPath, source: str) -> Recipe:

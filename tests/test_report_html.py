@@ -8,14 +8,15 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Any, Mapping
 
 import pytest
 import torch
 
 from evomerge import front as fronts
 from evomerge.fitness.objectives import Objective, hypervolume
-from evomerge.html_report import (figures, parent_kind, recipe_view, render_html, report_data, resolve,
-                                  short_recipe, write_report)
+from evomerge.html_report import (figures, parent_kind, recipe_view, render_html, report_data, short_recipe,
+                                  write_report)
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 from evomerge.report import pick
 from evomerge.run import ArchiveEntry, RunDir
@@ -144,6 +145,21 @@ def test_recipe_views_per_kind():
 def entry(i, recipe, generation=0, values=None):
     values = values or {"t": 0.5}
     return ArchiveEntry(i, generation, [], f"h{i}", recipe, values, dict(values))
+
+
+def resolve(node: Any, data: Mapping[str, Any]) -> Any:
+    """A figure with its ``$ref``s replaced by what they point at in ``data``: what the page's
+    JavaScript does before plotting, so plotly's own schema can validate the figure."""
+    if isinstance(node, list):
+        return [resolve(item, data) for item in node]
+    if isinstance(node, dict):
+        if set(node) == {"$ref"}:
+            target: Any = data
+            for key in node["$ref"].split("/"):
+                target = target[int(key)] if isinstance(target, list) else target[key]
+            return target
+        return {key: resolve(value, data) for key, value in node.items()}
+    return node
 
 
 def test_every_figure_is_valid_plotly(pico_run, tmp_path):
