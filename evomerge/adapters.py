@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, first_line
 from evomerge.merge.factored import Delta, LowRank
 from evomerge.model_files import safetensors_shapes, unique_parameters
 
@@ -49,7 +49,7 @@ def inspect_adapter(ref: str, folder: Path, *, allow_pickle: bool = False) -> Ad
         config = PeftConfig.from_pretrained(str(folder))
     except Exception as error:  # a broken or foreign adapter_config.json
         raise UserError(f"adapter {ref}: {ADAPTER_CONFIG} could not be read by peft "
-                        f"({_first_line(error)})") from None
+                        f"({first_line(error)})") from None
     weights = folder / "adapter_model.safetensors"
     if weights.is_file():
         shapes = safetensors_shapes(weights)
@@ -140,7 +140,7 @@ def adapter_deltas(adapter: AdapterInfo, fresh_base: Callable[[], torch.nn.Modul
     try:
         wrapped = PeftModel.from_pretrained(fresh_base(), str(adapter.folder), adapter_name=_ADAPTER)
     except Exception as error:  # peft names the mismatch; our check should have caught it first
-        raise UserError(f"adapter {adapter.ref} could not be applied to the base ({_first_line(error)})") from None
+        raise UserError(f"adapter {adapter.ref} could not be applied to the base ({first_line(error)})") from None
     deltas: dict[str, Delta] = {}
     with torch.no_grad():
         for name, module in wrapped.base_model.model.named_modules():
@@ -170,8 +170,3 @@ def _same_model(named: str, base_ref: str) -> bool:
     if left.exists() and right.exists():
         return left.resolve() == right.resolve()
     return named.rstrip("/").rsplit("/", 1)[-1] == base_ref.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from evomerge.config import Config, read_config
-from evomerge.errors import UserError
+from evomerge.errors import UserError, first_line
 from evomerge.adapters import lora_factors
 from evomerge.model_files import folder_header, header_shapes, stored_dtype
 from evomerge.pool import local_ref
@@ -125,8 +125,7 @@ def _hub_files(repo: str) -> dict[str, Any]:
         out["dtypes"] = [str(info.dtype) for _, info in tensors]
         return out
     except Exception as error:  # offline, unknown repo, gated: all mean "cannot plan this id"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"hub id {repo!r}: headers could not be fetched ({reason}); pass a local folder") from None
+        raise UserError(f"hub id {repo!r}: headers could not be fetched ({first_line(error)}); pass a local folder") from None
 
 
 # --- the plan of a search ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from evomerge.adapters import ADAPTER_CONFIG, adapter_deltas, check_adapter, inspect_adapter, is_adapter_folder
 from evomerge.architecture import Layout, layout_of
 from evomerge.config import QUANTIZED_DELTAS
-from evomerge.errors import UserError
+from evomerge.errors import UserError, first_line
 from evomerge.merge.memory import DeltaFormat, delta_format
 from evomerge.merge.factored import LowRank
 from evomerge.merge.quantized import QuantizedStack
@@ -81,8 +81,7 @@ def _download(hub_id: str, *, allow_pickle: bool) -> Path:
     try:
         return Path(snapshot_download(hub_id, allow_patterns=patterns))
     except Exception as error:  # offline, unknown repo, gated: all mean "cannot use this id"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"hub id {hub_id!r} could not be fetched ({reason}); "
+        raise UserError(f"hub id {hub_id!r} could not be fetched ({first_line(error)}); "
                         f"pass a local model folder or .gguf file instead") from None
 
 
