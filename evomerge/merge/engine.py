@@ -233,6 +233,33 @@ class Merger:
     def memory_plan(self) -> MemoryPlan:
         return self.plan
 
+    # --- what gradient refinement reads (evomerge.merge.weight_grad) ------------------------------
+
+    def where(self, name: str) -> tuple[int | None, str]:
+        """(block, component) of tensor ``name``: what a recipe's ``config_for`` is asked."""
+        return self._where[name]
+
+    def transposed(self, name: str) -> bool:
+        """Whether ``name`` is stored (in, out) (Conv1D), so row-wise methods see its transpose."""
+        return name in self._transposed
+
+    def dense_deltas(self, name: str) -> Tensor:
+        """``[K, n]``: every expert's task vector of ``name``, flat, in a float dtype (a view of a
+        dense stack; quantized or factored stacks are made dense for the call)."""
+        stack = self._stacks[name]
+        if isinstance(stack, (QuantizedStack, FactoredStack)):
+            return stack.dense(self._dense_dtype).view(len(self.experts), -1)
+        return stack.view(len(self.experts), -1)
+
+    def statistics(self, name: str) -> DeltaStats:
+        """The cached statistics of ``name`` (TSV-M's components among them), built on first use."""
+        return self._stats_of(name)
+
+    def method_plans(self, recipe: Recipe) -> dict[MethodConfig, tuple[str, MergeParams, tuple[int, ...]]]:
+        """Each config of ``recipe`` as (method, resolved parameters, indices of its experts),
+        validated as ``materialize`` validates it."""
+        return {config: (plan.method, plan.params, plan.included) for config, plan in self._plans(recipe).items()}
+
     def drop_statistics(self) -> None:
         """Free the per-tensor statistics built so far (rebuilt on next use). For merges made
         once, like a data-flow search's source models: TSV-M's components alone are one more
