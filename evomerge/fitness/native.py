@@ -52,7 +52,7 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(i for i in ids if i is not None)
 
 
-def _left_padded(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows right-aligned in one batch, with their attention mask: every row's last token
     sits in the last column, where the next-token logits are read."""
     width = max(map(len, rows))
@@ -96,7 +96,7 @@ def generate(
     pad = pad_id(tokenizer)
     results: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = _left_padded([tokenizer(p, add_special_tokens=False).input_ids
+        ids, mask = left_padded([tokenizer(p, add_special_tokens=False).input_ids
                                   for p in prompts[start:start + batch_size]], pad, device)
         rows = len(ids)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -170,8 +170,8 @@ def reference_margins(
         rows = [tokenizer(p, add_special_tokens=False).input_ids + r
                 for p, r in zip(prompts[start:start + batch_size], wanted)]
         keep = max(map(len, wanted)) + 1
-        ids, mask = _left_padded(rows, pad_id(tokenizer), device)
-        target, scored = _left_padded(wanted, 0, device)  # the references, aligned with the last logits
+        ids, mask = left_padded(rows, pad_id(tokenizer), device)
+        target, scored = left_padded(wanted, 0, device)  # the references, aligned with the last logits
         scored = scored.bool()
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,

@@ -223,6 +223,20 @@ class Task:
         return ItemResults(list(ids), [float(m > 0) for m in margins], [math.nan] * len(ids),
                            [len(r) for r in references], margins)  # type: ignore[arg-type]
 
+    def reference_pairs(self, ids: Sequence[int], tokenizer) -> list[tuple[str, list[int]]]:
+        """``(prompt, reference token ids)`` of each item that has a single string reference, as
+        teacher forcing scores them: what a supervised gradient step learns from."""
+        pairs = []
+        for doc_id in ids:
+            reference = self._reference_ids(doc_id, tokenizer)
+            if reference and self.output_type == "generate_until":
+                pairs.append((self.requests(doc_id)[0].args[0], reference[:self.max_gen_toks]))
+        return pairs
+
+    def prompts(self, ids: Sequence[int]) -> list[str]:
+        """Each item's generation prompt (no reference needed): what an unsupervised step reads."""
+        return [self.requests(doc_id)[0].args[0] for doc_id in ids if self.output_type == "generate_until"]
+
     def _reference_ids(self, doc_id: int, tokenizer) -> list[int] | None:
         """Token ids of the answer a generation should give (target delimiter + target, as the
         task's few-shot examples write it), or None where the task has no single string target.
