@@ -365,6 +365,40 @@ class ZooConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+REFINE_AT = ("off", "final")
+REFINE_SIGNALS = ("supervised", "entropy")
+
+
+@dataclass
+class RefineConfig:
+    """Gradient refinement of a candidate's weights (see ``evomerge.search.refine``): a few Adam
+    steps on per-layer expert weights, each from one backward pass through the merged model."""
+
+    # off, or final: the best verified candidate is refined when the search ends, and the refined
+    # recipe is verified and archived as a candidate of its own (its parent and steps recorded).
+    at: str = "off"
+    steps: int = 20
+    lr: float = 0.05  # Adam's step size, in units of an expert weight
+    # supervised: teacher-forced loss of the validation references; entropy: of the model's own
+    # greedy answers (no references needed).
+    signal: str = "supervised"
+    items_per_task: int = 8  # validation items per task in each step's batch, drawn at random
+    split_components: bool = False  # separate attention and MLP weights per block
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.at not in REFINE_AT:
+            raise UserError(f"unknown refine.at {self.at!r}; valid: {', '.join(REFINE_AT)}")
+        if self.signal not in REFINE_SIGNALS:
+            raise UserError(f"unknown refine.signal {self.signal!r}; valid: {', '.join(REFINE_SIGNALS)}")
+        for key in ("steps", "items_per_task"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"refine.{key}={value!r} must be an integer >= 1")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"refine.lr={self.lr!r} must be a positive number (Adam's step size)")
+
+
 @dataclass
 class Config:
     """A whole search config, as ``evomerge search`` composes it and a run folder records it."""
@@ -375,6 +409,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     name: str | None = None  # run folder name under runs_dir; None: the start time
     runs_dir: str = "runs"
     seed: int = 0

@@ -65,9 +65,14 @@ class ArchiveEntry:
     cached_from: int | None = None  # id of the earlier entry whose result this duplicate reuses
     # "estimate": the estimator's items; "full": every validation item (a racing promotion).
     fidelity: str = "estimate"
+    # How a candidate that no algorithm asked for was made: {"parent": id, "refine": {...}} for a
+    # gradient refinement (evomerge.search.refine); None for every other entry (and then absent
+    # from the line, so archives without refinements read and hash as before).
+    origin: dict[str, Any] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True)
+        data = {k: v for k, v in self.__dict__.items() if not (k == "origin" and v is None)}
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ArchiveEntry":

@@ -62,10 +62,12 @@ LAYERS: dict[str, int] = {
     "evomerge.mergekit_config": MODELS,
     # merge engine, path model, export
     "evomerge.merge.engine": ENGINE,
+    "evomerge.merge.weight_grad": ENGINE,  # reads a Merger's components
     "evomerge.merge.path_model": ENGINE,
     "evomerge.merge.export": ENGINE,
     # zoo, fitness, and kinship (which takes base and experts from the zoo when no models are given)
     "evomerge.fitness.native": FITNESS,
+    "evomerge.fitness.losses": FITNESS,
     "evomerge.fitness.text": FITNESS,
     "evomerge.fitness.tasks": FITNESS,
     "evomerge.fitness.estimators": FITNESS,
@@ -89,6 +91,7 @@ LAYERS: dict[str, int] = {
     "evomerge.search.algorithms": SEARCH,
     "evomerge.search.workers": SEARCH,
     "evomerge.search.settings": SEARCH,
+    "evomerge.search.refine": SEARCH,
     "evomerge.search.loop": SEARCH,
     "evomerge.plan": PLAN,
     "evomerge.cli": CLI,

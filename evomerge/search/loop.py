@@ -43,7 +43,8 @@ from evomerge.run import ArchiveEntry, RunDir
 from evomerge.search.algorithms import make_algorithm, make_problem, setup
 from evomerge.search.hooks import SearchHooks
 from evomerge.search.settings import Settings, changed_keys, read_settings, search_fingerprint
-from evomerge.search.workers import EvalRequest, EvalResult, WorkerPool, worst_objectives
+from evomerge.search.messages import EvalRequest, EvalResult, RefineRequest
+from evomerge.search.workers import WorkerPool, worst_objectives
 from evomerge.space import search_space
 
 Log = Callable[[str], None]
@@ -172,7 +173,8 @@ class Search:
                 algorithm.tell(infills=asked)  # MOEA/D wants back the very individual it asked
                 self._after_generation(generation, next_id, started, generation_started, len(entries))
                 generation += 1
-            self._verify(generation, next_id)
+            next_id = self._verify(generation, next_id)
+            self._refine_final(generation, next_id)
             self._test_front()
         finally:
             if self.pool is not None:
@@ -283,23 +285,23 @@ class Search:
         pending = [e for e in entries if self._verified(e.recipe_hash, before) is None]
         return fronts.by_mean(fronts.competing(pending, self.objectives), self.objectives)
 
-    def _verify(self, generation: int, next_id: int) -> None:
+    def _verify(self, generation: int, next_id: int) -> int:
         """The last step of a search: the ``fitness.verify`` best candidates by estimated mean
         (each recipe once) are re-scored on every validation item, so that ``best:mean`` is the
-        best verified candidate instead of the luckiest of many estimates."""
+        best verified candidate instead of the luckiest of many estimates. Returns the next id."""
         count = self.settings.fitness.verify
         if not count or self.settings.fitness.estimator == "full":
-            return  # nothing asked, or every estimate already scored every validation item
+            return next_id  # nothing asked, or every estimate already scored every validation item
         if not fronts.averageable(self.objectives):
             self.log(f"fitness.verify={count}: objectives {[o.name for o in self.objectives]} do not average, "
                      f"so there is no best mean to verify; nothing verified")
-            return
+            return next_id
         seen = [e for e in self.by_id.values() if e.id < next_id]
         chosen = self._unverified(seen, next_id)[:count]
         entries = self._evaluate([plan_from_dict(e.recipe) for e in chosen], [e.genome for e in chosen],
                                  generation, next_id, "full")
         if not entries:
-            return
+            return next_id
         gaps = [fronts.mean(e, self.objectives) - fronts.mean(v, self.objectives)
                 for e, v in zip(chosen, entries) if v.error is None]
         top = fronts.pick_mean(self.by_id.values(), self.objectives)
@@ -307,6 +309,48 @@ class Search:
                  f"{min(gaps):+.3f} to {max(gaps):+.3f} off); best:mean is id {top.id} at "
                  f"{fronts.mean(top, self.objectives):.3f}" if gaps else
                  f"verifying the {len(entries)} best estimates failed; best:mean stays an estimate")
+        return next_id + len(entries)
+
+    def _refine_final(self, generation: int, next_id: int) -> None:
+        """``refine.at=final``: refine ``best:mean`` by gradient steps and verify the result,
+        archived as a candidate of its own (parent and steps in its ``origin``), so best:mean is
+        the refined recipe only where it scores better on every validation item. A resumed run
+        finds the refined entry archived and redoes nothing."""
+        config = self.settings.refine
+        if config.at != "final" or not fronts.averageable(self.objectives):
+            return
+        try:
+            parent = fronts.pick_mean([e for e in self.by_id.values() if e.id < next_id], self.objectives)
+        except UserError:
+            return  # nothing succeeded: nothing to refine
+        if next_id in self.by_id:
+            made = self.by_id[next_id]
+            if (made.origin or {}).get("parent") != parent.id:
+                raise UserError(f"archive entry {next_id} of {self.run_dir.root} is not the refinement of "
+                                f"best:mean (id {parent.id}) that this search makes there; start a new run")
+            return
+        refined: dict[int, Any] = {}
+        self.pool.run({parent.id: RefineRequest(plan_from_dict(parent.recipe), config.seed)}, refined.__setitem__)
+        result = refined[parent.id]
+        if result.refinement is None:
+            self.log(f"refining best:mean (id {parent.id}) failed: {result.error}; best:mean stays as it was")
+            return
+        refinement = result.refinement
+        scored: dict[int, EvalResult] = {}
+        self.pool.run({next_id: EvalRequest(refinement.recipe, full=True, like_estimates=True)}, scored.__setitem__)
+        estimates = [e.merge_seconds + e.eval_seconds for e in self.by_id.values()
+                     if e.fidelity == "estimate" and e.cached_from is None and e.error is None and e.generation >= 0]
+        per_estimate = sum(estimates) / len(estimates) if estimates else float("nan")
+        origin = refinement.record(parent.id)
+        origin["refine"]["estimator_equivalents"] = refinement.seconds / per_estimate if estimates else None
+        entry = dataclasses.replace(self._entry(next_id, generation, [], refinement.recipe, scored[next_id], "full"),
+                                    origin=origin)
+        self._record(entry)
+        if entry.error is None:
+            self.log(f"refined best:mean (id {parent.id}, {fronts.mean(parent, self.objectives):.3f}) by "
+                     f"{refinement.steps} gradient steps in {refinement.seconds:.0f} s (~"
+                     f"{origin['refine']['estimator_equivalents'] or float('nan'):.0f} estimates' time): "
+                     f"id {entry.id} at {fronts.mean(entry, self.objectives):.3f} on every validation item")
 
     def _parents(self) -> list[ArchiveEntry]:
         """Score the input models and uniform merges of them (``space.parents``) as the

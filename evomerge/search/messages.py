@@ -9,7 +9,7 @@ needs the others to know what a request is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from evomerge.fitness.evaluator import Evaluation
@@ -46,3 +46,22 @@ class EvalResult:
     @property
     def seconds(self) -> float:
         return self.merge_seconds + self.eval_seconds
+
+
+@dataclass(frozen=True)
+class RefineRequest:
+    """Refine ``recipe``'s expert weights by gradient steps (``evomerge.search.refine``) from
+    ``seed``; the refined recipe comes back, to be scored like any candidate."""
+
+    recipe: Plan
+    seed: int
+
+
+@dataclass
+class RefineResult:
+    """The :class:`~evomerge.search.refine.Refinement` (None, with ``error``, when it failed) and
+    the worker that made it."""
+
+    worker: str
+    refinement: Any = None
+    error: str | None = None

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from evomerge.architecture import Layout
-from evomerge.config import AlgorithmConfig, FitnessConfig, RuntimeConfig, SpaceConfig, ZooConfig, read_config
+from evomerge.config import (AlgorithmConfig, FitnessConfig, RefineConfig, RuntimeConfig, SpaceConfig, ZooConfig,
+                             read_config)
 from evomerge.errors import UserError
 from evomerge.search.workers import WorkerSpec
 
@@ -39,11 +40,13 @@ class Settings:
     allow_pickle: bool
     trust_remote_code: bool
     num_layers: int
+    refine: RefineConfig
 
     def worker_spec(self) -> WorkerSpec:
         return WorkerSpec(base=self.base, experts=dict(self.experts), tasks=list(self.tasks),
                           include_path=self.include_path, fitness=self.fitness, runtime=self.runtime,
-                          allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
+                          allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code,
+                          refine=self.refine)
 
 
 def build_zoo_for(config: Mapping[str, Any], log: Callable[[str], None] = print) -> None:
@@ -86,13 +89,28 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
     layout = _check_models(base, experts, models.allow_pickle, models.trust_remote_code)
     if typed.space.kind == "dataflow":
         layout.writers()  # a family whose scales cannot fold is refused before any model loads
-    if typed.space.split_components:
+    if typed.space.split_components or typed.refine.split_components:
         layout.marks()
+    if typed.refine.at != "off":
+        _check_refinable(typed.space)
     return Settings(config=dict(config), base=base, experts=experts, tasks=[str(t) for t in tasks],
                     include_path=include_path, space=typed.space, algorithm=typed.algorithm,
                     fitness=typed.fitness, runtime=typed.runtime, seed=typed.seed,
                     allow_pickle=models.allow_pickle, trust_remote_code=models.trust_remote_code,
-                    num_layers=layout.num_layers)
+                    num_layers=layout.num_layers, refine=typed.refine)
+
+
+def _check_refinable(space: SpaceConfig) -> None:
+    """Gradient refinement needs recipes whose weights enter linearly: one line otherwise."""
+    from evomerge.merge.weight_grad import DIFFERENTIABLE_METHODS
+
+    if space.kind != "params":
+        raise UserError(f"refine.at needs a parameter space; space.kind={space.kind} evolves layer paths, "
+                        f"which have no weights to refine (set refine.at=off)")
+    odd = [m for m in space.methods if m not in DIFFERENTIABLE_METHODS]
+    if odd:
+        raise UserError(f"refine.at needs methods linear in their weights, but space.methods has {odd[0]!r}; "
+                        f"valid: {', '.join(DIFFERENTIABLE_METHODS)} (or set refine.at=off)")
 
 
 def _zoo_models(config: ZooConfig) -> tuple[str, dict[str, str], list[str], str]:

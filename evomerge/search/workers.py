@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Mapping, Sequence, TypeVar
 
-from evomerge.config import FitnessConfig, RuntimeConfig
+from evomerge.config import FitnessConfig, RefineConfig, RuntimeConfig
 from evomerge.errors import UserError
 from evomerge.search.hooks import SearchHooks
-from evomerge.search.messages import EvalRequest, EvalResult
+from evomerge.search.messages import EvalRequest, EvalResult, RefineRequest, RefineResult
 
 if TYPE_CHECKING:
     from evomerge.layer_path import Plan
@@ -40,6 +40,7 @@ class WorkerSpec:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     estimator_state: dict[str, Any] | None = None
+    refine: RefineConfig = field(default_factory=RefineConfig)
     hooks: SearchHooks = field(default_factory=SearchHooks)
 
 
@@ -75,6 +76,7 @@ class MergeWorker:
             self.evaluator.load_state(spec.estimator_state)
         self.hooks = spec.hooks
         self._sources = None  # a data-flow search's source models, materialized on first use
+        self._refiner = None  # built on the first refinement
         # Time inside the model's forward passes, so benchmarks can tell evaluation from overhead.
         self.forward_seconds = 0.0
         self._timed(self.merger.model)
@@ -106,6 +108,17 @@ class MergeWorker:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.evaluator.load_state(state)
+
+    def refine(self, request: RefineRequest) -> RefineResult:
+        """Refine a recipe; a failure comes back as ``error``, never raised."""
+        from evomerge.search.refine import Refiner
+
+        try:
+            if self._refiner is None:
+                self._refiner = Refiner(self.merger, self.evaluator.suite, self.spec.refine)
+            return RefineResult(self.name, self._refiner.refine(request.recipe, seed=request.seed))
+        except Exception as error:  # noqa: BLE001 - one candidate's failure costs that candidate
+            return RefineResult(self.name, error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
 
     def evaluate(self, request: EvalRequest) -> EvalResult:
         """Merge the recipe in place and score it; failures come back as ``error``, not raised."""
@@ -184,7 +197,8 @@ class WorkerPool:
         self.spec.estimator_state = state
         ray.get([actor.load_state.remote(state) for actor, _ in self.actors])
 
-    def run(self, jobs: Mapping[Key, EvalRequest], on_result: Callable[[Key, EvalResult], None]) -> None:
+    def run(self, jobs: Mapping[Key, EvalRequest | RefineRequest],
+            on_result: Callable[[Key, EvalResult | RefineResult], None]) -> None:
         """Evaluate every request; ``on_result(key, result)`` runs in the driver as each finishes.
 
         A request whose actor dies goes back to the queue (up to ``max_retries`` times, then it is
@@ -194,13 +208,14 @@ class WorkerPool:
 
         queue = deque((key, request, 0) for key, request in jobs.items())
         idle = deque(range(len(self.actors)))
-        running: dict[Any, tuple[int, tuple[Key, EvalRequest, int]]] = {}
+        running: dict[Any, tuple[int, tuple[Key, EvalRequest | RefineRequest, int]]] = {}
         while queue or running:
             while queue and idle:
                 slot = idle.popleft()
                 job = queue.popleft()
                 actor, _ = self.actors[slot]
-                running[actor.evaluate.remote(job[1])] = (slot, job)
+                serve = actor.refine if isinstance(job[1], RefineRequest) else actor.evaluate
+                running[serve.remote(job[1])] = (slot, job)
             done, _ = ray.wait(list(running), num_returns=1)
             ref = done[0]
             slot, (key, request, attempts) = running.pop(ref)
@@ -212,7 +227,9 @@ class WorkerPool:
                 self.log(f"worker {lost} died ({type(error).__name__}); started "
                          f"{self.actors[slot][1]} and retrying its candidate")
                 if attempts + 1 > self.spec.runtime.max_retries:
-                    on_result(key, EvalResult(lost, error=f"worker died {attempts + 1} times on this candidate"))
+                    died = f"worker died {attempts + 1} times on this candidate"
+                    on_result(key, RefineResult(lost, error=died) if isinstance(request, RefineRequest)
+                              else EvalResult(lost, error=died))
                 else:
                     queue.appendleft((key, request, attempts + 1))
                 idle.append(slot)
