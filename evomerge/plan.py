@@ -166,6 +166,8 @@ class SearchPlan:
             f"              working model {size_text(plan.working)}",
             f"              evaluation activations {size_text(plan.activations)} "
             f"(batch {self.batch} x {self.sequence} tokens, estimated)",
+            *([f"              gradients {size_text(plan.gradients)} (refine.at: dL/dW of every parameter)"]
+              if plan.gradients else []),
             f"              total {size_text(plan.total)}",
             f"  {workers} x {size_text(plan.total)} = {size_text(fit.needs(plan))} of "
             f"{size_text(fit.memory)}: {'fits' if fit.chosen else 'does not fit'}",
@@ -215,7 +217,8 @@ def plan_search(config: Mapping[str, Any], *, device_memory: int | None = None,
         typed.fitness.batch_size, sequence, dtype)
 
     def plan_for(delta):
-        return MemoryPlan.for_shapes(base.shapes, dense, dtype, delta, adapters=adapters, activations=activations)
+        return MemoryPlan.for_shapes(base.shapes, dense, dtype, delta, adapters=adapters, activations=activations,
+                                     gradients=typed.refine.at != "off")
 
     device = runtime.resolved_device()
     gpu = device.startswith("cuda")

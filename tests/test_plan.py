@@ -125,3 +125,22 @@ def test_bad_model_references_are_one_line_as_when_loading(hub, tmp_path):
         with pytest.raises(UserError, match=message) as caught:
             plan_search(compose(overrides(ref, hub["experts7"][:1])), device_memory=parse_size("1TB"))
         assert ref in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_refinement_plans_a_gradient_per_parameter_and_is_refused_where_it_does_not_fit(hub):
+    config = compose(overrides(hub["7b"], hub["experts7"], "runtime.device=cuda", "runtime.delta_dtype=int8"))
+    refining = compose(overrides(hub["7b"], hub["experts7"], "runtime.device=cuda", "runtime.delta_dtype=int8",
+                                 "refine.at=final"))
+    plain = plan_search(config, device_memory=parse_size("80GB"))
+    refined = plan_search(refining, device_memory=parse_size("80GB"))
+    assert plain.plan.gradients == 0
+    assert refined.plan.gradients == LLAMA_7B_PARAMS * 4  # float32 working model: one fp32 gradient each
+    assert refined.plan.total == plain.plan.total + refined.plan.gradients
+    assert any("gradients 25.10 GiB (refine.at" in line for line in refined.lines())
+    between = (plain.plan.total + refined.plan.total) // 2
+    assert plan_search(config, device_memory=between).fit.chosen is not None
+    tight = plan_search(refining, device_memory=between)
+    if tight.fit.chosen is None:
+        assert "\n" not in tight.refusal() and "does not fit" in tight.refusal()
+    else:  # a smaller delta format makes room for the gradients
+        assert tight.plan.delta_dtype == "int4"

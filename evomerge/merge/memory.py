@@ -157,11 +157,14 @@ class MemoryPlan:
     delta_dtype: DeltaFormat
     activations: int = 0
     adapters: int = 0  # how many of ``experts`` are LoRA adapters, held as factors
+    # dL/dW of every parameter, in the working dtype, while a gradient refinement steps (its
+    # backward's activations are those of a few items per task: under the evaluation's batch)
+    gradients: int = 0
 
     @classmethod
     def for_shapes(cls, shapes: Mapping[str, Sequence[int]], experts: int, dtype: torch.dtype,
                    delta_dtype: DeltaFormat, *, adapters: Sequence[Adapter] = (),
-                   activations: int = 0) -> MemoryPlan:
+                   activations: int = 0, gradients: bool = False) -> MemoryPlan:
         """The plan for a model whose unique parameters have ``shapes``, ``experts`` dense experts
         and the LoRA ``adapters``; the working model holds the same tensors as the base, so it
         costs the same. Quantized deltas count their codes (each tensor's groups padded to whole
@@ -174,7 +177,7 @@ class MemoryPlan:
             per_expert = sum(numels) * itemsize(delta_dtype)
         factors = sum(adapter.factor_bytes(delta_dtype, dtype) for adapter in adapters)
         return cls(model_bytes, experts * per_expert + factors, model_bytes, experts + len(adapters), dtype,
-                   delta_dtype, activations, len(adapters))
+                   delta_dtype, activations, len(adapters), model_bytes if gradients else 0)
 
     @property
     def resident(self) -> int:
@@ -183,7 +186,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.resident + self.activations
+        return self.resident + self.activations + self.gradients
 
     def experts_text(self) -> str:
         """``4 experts``, ``16 LoRA experts``, ``2 full + 3 LoRA experts``."""
@@ -197,6 +200,8 @@ class MemoryPlan:
                 f"({self.experts_text()}, {_long_format_name(self.delta_dtype)}) + working model {size_text(self.working)}")
         if self.activations:
             text += f" + activations {size_text(self.activations)}"
+        if self.gradients:
+            text += f" + gradients {size_text(self.gradients)}"
         return f"{text} = {size_text(self.total)}"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -116,7 +117,10 @@ class Refiner:
         for method, params, _ in self.merger.method_plans(recipe).values():
             check_differentiable(method, params)
 
-    def refine(self, recipe: Recipe, *, seed: int | None = None) -> Refinement:
+    def refine(self, recipe: Recipe, *, seed: int | None = None,
+               on_step: Callable[[int, Recipe, float], None] | None = None) -> Refinement:
+        """``recipe`` after ``refine.steps`` steps from ``seed``; ``on_step(step, recipe, seconds)``
+        is told each step's starting recipe and the seconds spent so far (learning curves)."""
         config = self.config
         seed = config.seed if seed is None else seed
         self.check(recipe)
@@ -128,9 +132,13 @@ class Refiner:
         optimizer = torch.optim.Adam([weights], lr=config.lr)
         rng = random.Random(seed)
         losses: list[float] = []
-        started = time.perf_counter()
+        spent, mark = 0.0, time.perf_counter()  # the callback's own time is not the refinement's
         for step in range(config.steps + 1):
             current = slots.recipe_for(weights.detach())
+            if on_step is not None:
+                spent, mark = spent + time.perf_counter() - mark, time.perf_counter()
+                on_step(step, current, spent)
+                mark = time.perf_counter()
             last = step == config.steps  # the last loss is the refined recipe's, on a fresh batch
             loss, per_tensor = self._loss_and_gradients(current, rng, backward=not last)
             losses.append(loss)
@@ -142,7 +150,7 @@ class Refiner:
             optimizer.zero_grad()
             weights.grad = gradient.float()
             optimizer.step()
-        seconds = time.perf_counter() - started
+        seconds = spent + time.perf_counter() - mark
         return Refinement(slots.recipe_for(weights.detach()), config.steps, config.lr, config.signal, seed,
                           losses, seconds)
 
@@ -173,7 +181,7 @@ class Refiner:
                                               max_new_tokens=max(1, task.max_gen_toks))
                     if backward:
                         (loss / len(batch)).backward()
-                    total += float(loss) / len(batch)
+                    total += float(loss.detach()) / len(batch)
             gradients = {}
             if backward:
                 grads = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in params.items()}
