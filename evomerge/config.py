@@ -159,8 +159,9 @@ class AlgorithmConfig:
             raise UserError(f"algorithm {self.name!r} is unknown; valid: {', '.join(SINGLE + MULTI + ANY)}")
         if not isinstance(self.pop_size, int) or self.pop_size < 2:
             raise UserError(f"algorithm.pop_size={self.pop_size!r} must be an integer >= 2")
-        if not isinstance(self.generations, int) or self.generations < 1:
-            raise UserError(f"algorithm.generations={self.generations!r} must be an integer >= 1")
+        if not isinstance(self.generations, int) or isinstance(self.generations, bool) or self.generations < 0:
+            raise UserError(f"algorithm.generations={self.generations!r} must be an integer >= 0 (0: score the "
+                            f"parents only, e.g. to refine the best of them with refine.at=final)")
 
     def check_objectives(self, count: int, averageable: bool = False) -> None:
         """``averageable``: the objectives are accuracies on one scale (one per task), which a

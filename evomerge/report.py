@@ -380,4 +380,14 @@ def export_pick(run: RunDir, spec: str, out_dir: str | Path | None = None, *,
     scores = {**{f"{t} (validation)": v for t, v in entry.scores.items()},
               **{f"{t} (test)": v for t, v in tests.items()},
               **{o: v for o, v in entry.objectives.items() if o not in entry.scores}}
-    return entry, export(recipe, merger, out, scores=scores, force=force)
+    return entry, export(recipe, merger, out, scores=scores, provenance=provenance(entry), force=force)
+
+
+def provenance(entry: ArchiveEntry) -> str | None:
+    """How a candidate no algorithm asked for was made, for its model card: enough to redo it."""
+    refine = (entry.origin or {}).get("refine")
+    if not refine:
+        return None
+    return (f"**Refined** from archive entry {entry.origin['parent']} by {refine['steps']} Adam steps "
+            f"(learning rate {refine['lr']:g}, {refine['signal']} signal, seed {refine['seed']}) on per-block "
+            f"expert weights; the recipe above is the result, so the merge redoes without the steps.")

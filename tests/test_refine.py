@@ -131,7 +131,7 @@ def test_a_search_refines_its_pick_archives_it_with_its_parent_and_resumes_to_th
     from test_search import cli, comparable, search_args
 
     args = search_args(tmp_path, "refined", "refine.at=final", "refine.steps=3", "refine.lr=0.1",
-                       "space.methods=[tsv_m]", classic=False)
+                       "space.methods=[tsv_m]", "algorithm.generations=1", classic=False)
     done = cli(*args, cache=pico_cache)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "refined" / "archive.jsonl").read_text().splitlines()]
@@ -146,6 +146,12 @@ def test_a_search_refines_its_pick_archives_it_with_its_parent_and_resumes_to_th
     means = {r["id"]: sum(r["scores"].values()) / len(r["scores"]) for r in rows if r["fidelity"] == "full"}
     pareto = json.loads((tmp_path / "refined" / "pareto.json").read_text())
     assert pareto["verified"][0]["id"] == max(means, key=lambda i: (means[i], -i))
+    exported = cli("export", str(tmp_path / "refined"), "--pick", str(refined["id"]), "--out",
+                   str(tmp_path / "export"), cache=pico_cache)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert Recipe.from_yaml((tmp_path / "export" / "recipe.yaml").read_text()).hash == refined["recipe_hash"]
+    card = (tmp_path / "export" / "model" / "README.md").read_text()
+    assert f"Refined** from archive entry {parent['id']} by 3 Adam steps (learning rate 0.1, supervised" in card
     before = comparable(tmp_path / "refined")
     again = cli("resume", str(tmp_path / "refined"), cache=pico_cache)
     assert again.returncode == 0, again.stderr[-3000:]

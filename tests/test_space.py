@@ -163,7 +163,7 @@ def test_initial_genomes_open_the_first_population():
 
 @pytest.mark.reliability("bad input", "algorithm settings: unknown algorithm, population smaller than 2, no generations")
 @pytest.mark.parametrize("settings, message", [
-    ({"name": "pso"}, "'pso'"), ({"pop_size": 1}, "pop_size=1"), ({"generations": 0}, "generations=0"),
+    ({"name": "pso"}, "'pso'"), ({"pop_size": 1}, "pop_size=1"), ({"generations": -1}, "generations=-1"),
 ])
 def test_bad_algorithm_settings_fail_in_one_line(settings, message):
     with pytest.raises(UserError, match=message):

@@ -33,7 +33,7 @@ def check_destination(out_dir: str | Path, force: bool) -> Path:
 
 
 def export(recipe: Plan, source: Merger | torch.nn.Module, out_dir: str | Path, *,
-           tokenizer=None, scores: Mapping[str, float] | None = None,
+           tokenizer=None, scores: Mapping[str, float] | None = None, provenance: str | None = None,
            max_shard_size: str = "2GB", force: bool = False) -> Path:
     """Write ``out_dir/model/`` (safetensors, config, tokenizer, generation config, README model
     card), ``out_dir/recipe.yaml`` and ``out_dir/mergekit.yaml``; returns ``out_dir``.
@@ -44,6 +44,8 @@ def export(recipe: Plan, source: Merger | torch.nn.Module, out_dir: str | Path, 
     The weights are saved in the model's dtype. mergekit.yaml is left out, with the reason in the
     model card, when mergekit cannot express the recipe. An existing ``out_dir`` is refused
     unless ``force``; with it, the old folder is replaced whole at the end, never half-overwritten.
+    ``provenance``: how the recipe was found where the recipe alone does not say (a gradient
+    refinement's parent, steps and seed), for the card.
     """
     out_dir = check_destination(out_dir, force)
     model, tokenizer = _model_and_tokenizer(recipe, source, tokenizer)
@@ -59,7 +61,7 @@ def export(recipe: Plan, source: Merger | torch.nn.Module, out_dir: str | Path, 
         mergekit_note = _write_mergekit(recipe, staging / "mergekit.yaml", layout_of(inputs), inputs)
         model.save_pretrained(staging / "model", max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging / "model")
-        card = model_card(recipe, scores, mergekit_note, _name(model.dtype))
+        card = model_card(recipe, scores, mergekit_note, _name(model.dtype), provenance)
         (staging / "model" / "README.md").write_text(card)
         _replace(staging, out_dir)
     except OSError as error:
@@ -114,7 +116,7 @@ def _check_rows(recipe: Plan, source_model: torch.nn.Module) -> None:
 
 
 def model_card(recipe: Plan, scores: Mapping[str, float] | None, mergekit_note: str | None,
-               dtype: str) -> str:
+               dtype: str, provenance: str | None = None) -> str:
     """The README a model hub shows: what was merged how, how it scored, how to redo it."""
     experts = ", ".join(recipe.experts)
     made = (f"blocks of `{recipe.base}` and of its experts {experts} stacked along a path, the path's scales "
@@ -123,6 +125,8 @@ def model_card(recipe: Plan, scores: Mapping[str, float] | None, mergekit_note: 
              f"# Merge {recipe.hash}", "",
              f"Found by evomerge: {made}.", "",
              f"**Recipe:** {recipe.summary()}", "", f"Weights are stored in {dtype}.", ""]
+    if provenance:
+        lines += [provenance, ""]
     if scores:
         lines += ["## Scores", "", "| objective | score |", "| --- | --- |"]
         lines += [f"| {name} | {value:.4f} |" for name, value in scores.items()]

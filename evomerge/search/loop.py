@@ -126,6 +126,9 @@ class Search:
             raise UserError(f"fitness.multi_fidelity={settings.fitness.multi_fidelity:g} promotes candidates by "
                             f"their mean accuracy, but objectives {[o.name for o in self.objectives]} do not "
                             f"average; use fitness.objectives=[tasks] or [mean], or multi_fidelity=0")
+        if not settings.algorithm.generations and not settings.space.parents:
+            raise UserError("algorithm.generations=0 scores the parents only, but space.parents=false leaves "
+                            "nothing to score; set space.parents=true or algorithm.generations >= 1")
         self.initial = [self.space.encode(r) for r in self.space.initial_recipes()]
         make_algorithm(settings.algorithm, self.space, self.told, self.initial)  # fail fast
         self.pool: WorkerPool | None = None
@@ -155,7 +158,7 @@ class Search:
             self._probe_population()
             parents = self._parents()
             algorithm, generation, next_id = self._algorithm(parents)
-            while algorithm.has_next():
+            while self.settings.algorithm.generations and algorithm.has_next():
                 generation_started = time.perf_counter()
                 asked = algorithm.ask()
                 population = _as_population(asked)
@@ -339,7 +342,7 @@ class Search:
         scored: dict[int, EvalResult] = {}
         self.pool.run({next_id: EvalRequest(refinement.recipe, full=True, like_estimates=True)}, scored.__setitem__)
         estimates = [e.merge_seconds + e.eval_seconds for e in self.by_id.values()
-                     if e.fidelity == "estimate" and e.cached_from is None and e.error is None and e.generation >= 0]
+                     if e.fidelity == "estimate" and e.cached_from is None and e.error is None]
         per_estimate = sum(estimates) / len(estimates) if estimates else float("nan")
         origin = refinement.record(parent.id)
         origin["refine"]["estimator_equivalents"] = refinement.seconds / per_estimate if estimates else None
