@@ -71,9 +71,6 @@ def _components(merger, name: str, method: str, params: MergeParams, included: t
     if len(shape) == 2 and min(shape) > 1 and layer is not None:
         fraction = 1 / len(included) if params.rank_fraction is None else params.rank_fraction
         rank = rank_for(fraction, min(shape))
-        every = tuple(range(len(merger.experts)))
-        stats = merger.statistics(name)
-        components = (stats.tsv_components(rank) if included == every
-                      else stats.tsv_components(rank, included))
-        return components, lam
+        # keyed by (rank, experts): the very components the merge reads, whoever built them first
+        return merger.statistics(name).tsv_components(rank, tuple(included)), lam
     return deltas, lam / len(included)
