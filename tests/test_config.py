@@ -44,7 +44,7 @@ def test_a_group_file_sets_only_what_its_choice_changes(group, option):
 
 
 def test_every_group_has_options():
-    assert set(GROUPS) == {"zoo", "models", "space", "algorithm", "fitness", "runtime"}
+    assert set(GROUPS) == {"zoo", "models", "space", "algorithm", "fitness", "runtime", "refine"}
     assert {g for g, _ in OPTIONS} == set(GROUPS)
     assert ("algorithm", "cmaes") in OPTIONS and ("zoo", "pico") in OPTIONS
 
