@@ -64,7 +64,9 @@ def _zoo_info(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from evomerge.report import render, summary, write_plots
+    from evomerge.report.plots import write_plots
+    from evomerge.report.run_data import summary
+    from evomerge.report.text import render
     from evomerge.run import RunDir
 
     run = RunDir.open(args.run_dir)
@@ -79,7 +81,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from evomerge.html_report import write_report
+    from evomerge.report.html import write_report
     from evomerge.run import RunDir
 
     run = RunDir.open(args.run_dir)
@@ -94,7 +96,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from evomerge.report import export_pick
+    from evomerge.pick_export import export_pick
     from evomerge.run import RunDir
 
     entry, out = export_pick(RunDir.open(args.run_dir), args.pick, args.out, device=args.device, force=args.force)

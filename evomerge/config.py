@@ -64,7 +64,7 @@ SPACE_KINDS = ("params", "dataflow")
 
 @dataclass
 class SpaceConfig:
-    """What a genome holds (see ``evomerge.space``)."""
+    """What a genome holds (see ``evomerge.search.space``)."""
 
     granularity: int = 5  # layers per group; 0 = one group for all layers
     # Smooth depth profiles: >= 2 puts each gene at this many knots spread evenly over depth and
@@ -86,7 +86,7 @@ class SpaceConfig:
     parents: bool = True
     uniform: list[float] = field(default_factory=lambda: [0.3, 0.5, 1.0])
     # params: evolve merge coefficients (everything above). dataflow: evolve the path a token
-    # takes through the models' blocks instead (Sakana's data-flow space; evomerge.path_space),
+    # takes through the models' blocks instead (Sakana's data-flow space; evomerge.search.path_space),
     # with the keys below; the parameter keys are then unused.
     kind: str = "params"
     slices: int = 3  # slices of consecutive blocks per path, each from one source model

@@ -5,11 +5,13 @@ and keeps its traceback. Messages name the bad value and what would be valid.
 """
 
 
-def first_line(error: BaseException) -> str:
-    """What a foreign library's error says, in one line for a UserError that wraps it: its first
-    line, or its type where it says nothing (a hub download's errors run to pages)."""
+def first_line(error: BaseException | str) -> str:
+    """What an error (or an archived error's text) says, in one line for a UserError that wraps
+    it: its first line, or its type where it says nothing (a hub download's errors run to pages)."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    if text:
+        return text.splitlines()[0]
+    return "error" if isinstance(error, str) else type(error).__name__
 
 
 class UserError(Exception):

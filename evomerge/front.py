@@ -124,19 +124,28 @@ def best_values(objectives: Sequence[Objective], entries: Sequence[ArchiveEntry]
     return {o.name: best(o, entries).objectives[o.name] for o in objectives} if entries else {}
 
 
-def picks(entries: Iterable[ArchiveEntry], objectives: Sequence[Objective]) -> list[ArchiveEntry]:
-    """What a user would pick from ``entries``: the front's knee and best on each objective and,
-    where the objectives average, ``best:mean`` (``pick_mean``: verified where any was), each
-    once, in id order. These get held-out test scores at the end of a search."""
+def named_picks(entries: Iterable[ArchiveEntry], objectives: Sequence[Objective]) -> list[tuple[ArchiveEntry, list[str]]]:
+    """What a user would pick from ``entries``, each once, in id order, with the ``--pick``
+    specs that name it: the front's ``knee``, ``best:<objective>`` on each objective and, where
+    the objectives average, ``best:mean`` (``pick_mean``: verified where any was). The first spec
+    is what an export command names it by. These get held-out test scores at the end of a
+    search, and every view marks them from here."""
     entries = list(entries)
     members = front(entries, objectives)
     if not members:
         return []
-    chosen = {e.id: e for e in [knee(members, objectives), *(best(o, members) for o in objectives)]}
+    named = [("knee", knee(members, objectives)), *((f"best:{o.name}", best(o, members)) for o in objectives)]
     if averageable(objectives):
-        top = pick_mean(entries, objectives)
-        chosen[top.id] = top
-    return sorted(chosen.values(), key=lambda e: e.id)
+        named.append(("best:mean", pick_mean(entries, objectives)))
+    chosen: dict[int, tuple[ArchiveEntry, list[str]]] = {}
+    for spec, entry in named:
+        chosen.setdefault(entry.id, (entry, []))[1].append(spec)
+    return [chosen[i] for i in sorted(chosen)]
+
+
+def picks(entries: Iterable[ArchiveEntry], objectives: Sequence[Objective]) -> list[ArchiveEntry]:
+    """The entries of ``named_picks``."""
+    return [entry for entry, _ in named_picks(entries, objectives)]
 
 
 def _finite(entry: ArchiveEntry, objectives: Sequence[Objective]) -> bool:

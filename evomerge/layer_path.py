@@ -21,7 +21,7 @@ from functools import cached_property
 from typing import Any, Mapping, Union
 
 from evomerge.errors import UserError
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, recipe_line
 from evomerge.serialization import canonical_json, checked_mapping, dump_yaml, short_repr
 
 KIND = "path"  # the ``kind`` key of a path's dict; recipes have none
@@ -156,10 +156,10 @@ class LayerPath:
         return hash(self.hash)
 
     def summary(self) -> str:
-        return summary_line([s.to_dict() for s in self.slices], self.outside)
+        return path_line([s.to_dict() for s in self.slices], self.outside)
 
 
-def summary_line(slices: list[Mapping[str, Any]], outside: str) -> str:
+def path_line(slices: list[Mapping[str, Any]], outside: str) -> str:
     """One line for tables: each slice as source[first-last], its entry scale where not 1. Over
     plain slice dicts, so a report can show thousands of archived paths without parsing each."""
     parts = [f"{s['source']}[{s['start']}-{s['end'] - 1}]" + (f"×{s['scale']:.2f}" if s.get("scale", 1) != 1 else "")
@@ -185,6 +185,22 @@ def _canonical(slices: tuple[Slice, ...] | list[Slice]) -> tuple[Slice, ...]:
 
 # What a candidate is: a merge recipe or a layer path. Both hash, summarize, export.
 Plan = Union[Recipe, LayerPath]
+
+
+def candidate_line(data: Mapping[str, Any]) -> str:
+    """The one-line summary every view shows for an archived candidate (``inspect``, the HTML
+    report's hovers and picks): a layer path's slices or a recipe's methods and mean parameters,
+    read from the dict without validating it; never raises, since a report must show a run
+    written by another evomerge version."""
+    try:
+        kind = data.get("kind")
+        if kind == KIND:
+            return path_line(data.get("slices") or [], data.get("outside", BASE))
+        if kind is not None:
+            return f"({kind} candidate)"
+        return recipe_line(data)
+    except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        return "(unreadable recipe)"
 
 
 def plan_from_dict(data: Any) -> Plan:

@@ -386,19 +386,28 @@ class Recipe:
         return int(self.hash[:8], 16)
 
     def summary(self) -> str:
-        """One line for tables; '≈' marks a layer-weighted mean of values that vary by group."""
-        spans = [(g.end - g.start, g.config) for g in self.groups]
-        methods = dict.fromkeys(c.method for _, c in spans + [(1, self.outside)])
-        scaled = [(n, c.get("lambda")) for n, c in spans if c.get("lambda") is not None]
-        parts = ["+".join(methods) + (f" λ{_mean(scaled)}" if scaled else "")]
-        for name in self.experts:
-            present = [(n, c.experts[name]) for n, c in spans if name in c.experts]
-            shown = [f"{letter}{_mean(values)}" for letter, key in (("w", "weight"), ("d", "density"))
-                     if (values := [(n, p[key]) for n, p in present if key in p])]
-            if shown:
-                parts.append(" ".join([name, *shown]))
-        count = len(self.groups)
-        return " · ".join(parts + [f"{count} layer group{'s' * (count != 1)}"])
+        """One line for tables (``recipe_line`` of this recipe's dict)."""
+        return recipe_line(self.to_dict())
+
+
+def recipe_line(data: Mapping[str, Any]) -> str:
+    """One line for tables, read from a recipe's dict (as the archive stores it) without
+    validating it, so a report can summarize thousands of candidates quickly: the method(s), the
+    layer-weighted mean λ, each expert's weight and density, the number of layer groups; '≈'
+    marks a mean of values that vary by group. Raises KeyError/TypeError on a malformed dict."""
+    spans = [(g["end"] - g["start"], g["config"]) for g in data["groups"]]
+    outside = data["outside"]
+    methods = dict.fromkeys(c["method"] for _, c in [*spans, (1, outside)])
+    scaled = [(n, c["lambda"]) for n, c in spans if c.get("lambda") is not None]
+    parts = ["+".join(methods) + (f" λ{_mean(scaled)}" if scaled else "")]
+    for name in data["experts"]:
+        present = [(n, c["experts"][name]) for n, c in spans if name in c.get("experts", {})]
+        shown = [f"{letter}{_mean(values)}" for letter, key in (("w", "weight"), ("d", "density"))
+                 if (values := [(n, p[key]) for n, p in present if key in p])]
+        if shown:
+            parts.append(" ".join([name, *shown]))
+    count = len(spans)
+    return " · ".join(parts + [f"{count} layer group{'s' * (count != 1)}"])
 
 
 def _runs(layers: list[int]) -> str:
@@ -414,5 +423,5 @@ def _runs(layers: list[int]) -> str:
 
 def _mean(values: list[tuple[int, float]]) -> str:
     total = sum(n for n, _ in values)
-    mean = sum(n * v for n, v in values) / total
+    mean = sum(n * v for n, v in values) / max(total, 1)
     return f"{'=' if len({v for _, v in values}) == 1 else '≈'}{mean:.2f}"

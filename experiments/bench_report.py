@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from evomerge.html_report import write_report
+from evomerge.report.html import write_report
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 from evomerge.run import ArchiveEntry, RunDir
 

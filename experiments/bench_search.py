@@ -26,7 +26,7 @@ from evomerge.config import compose
 from evomerge.layer_path import Plan
 from evomerge.search.settings import build_zoo_for, read_settings
 from evomerge.search.workers import EvalRequest, EvalResult, WorkerPool
-from evomerge.space import search_space
+from evomerge.search.space import search_space
 
 
 def measure(settings, recipes: list[Plan], workers: int) -> dict[str, float]:

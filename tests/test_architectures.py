@@ -169,7 +169,7 @@ def test_a_family_goes_through_the_searchs_own_pieces(pools, pico_zoo, family, t
     from evomerge.config import compose
     from evomerge.search.settings import read_settings
     from evomerge.search.workers import EvalRequest, MergeWorker
-    from evomerge.space import search_space
+    from evomerge.search.space import search_space
 
     folder = pools / family
     settings = read_settings(compose([

@@ -17,7 +17,7 @@ from evomerge.merge.engine import Merger
 from evomerge.merge.export import export
 from evomerge.mergekit_config import to_mergekit
 from evomerge.merge.path_model import PathSources, folded, path_model
-from evomerge.path_space import PathSpace
+from evomerge.search.path_space import PathSpace
 from evomerge.pool import ModelPool
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 
@@ -229,7 +229,9 @@ def test_a_dataflow_search_runs_inspects_exports_and_resumes(pico_zoo, pico_cach
     from test_search import cli, comparable
     from transformers import AutoModelForCausalLM
 
-    from evomerge.report import export_pick, render, summary
+    from evomerge.pick_export import export_pick
+    from evomerge.report.run_data import summary
+    from evomerge.report.text import render
     from evomerge.run import RunDir
 
     runs = tmp_path / "runs"

@@ -81,11 +81,17 @@ LAYERS: dict[str, int] = {
     "evomerge.zoo.build": FITNESS,
     "evomerge.kinship": FITNESS,
     # reports: below the search, which rewrites report.html as it goes
-    "evomerge.report": REPORTS,
-    "evomerge.html_report": REPORTS,
+    "evomerge.report": DATA,
+    "evomerge.report.candidates": REPORTS,
+    "evomerge.report.run_data": REPORTS,
+    "evomerge.report.text": REPORTS,
+    "evomerge.report.plots": REPORTS,
+    "evomerge.report.page_data": REPORTS,
+    "evomerge.report.figures": REPORTS,
+    "evomerge.report.html": REPORTS,
     # search
-    "evomerge.path_space": SEARCH,
-    "evomerge.space": SEARCH,
+    "evomerge.search.path_space": SEARCH,
+    "evomerge.search.space": SEARCH,
     "evomerge.search.messages": SEARCH,
     "evomerge.search.hooks": SEARCH,
     "evomerge.search.algorithms": SEARCH,
@@ -94,6 +100,7 @@ LAYERS: dict[str, int] = {
     "evomerge.search.refine": SEARCH,
     "evomerge.search.loop": SEARCH,
     "evomerge.plan": PLAN,
+    "evomerge.pick_export": PLAN,  # a run's pick (reports) materialized (engine)
     "evomerge.cli": CLI,
 }
 

@@ -14,7 +14,7 @@ from evomerge.merge import registry
 from evomerge.mergekit_config import to_mergekit
 from evomerge.merge.registry import WEIGHT, MergeParamError, MethodSpec, Param, ParamRange
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
-from evomerge.space import SearchSpace
+from evomerge.search.space import SearchSpace
 
 
 def boosted(base, deltas, params, generator=None, stats=None, *, out=None):

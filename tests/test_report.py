@@ -15,7 +15,9 @@ import torch
 from evomerge.errors import UserError
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 from evomerge.front import knee
-from evomerge.report import front, objectives, pick, pick_label, render, summary, write_plots
+from evomerge.report.plots import write_plots
+from evomerge.report.run_data import front, objectives, pick, pick_label, summary
+from evomerge.report.text import render
 from evomerge.run import ArchiveEntry, RunDir
 
 torch.set_num_threads(1)
@@ -325,4 +327,5 @@ def test_best_mean_is_the_best_verified_candidate_and_inspect_lists_them(tmp_pat
     text = render(data).splitlines()
     at = next(i for i, line in enumerate(text) if "scored on every validation item: 2 candidate(s)" in line)
     assert [line.split()[0] for line in text[at + 3:at + 5]] == ["4*+", "3"]
-    assert text[at + 3].split()[2:7] == ["all", "0.5800", "0.5000", "0.5800", "0.5200"]
+    assert [c.strip() for c in text[at + 1].split("  ") if c.strip()][:3] == ["id", "gen", "scored on"]  # the HTML report's column, spelled alike
+    assert text[at + 3].split()[2:8] == ["all", "items", "0.5800", "0.5000", "0.5800", "0.5200"]

@@ -15,10 +15,12 @@ import torch
 
 from evomerge import front as fronts
 from evomerge.fitness.objectives import Objective, hypervolume
-from evomerge.html_report import (figures, parent_kind, recipe_view, render_html, report_data, short_recipe,
-                                  write_report)
+from evomerge.layer_path import candidate_line
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
-from evomerge.report import pick
+from evomerge.report.figures import figures
+from evomerge.report.html import render_html, write_report
+from evomerge.report.page_data import parent_kind, recipe_view, report_data
+from evomerge.report.run_data import pick
 from evomerge.run import ArchiveEntry, RunDir
 
 torch.set_num_threads(1)  # the kinship of the pico models: 0.05 s on one thread, 12 s on two busy cores
@@ -34,7 +36,7 @@ def pico_run(pico_zoo, tmp_path_factory) -> RunDir:
     are made up (running models is test_search.py's business), so the folder takes a second."""
     from evomerge.config import compose, read_config
     from evomerge.kinship import write_run_kinship
-    from evomerge.space import search_space
+    from evomerge.search.space import search_space
 
     experts = {name: str(path) for name, path in pico_zoo.experts.items()}
     config = compose(["zoo=pico", "space=methods", "space.granularity=2", "algorithm=nsga2"])
@@ -78,7 +80,7 @@ def pico_run(pico_zoo, tmp_path_factory) -> RunDir:
 def test_the_front_panel_groups_candidates_as_the_front_and_picks_do(pico_run):
     """Front members, the run's starting points (base, four experts, three uniform merges) and
     the picks are those of evomerge.front, and each pick's export command picks that very entry."""
-    from evomerge.report import objectives
+    from evomerge.report.run_data import objectives
 
     data = report_data(pico_run)
     objs, entries = objectives(pico_run), pico_run.archive()
@@ -135,10 +137,10 @@ def test_recipe_views_per_kind():
     assert view["kind"] == "path" and view["rows"] == ["a", "b"] and view["columns"] == ["0", "1", "2", "3", "4"]
     assert view["z"] == [[None, None, None, 0.8, 0.8], [1.0, 1.0, 1.0, None, None]]
     assert view["blocks"][0] == [None, None, None, 2, 3]
-    assert short_recipe(path) == "path of 5 blocks: b[0-2] → a[2-3]×0.80 · outside: b"
+    assert candidate_line(path) == "path of 5 blocks: b[0-2] → a[2-3]×0.80 · outside: b"
     assert "kind 'tree'" in recipe_view(entry(2, {"kind": "tree"}))["note"]
     assert "unreadable" in recipe_view(entry(3, {"base": "base"}))["note"]
-    assert short_recipe({"groups": 3}) == "(unreadable recipe)" and short_recipe({"kind": "tree"}) == "(tree candidate)"
+    assert candidate_line({"groups": 3}) == "(unreadable recipe)" and candidate_line({"kind": "tree"}) == "(tree candidate)"
     assert parent_kind(entry(4, path, generation=-1)) == "experts"
 
 
@@ -211,7 +213,7 @@ def test_the_command_writes_the_page_and_refuses_bad_input_in_one_line(pico_run,
 def test_the_page_is_self_contained_and_escapes_what_it_shows(pico_run):
     """plotly.js is inlined once and nothing is fetched (no src or href); text from the run
     folder cannot close the data's script element."""
-    from evomerge.html_report import _plotly_js
+    from evomerge.report.html import _plotly_js
 
     data = report_data(pico_run)
     data["run"] = "</script><script>alert(1)</script>"

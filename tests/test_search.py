@@ -111,7 +111,7 @@ def test_parents_open_the_archive_and_no_front_member_is_worse_than_one(referenc
     on each objective scores at least what every parent scores there, on the search's data."""
     from evomerge import front as fronts
     from evomerge.recipe import Recipe
-    from evomerge.report import objectives, pick
+    from evomerge.report.run_data import objectives, pick
     from evomerge.run import RunDir
 
     run = RunDir.open(reference_run[0])
@@ -444,7 +444,7 @@ def test_racing_promotes_each_generations_best_and_verifies_the_pick(raced_run, 
     """After each generation its best candidate by estimated mean (a quarter of 4) is re-scored
     on all 16 validation items (fidelity full, the next id, same generation), and the run ends
     with ``best:mean`` a verified candidate."""
-    from evomerge.report import pick
+    from evomerge.report.run_data import pick
     from evomerge.run import RunDir
 
     rows = comparable(raced_run)

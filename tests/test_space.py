@@ -10,7 +10,7 @@ from evomerge.errors import UserError
 from evomerge.mergekit_config import to_mergekit_yaml
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 from evomerge.search.algorithms import make_algorithm, make_problem
-from evomerge.space import SearchSpace
+from evomerge.search.space import SearchSpace
 
 EXPERTS = ("a", "b", "c")
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from evomerge.config import AlgorithmConfig
-from evomerge.space import Space
+from evomerge.search.space import Space
 
 
 def make_problem(space: Space, n_obj: int):

@@ -37,7 +37,7 @@ from evomerge import front as fronts
 from evomerge.config import SINGLE
 from evomerge.errors import DiskError, UserError
 from evomerge.fitness.objectives import Objective, hypervolume, minimized_matrix
-from evomerge.html_report import write_report
+from evomerge.report.html import write_report
 from evomerge.layer_path import Plan, plan_from_dict
 from evomerge.run import ArchiveEntry, RunDir
 from evomerge.search.algorithms import make_algorithm, make_problem, setup
@@ -45,7 +45,7 @@ from evomerge.search.hooks import SearchHooks
 from evomerge.search.settings import Settings, changed_keys, read_settings, search_fingerprint
 from evomerge.search.messages import EvalRequest, EvalResult, RefineRequest
 from evomerge.search.workers import WorkerPool, worst_objectives
-from evomerge.space import search_space
+from evomerge.search.space import search_space
 
 Log = Callable[[str], None]
 RUN_STATE = "run.json"

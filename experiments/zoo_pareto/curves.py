@@ -68,7 +68,7 @@ class Curve:
 
     def __init__(self, name: str, seed: int, folder: Path, skills: list[str], rescore: int, front_cap: int,
                  verify: int = 0, verify_cost: float = VERIFY_COST) -> None:
-        from evomerge.report import objectives
+        from evomerge.report.run_data import objectives
         from evomerge.run import RunDir
 
         self.name, self.seed, self.folder, self.skills = name, seed, folder, skills

@@ -287,7 +287,7 @@ def probe_population(settings, scorer: Scorer, path: Path, log: Log) -> None:
 
     from evomerge.fitness.evaluator import Evaluation, Evaluator
     from evomerge.pool import resolve
-    from evomerge.space import SearchSpace
+    from evomerge.search.space import SearchSpace
 
     space = SearchSpace(settings.space, settings.base, tuple(settings.experts), settings.num_layers,
                         expert_refs=dict(settings.experts))
@@ -507,7 +507,7 @@ class RunResult:
 
     def __init__(self, name: str, seed: int, folder: Path, skills: list[str], rescore: int, front_cap: int) -> None:
         from evomerge import front
-        from evomerge.report import objectives
+        from evomerge.report.run_data import objectives
         from evomerge.run import RunDir
 
         self.name, self.seed, self.folder, self.skills, self.front_cap = name, seed, folder, skills, front_cap

@@ -23,7 +23,7 @@ from evomerge.errors import UserError
 from evomerge.merge import registry
 from evomerge.merge.registry import Param
 from evomerge.mergekit_config import from_mergekit
-from evomerge.path_space import PathSpace
+from evomerge.search.path_space import PathSpace
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 from evomerge.serialization import load_yaml
 
