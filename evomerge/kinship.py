@@ -131,22 +131,12 @@ def pool_for(arguments: Sequence[str]) -> ModelPool:
                             f"evomerge pool BASE EXPERT [EXPERT...]")
         return ModelPool(refs[0], refs[1:])
     from evomerge.config import compose, read_config
-    from evomerge.zoo.build import Zoo
+    from evomerge.zoo.build import model_refs
 
     config = read_config(compose(overrides))
-    models = config.models
-    if models.base:
-        if not models.experts:
-            raise UserError(f"models.base={models.base} is set but models.experts is empty; "
-                            f"list the fine-tuned models, e.g. models.experts=[PATH,PATH]")
-        return ModelPool(models.base, models.experts, allow_pickle=models.allow_pickle,
-                         trust_remote_code=models.trust_remote_code)
-    zoo = Zoo.at(config.zoo)
-    if not zoo.is_built():
-        build = " ".join(["evomerge zoo build", *overrides])
-        raise UserError(f"the {zoo.config.kind} zoo is not built at {zoo.root}; run '{build}' "
-                        f"or pass BASE EXPERT...")
-    return ModelPool(str(zoo.base), {k: str(v) for k, v in zoo.experts.items()})
+    base, experts = model_refs(config)
+    return ModelPool(base, experts, allow_pickle=config.models.allow_pickle,
+                     trust_remote_code=config.models.trust_remote_code)
 
 
 def write_run_kinship(run: RunDir) -> Path:

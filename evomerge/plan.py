@@ -248,17 +248,9 @@ def planned_config(config: Mapping[str, Any], search: SearchPlan) -> dict[str, A
 
 
 def _model_refs(typed: Config) -> tuple[str, dict[str, str]]:
-    if typed.models.base is not None:
-        from evomerge.search.settings import named_experts
+    from evomerge.zoo.build import model_refs
 
-        return str(typed.models.base), named_experts(typed.models.experts)
-    from evomerge.zoo.build import Zoo
-
-    zoo = Zoo.at(typed.zoo)
-    if not zoo.is_built():
-        raise UserError(f"the zoo {zoo.root} is not built, so there is nothing to plan; run `evomerge zoo "
-                        f"build` with the same zoo settings, or name models.base and models.experts")
-    return str(zoo.base), {k: str(v) for k, v in zoo.experts.items()}
+    return model_refs(typed)
 
 
 def _device_memory(device: str) -> tuple[int, str]:

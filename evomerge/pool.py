@@ -192,6 +192,25 @@ def _is_gguf(ref: str) -> bool:
     return path.suffix == ".gguf" and path.is_file()
 
 
+def named_experts(experts: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
+    """Experts by name: a mapping as given, a list named by each reference's last path part (a
+    folder or hub id's name), the names a recipe and the archive use; colliding names and an empty
+    list are one-line errors."""
+    if isinstance(experts, Mapping):
+        named = {str(k): str(v) for k, v in experts.items()}
+    else:
+        named = {}
+        for ref in experts or ():
+            name = Path(str(ref).rstrip("/")).name or str(ref)
+            if name in named:
+                raise UserError(f"experts {named[name]!r} and {ref!r} would both be named {name!r}; "
+                                f"give models.experts as a mapping name: path")
+            named[name] = str(ref)
+    if not named:
+        raise UserError(f"models.experts={experts!r} must list at least one expert model (path or hub id)")
+    return named
+
+
 class ModelPool:
     """The base's weights and each expert's task vector τ = θ_expert − θ_base, on one device.
 
@@ -208,14 +227,7 @@ class ModelPool:
     def __init__(self, base: str, experts: Mapping[str, str] | Sequence[str], *,
                  dtype: torch.dtype | None = None, delta_dtype: torch.dtype | str | None = None,
                  allow_pickle: bool = False, trust_remote_code: bool = False, device: str = "cpu") -> None:
-        if isinstance(experts, Mapping):
-            named = dict(experts)
-        else:
-            named = {Path(ref).name or ref: ref for ref in experts}
-        if not named:
-            raise UserError("no experts given; a merge needs at least one expert besides the base")
-        if len(named) != len(experts):
-            raise UserError(f"expert names collide in {list(experts)}; name them explicitly")
+        named = named_experts(experts)
         opts = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
         # Inspecting a GGUF file means dequantizing it; a GGUF base is loaded once, for both.
         def load_dtype(ref: str) -> torch.dtype:

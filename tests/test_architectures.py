@@ -189,6 +189,8 @@ def test_a_family_goes_through_the_searchs_own_pieces(pools, pico_zoo, family, t
             sorted((layer, c) for layer in range(LAYERS) for c in ("all", "attn"))
         result = worker.evaluate(EvalRequest(recipe))
         assert result.error is None and result.evaluation is not None
+        scores = result.evaluation.scores
+        assert scores and all(0.0 <= v <= 1.0 for v in scores.values()), scores
     model = worker.merger.materialize(recipes[-1])
     out = export(recipes[-1], worker.merger, tmp_path / "merge")
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model").eval()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_cluster import free_port, local_cluster
 from search_faults import (DRIVER_EXIT, DiskFullAtArchiveLine, DriverDiesAfterGeneration, DriverDiesInArchiveLine,
                            WorkerFaults)
 
@@ -279,58 +280,47 @@ def test_failing_candidates_cost_the_candidates_not_the_run(pico_zoo, pico_cache
 
 
 def test_a_search_joins_a_ray_cluster_by_address(pico_zoo, pico_cache, tmp_path):
-    port = 6391
     # A throwaway localhost cluster: no token, so the driver needs none either.
     env = {**os.environ, "EVOMERGE_CACHE": str(pico_cache), "RAY_AUTH_MODE": "disabled"}
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
-                   env=env, timeout=120)
-    try:
-        done = cli(*search_args(tmp_path, "cluster", f"runtime.address=127.0.0.1:{port}", "algorithm.generations=1"),
+    with local_cluster(env) as address:
+        done = cli(*search_args(tmp_path, "cluster", f"runtime.address={address}", "algorithm.generations=1"),
                    cache=pico_cache, env={"RAY_AUTH_MODE": "disabled"})
         assert done.returncode == 0, done.stderr[-3000:]
         assert len(comparable(tmp_path / "cluster")) == PARENTS + POP + VERIFY
-    finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
 
 
 @pytest.mark.reliability("safety", "joining a Ray cluster started with token authentication: the right token file joins it, a wrong one or none is a one-line error")
 def test_a_search_joins_a_token_protected_cluster_only_with_its_token(pico_zoo, pico_cache, tmp_path):
-    port = 6392
     secret, wrong = tmp_path / "token", tmp_path / "wrong-token"
     secret.write_text("evomerge-test-token-7f3a9c\n")
     wrong.write_text("not-the-token\n")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secret.read_text().strip()}
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
-                   env=env, timeout=120)
     clean = {"RAY_AUTH_MODE": "", "RAY_AUTH_TOKEN": "", "RAY_AUTH_TOKEN_PATH": ""}  # nothing leaks in from CI
-    try:
+    with local_cluster(env) as address:
         for token in (wrong, None):
             started = time.time()
             extra = [f"runtime.auth_token_file={token}"] if token else []
-            done = cli(*search_args(tmp_path, f"refused-{bool(token)}", f"runtime.address=127.0.0.1:{port}", *extra),
+            done = cli(*search_args(tmp_path, f"refused-{bool(token)}", f"runtime.address={address}", *extra),
                        cache=pico_cache, env=clean, timeout=300)
             assert done.returncode == 2, done.stderr[-3000:]
             last = done.stderr.strip().splitlines()[-1]
             assert "cannot join the Ray cluster at runtime.address=127.0.0.1" in last and "auth_token_file" in last
             assert time.time() - started < 120
-        done = cli(*search_args(tmp_path, "joined", f"runtime.address=127.0.0.1:{port}",
+        done = cli(*search_args(tmp_path, "joined", f"runtime.address={address}",
                                 f"runtime.auth_token_file={secret}", "algorithm.generations=1"),
                    cache=pico_cache, env=clean)
         assert done.returncode == 0, done.stderr[-3000:]
         assert len(comparable(tmp_path / "joined")) == PARENTS + POP + VERIFY
         assert "evomerge-test-token" not in (tmp_path / "joined" / "config.yaml").read_text()
-    finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
 
 
 @pytest.mark.reliability("bad input", "a Ray cluster address nobody listens on")
 def test_an_unreachable_ray_cluster_is_a_one_line_error(pico_zoo, pico_cache, tmp_path):
-    done = cli(*search_args(tmp_path, "nocluster", "runtime.address=127.0.0.1:6399"), cache=pico_cache,
+    port = free_port()  # nobody listens on it
+    done = cli(*search_args(tmp_path, "nocluster", f"runtime.address=127.0.0.1:{port}"), cache=pico_cache,
                env={"RAY_AUTH_MODE": "disabled"}, timeout=300)
     last = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 2 and "runtime.address=127.0.0.1:6399" in last and "Traceback" not in done.stderr
+    assert done.returncode == 2 and f"runtime.address=127.0.0.1:{port}" in last and "Traceback" not in done.stderr
 
 
 def _bad(override: str, named: str, what: str):

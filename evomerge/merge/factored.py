@@ -9,6 +9,7 @@ makes dense, one tensor at a time, for the others (as it does for quantized stac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -84,7 +85,7 @@ class FactoredStack:
     def dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The ``[K, n]`` stack, made dense for one merge (zeros where an expert is absent)."""
         device = self.device
-        out = torch.zeros((self.experts, _numel(self.shape)), dtype=dtype, device=device)
+        out = torch.zeros((self.experts, math.prod(self.shape)), dtype=dtype, device=device)
         if self.dense_part is not None:
             rows = torch.tensor(self.dense_rows, device=device)
             part = (self.dense_part.dense(dtype) if isinstance(self.dense_part, QuantizedStack)
@@ -108,10 +109,3 @@ class FactoredStack:
             matrix.addmm_(left, right)
         else:
             matrix.copy_(torch.addmm(matrix.to(work), left, right))
-
-
-def _numel(shape: Sequence[int]) -> int:
-    numel = 1
-    for size in shape:
-        numel *= size
-    return numel

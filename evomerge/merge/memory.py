@@ -9,6 +9,7 @@ sharing a device, and :func:`fit_delta_format` picks the first delta format that
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -169,7 +170,7 @@ class MemoryPlan:
         and the LoRA ``adapters``; the working model holds the same tensors as the base, so it
         costs the same. Quantized deltas count their codes (each tensor's groups padded to whole
         groups) and their float32 scales; LoRA factors stay float (:func:`lora_factor_dtype`)."""
-        numels = [_numel(shape) for shape in shapes.values()]
+        numels = [math.prod(map(int, shape)) for shape in shapes.values()]
         model_bytes = sum(numels) * itemsize(dtype)
         if isinstance(delta_dtype, str):
             per_expert = sum(quantized_bytes(n, QUANTIZED_DELTAS[delta_dtype]) for n in numels)
@@ -238,7 +239,7 @@ def pool_loading_bytes(shapes: Mapping[str, Sequence[int]], stored: torch.dtype,
     (the widest of the experts being read as stored, the float32 copy peft merges an adapter
     into, and the base's own copy made after the experts), plus ``deltas``, the task vectors
     stored as they load in the format the merger holds them (its plan's ``deltas``)."""
-    numel = sum(_numel(shape) for shape in shapes.values())
+    numel = sum(math.prod(map(int, shape)) for shape in shapes.values())
     return numel * (itemsize(stored) + itemsize(second)) + deltas
 
 
@@ -305,10 +306,3 @@ def itemsize(dtype: torch.dtype) -> int:
 def _long_format_name(delta: DeltaFormat) -> str:
     """A delta format for people: ``bfloat16``, or ``int8 in groups of 128 + fp32 scales``."""
     return f"{delta} in groups of {GROUP} + fp32 scales" if isinstance(delta, str) else dtype_name(delta)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= int(size)
-    return count

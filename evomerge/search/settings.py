@@ -68,11 +68,12 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
     typed = read_config(config)
     models = typed.models
     tasks, include_path = typed.tasks, typed.include_path
+    from evomerge.pool import named_experts
+    from evomerge.zoo.build import model_refs
+
     if typed.searches_zoo:
-        if models.experts:
-            raise UserError("models.experts is set but models.base is not; give the model the "
-                            "experts were fine-tuned from as models.base=PATH_OR_HUB_ID")
-        base, experts, zoo_tasks, zoo_path = _zoo_models(typed.zoo)
+        base, experts = model_refs(typed)
+        zoo_tasks, zoo_path = _zoo_tasks(typed.zoo)
         tasks = tasks if tasks is not None else zoo_tasks
         include_path = include_path if include_path is not None else zoo_path
     else:
@@ -113,38 +114,17 @@ def _check_refinable(space: SpaceConfig) -> None:
                         f"valid: {', '.join(DIFFERENTIABLE_METHODS)} (or set refine.at=off)")
 
 
-def _zoo_models(config: ZooConfig) -> tuple[str, dict[str, str], list[str], str]:
+def _zoo_tasks(config: ZooConfig) -> tuple[list[str], str]:
+    """The zoo's task names and lm-eval task folder (its base and experts: ``model_refs``)."""
     from evomerge.zoo.build import Zoo
     from evomerge.zoo.tasks import task_name
 
     zoo = Zoo.at(config)
-    if not zoo.is_built():
-        raise UserError(f"the zoo {zoo.root} is not built; run `evomerge zoo build` with the same zoo "
-                        f"settings (`evomerge search` builds it itself)")
     if not zoo.has_task_dir():
         raise UserError(f"the zoo's task folder {zoo.task_dir} (zoo.validation_size="
                         f"{config.validation_size}) is not written; run `evomerge zoo build` with the "
                         f"same zoo settings")
-    tasks = [task_name(skill) for skill in config.skills]
-    return str(zoo.base), {k: str(v) for k, v in zoo.experts.items()}, tasks, str(zoo.task_dir)
-
-
-def named_experts(experts: Any) -> dict[str, str]:
-    if isinstance(experts, Mapping):
-        named = {str(k): str(v) for k, v in experts.items()}
-    elif isinstance(experts, (list, tuple)):
-        named = {}
-        for ref in experts:
-            name = Path(str(ref).rstrip("/")).name or str(ref)
-            if name in named:
-                raise UserError(f"experts {named[name]!r} and {ref!r} would both be named {name!r}; "
-                                f"give models.experts as a mapping name: path")
-            named[name] = str(ref)
-    else:
-        named = {}
-    if not named:
-        raise UserError(f"models.experts={experts!r} must list at least one expert model (path or hub id)")
-    return named
+    return [task_name(skill) for skill in config.skills], str(zoo.task_dir)
 
 
 def _check_models(base: str, experts: Mapping[str, str], allow_pickle: bool, trust_remote_code: bool) -> Layout:

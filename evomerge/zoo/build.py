@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from evomerge.config import ZooConfig
+from evomerge.config import Config, ZooConfig
 from evomerge.errors import UserError
 from evomerge.fitness.native import generate_exact_match
 from evomerge.zoo.finetune import finetune
@@ -206,3 +206,25 @@ def _build_expert(zoo: Zoo, skill: str, index: int, log: Callable[[str], None]) 
     (tmp / "evomerge_training.json").write_text(json.dumps(stats, indent=2))
     tmp.rename(zoo.expert(skill))
     return stats
+
+
+def model_refs(config: Config) -> tuple[str, dict[str, str]]:
+    """The base and named experts a config names: ``models.base`` and ``models.experts`` where
+    it sets them, else the zoo's, which must be built (reading a config never builds it). One
+    home for the rule that ``search``, ``plan`` and ``pool`` all follow."""
+    from evomerge.pool import named_experts
+
+    models = config.models
+    if models.base is not None:
+        if not models.experts:
+            raise UserError(f"models.base={models.base} is set but models.experts is empty; "
+                            f"list the fine-tuned models, e.g. models.experts=[PATH,PATH]")
+        return str(models.base), named_experts(models.experts)
+    if models.experts:
+        raise UserError("models.experts is set but models.base is not; give the model the "
+                        "experts were fine-tuned from as models.base=PATH_OR_HUB_ID")
+    zoo = Zoo.at(config.zoo)
+    if not zoo.is_built():
+        raise UserError(f"the zoo {zoo.root} is not built; run `evomerge zoo build` with the same zoo "
+                        f"settings (`evomerge search` builds it itself), or name models.base and models.experts")
+    return str(zoo.base), {k: str(v) for k, v in zoo.experts.items()}
