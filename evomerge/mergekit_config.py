@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 from evomerge.architecture import Layout, llama_layout
 from evomerge.errors import UserError
 from evomerge.merge import registry
-from evomerge.merge.registry import Param
+from evomerge.merge.params import Param
 from evomerge.layer_path import BASE, MERGE, LayerPath, Plan
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe
 from evomerge.serialization import checked_mapping, dump_yaml, load_yaml, short_repr

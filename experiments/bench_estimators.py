@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     cache_path = cache_dir() / "bench_estimators" / f"{root.name}.jsonl"
     prefix_cache = None
     if args.validation_size is not None:
-        from evomerge.config import ZooConfig, parse
+        from evomerge.config import parse
+        from evomerge.zoo_config import ZooConfig
         from evomerge.zoo.build import Zoo, write_validation_tasks
 
         built = json.loads((root / "config.json").read_text())

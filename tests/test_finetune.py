@@ -3,7 +3,7 @@ import dataclasses
 import torch
 
 from evomerge.pool import load_model
-from evomerge.config import FinetuneConfig
+from evomerge.zoo_config import FinetuneConfig
 from evomerge.zoo.finetune import encode_items, finetune
 
 

@@ -34,9 +34,11 @@ LAYERS: dict[str, int] = {
     # data types, config and its name lists, serialization, errors
     "evomerge.errors": DATA,
     "evomerge.serialization": DATA,
+    "evomerge.zoo_config": DATA,
     "evomerge.config": DATA,
     # the method registry is a name list (which methods, which parameters, their ranges) that
     # the config and a recipe are checked against; it holds no math and imports only errors
+    "evomerge.merge.params": DATA,
     "evomerge.merge.registry": DATA,
     "evomerge.recipe": DATA,
     "evomerge.layer_path": DATA,

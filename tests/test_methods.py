@@ -15,7 +15,8 @@ from evomerge.errors import UserError
 from evomerge.merge import kernels
 from evomerge.merge.draws import Grid, draw_keys, draw_uniforms, integer_draws
 from evomerge.merge.methods import merge_tensor
-from evomerge.merge.registry import METHODS, TASK_ARITHMETIC_VARIANTS, MergeParamError, MergeParams, validate
+from evomerge.merge.params import MergeParamError
+from evomerge.merge.registry import METHODS, TASK_ARITHMETIC_VARIANTS, MergeParams, validate
 from evomerge.merge.stats import MagnitudeQuantiles, row_ranks
 
 torch.set_num_threads(1)

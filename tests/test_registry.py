@@ -12,7 +12,8 @@ from evomerge.config import SpaceConfig
 from evomerge.errors import UserError
 from evomerge.merge import registry
 from evomerge.mergekit_config import to_mergekit
-from evomerge.merge.registry import WEIGHT, MergeParamError, MethodSpec, Param, ParamRange
+from evomerge.merge.params import WEIGHT, MergeParamError, Param, ParamRange
+from evomerge.merge.registry import MethodSpec
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe
 from evomerge.search.space import SearchSpace
 

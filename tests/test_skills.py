@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from evomerge import config
+from evomerge import zoo_config as config
 from evomerge.zoo.skills import SKILLS, make_splits
 
 SIZES = {"train": 300, "validation": 50, "test": 50}

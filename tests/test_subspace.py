@@ -10,7 +10,8 @@ import torch
 
 from evomerge.errors import UserError
 from evomerge.merge.methods import merge_tensor
-from evomerge.merge.registry import MergeParamError, MergeParams, validate
+from evomerge.merge.params import MergeParamError
+from evomerge.merge.registry import MergeParams, validate
 from evomerge.merge.stats import DeltaStats
 from evomerge.mergekit_config import to_mergekit_yaml
 from evomerge.recipe import ExpertParams, MethodConfig, Recipe

@@ -36,7 +36,8 @@ from evomerge.merge.draws import DRAW_STEPS, Grid, draw_keys
 from evomerge.merge.kernels import (
     Combination, KeepRule, combine, consensus_slab, elementwise, magmax_slab, merge_kept, merged_output, weight_total,
     work_dtype)
-from evomerge.merge.registry import METHODS, MergeParamError, MergeParams, TaskArithmeticVariant, resolve
+from evomerge.merge.params import MergeParamError
+from evomerge.merge.registry import METHODS, MergeParams, TaskArithmeticVariant, resolve
 from evomerge.merge.stats import MagnitudeStats, l1_norms, magnitude_cuts, rank_width, ranked_l1_norms, row_ranks
 
 # --- generalized task arithmetic ---------------------------------------------------------------

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from evomerge.architecture import Layout
-from evomerge.config import (AlgorithmConfig, FitnessConfig, RefineConfig, RuntimeConfig, SpaceConfig, ZooConfig,
-                             read_config)
+from evomerge.config import AlgorithmConfig, FitnessConfig, RefineConfig, RuntimeConfig, SpaceConfig, read_config
 from evomerge.errors import UserError
 from evomerge.search.workers import WorkerSpec
+from evomerge.zoo_config import ZooConfig
 
 # Settings that may change between a run and its resume without changing what it searches.
 RESUMABLE = ("name", "runs_dir", "runtime", "algorithm.generations")

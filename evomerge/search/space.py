@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence, Union
 from evomerge.config import SpaceConfig
 from evomerge.errors import UserError
 from evomerge.merge import registry
-from evomerge.merge.registry import Param
+from evomerge.merge.params import Param
 from evomerge.mergekit_config import from_mergekit
 from evomerge.search.path_space import PathSpace
 from evomerge.recipe import ExpertParams, LayerGroup, MethodConfig, Recipe

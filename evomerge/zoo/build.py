@@ -17,12 +17,13 @@ from typing import Callable
 
 import torch
 
-from evomerge.config import Config, ZooConfig
+from evomerge.config import Config
 from evomerge.errors import UserError
 from evomerge.fitness.native import generate_exact_match
 from evomerge.zoo.finetune import finetune
 from evomerge.zoo.skills import SKILLS, extend_split, make_splits
 from evomerge.zoo.tasks import SPLITS, read_jsonl, task_name, write_task_files
+from evomerge.zoo_config import ZooConfig
 
 DEV_ITEMS = 50  # validation items an expert's early stopping looks at
 

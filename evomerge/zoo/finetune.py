@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from evomerge.config import FinetuneConfig
+from evomerge.zoo_config import FinetuneConfig
 from evomerge.fitness.native import pad_id
 from evomerge.zoo.skills import Item
 

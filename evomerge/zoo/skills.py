@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from evomerge.config import TRAINED_SKILLS
+from evomerge.zoo_config import TRAINED_SKILLS
 
 Item = dict[str, object]
 
