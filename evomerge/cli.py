@@ -106,7 +106,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from evomerge.config import compose
-    from evomerge.search.loop import check, start
+    from evomerge.search.driver import check, start
     from evomerge.search.settings import build_zoo_for
 
     config = compose(args.overrides)
@@ -146,7 +146,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     from evomerge.run import RunDir
-    from evomerge.search.loop import resume, resumed_config
+    from evomerge.search.driver import resume, resumed_config
     from evomerge.search.settings import build_zoo_for
 
     run = RunDir.open(args.run_dir)

@@ -54,7 +54,7 @@ class KillWorkers(SearchHooks):
 def drive(every: int, command: str, args: list[str]) -> int:
     from evomerge.config import compose
     from evomerge.errors import UserError
-    from evomerge.search import loop
+    from evomerge.search import driver as loop
 
     hooks = KillWorkers(every) if every else None
     try:

@@ -6,7 +6,7 @@ with it), so they pickle one of the hooks below into a file and run
     PYTHONPATH=tests python -m search_faults HOOKS.pkl search OVERRIDE...
     PYTHONPATH=tests python -m search_faults HOOKS.pkl resume RUN_DIR
 
-which calls ``evomerge.search.loop.start`` / ``resume`` with those hooks. The Ray workers inherit
+which calls ``evomerge.search.driver.start`` / ``resume`` with those hooks. The Ray workers inherit
 PYTHONPATH, so they import this module by name when they unpickle the hooks.
 """
 
@@ -122,7 +122,7 @@ class WorkerFaults(Observer):
 def main(argv: Sequence[str]) -> int:
     from evomerge.config import compose
     from evomerge.errors import UserError
-    from evomerge.search import loop
+    from evomerge.search import driver as loop
 
     hooks_file, command, *rest = argv
     hooks = pickle.loads(Path(hooks_file).read_bytes())

@@ -101,6 +101,7 @@ LAYERS: dict[str, int] = {
     "evomerge.search.settings": SEARCH,
     "evomerge.search.refine": SEARCH,
     "evomerge.search.loop": SEARCH,
+    "evomerge.search.driver": SEARCH,
     "evomerge.plan": PLAN,
     "evomerge.pick_export": PLAN,  # a run's pick (reports) materialized (engine)
     "evomerge.cli": CLI,

@@ -222,7 +222,7 @@ def test_a_run_made_before_teacher_forcing_resumes_decoding(reference_run, pico_
     items: resuming it must not switch to the new default halfway through."""
     import shutil
 
-    from evomerge.search import loop
+    from evomerge.search import driver as loop
     from evomerge.search.settings import search_fingerprint
 
     run = tmp_path / "old"

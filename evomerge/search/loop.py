@@ -29,8 +29,6 @@ import math
 import random
 import sys
 import time
-from datetime import datetime
-from pathlib import Path
 from typing import Any, Callable
 
 from evomerge import front as fronts
@@ -42,71 +40,20 @@ from evomerge.layer_path import Plan, plan_from_dict
 from evomerge.run import ArchiveEntry, RunDir
 from evomerge.search.algorithms import make_algorithm, make_problem, setup
 from evomerge.search.hooks import SearchHooks
-from evomerge.search.settings import Settings, changed_keys, read_settings, search_fingerprint
+from evomerge.search.settings import Settings
 from evomerge.search.messages import EvalRequest, EvalResult, RefineRequest
 from evomerge.search.workers import WorkerPool, worst_objectives
 from evomerge.search.space import search_space
 
 Log = Callable[[str], None]
-RUN_STATE = "run.json"
 
 
-def _stderr(message: str) -> None:
+def stderr_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def check(config: dict[str, Any]) -> None:
-    """Every check ``start`` makes before writing a file (models, tasks, space, algorithm), so a
-    caller can refuse bad input in one line before it prints anything else (the memory plan)."""
-    Search(read_settings(config), lambda _: None)
-
-
-def start(config: dict[str, Any], log: Log = _stderr, *, hooks: SearchHooks | None = None) -> RunDir:
-    """Check ``config``, create its run folder and search; returns the folder."""
-    search = Search(read_settings(config), log, hooks=hooks)  # every check passes before a file is written
-    name = config.get("name") or datetime.now().strftime("%Y%m%d-%H%M%S")
-    run = RunDir.create(Path(config.get("runs_dir") or "runs") / str(name), config)
-    run.write_json(run.root / RUN_STATE, {"fingerprint": search_fingerprint(config), "config": config})
-    log(f"run folder: {run.root}")
-    with run.driving():
-        search.run(run)
-    return run
-
-
-def resume(folder: str | Path, log: Log = _stderr, *, hooks: SearchHooks | None = None) -> RunDir:
-    """Continue the run in ``folder``: replay its archive, then search on."""
-    run = RunDir.open(folder)
-    with run.driving():
-        Search(read_settings(resumed_config(run)), log, hooks=hooks).run(run)
-    return run
-
-
-def resumed_config(run: RunDir) -> dict[str, Any]:
-    """``run``'s config as it resumes; refused when edited in a way that changes the search."""
-    config = run.config()
-    state = run.read_json(run.root / RUN_STATE)
-    if state is None:
-        raise UserError(f"{run.root} has no readable {RUN_STATE}; it was not written by evomerge search")
-    if search_fingerprint(config) != state["fingerprint"]:
-        keys = changed_keys(state["config"], config)
-        raise UserError(f"{run.config_path} was edited in a way that changes the search "
-                        f"({', '.join(keys) or 'structure'}); only {', '.join(('runtime.*', 'algorithm.generations'))} "
-                        f"may change on resume. Start a new run instead")
-    if isinstance(config.get("fitness"), dict):
-        # Runs made before teacher forcing existed decoded their estimator items (their
-        # fingerprint has no such key): a resumed run goes on estimating as it began.
-        config["fitness"].setdefault("teacher_forcing", False)
-        config["fitness"].setdefault("verify", 0)  # and before the end verified the best estimates
-    if isinstance(config.get("space"), dict):
-        # Runs made before parents were candidates numbered their first generation from 0, and
-        # before smooth depth profiles they had genes per layer group.
-        config["space"].setdefault("parents", False)
-        config["space"].setdefault("knots", 0)
-    return config
-
-
 class Search:
-    def __init__(self, settings: Settings, log: Log = _stderr, *, hooks: SearchHooks | None = None) -> None:
+    def __init__(self, settings: Settings, log: Log = stderr_log, *, hooks: SearchHooks | None = None) -> None:
         from evomerge.fitness.evaluator import Evaluator
 
         self.settings = settings

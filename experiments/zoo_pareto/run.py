@@ -21,7 +21,7 @@ scored, never optimized):
    cancels out and a weight grid would change nothing), every point scored on the full
    validation split: what a practitioner tunes by hand;
 3-6. four evomerge searches with the same candidate budget, each through the search API
-   (``evomerge.search.loop.start`` / ``resume``) into ``runs/<zoo>/<settings>/<searcher>-s<seed>/``:
+   (``evomerge.search.driver.start`` / ``resume``) into ``runs/<zoo>/<settings>/<searcher>-s<seed>/``:
    ``random`` (random search, ``algorithm=random``, over the same layer-wise genome with method
    gene that NSGA-II searches, so the hypervolume comparison isolates the algorithm),
    ``cmaes`` (one global weight per expert, mean accuracy: the mergekit-evolve setting; it starts
@@ -469,7 +469,7 @@ def run_search(config: dict, folder: Path, probes: Path, log: Log) -> float:
     import yaml
 
     from evomerge.run import RunDir, atomic_write
-    from evomerge.search import loop
+    from evomerge.search import driver as loop
     from evomerge.search.settings import search_fingerprint
 
     state = read_json(folder / loop.RUN_STATE)
