@@ -4,6 +4,7 @@ SmolLM2 zoo (built once into the user's cache and reused; the first build takes 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,3 +40,23 @@ def zoo_merger(zoo):
     from evomerge.pool import ModelPool
 
     return Merger(ModelPool(str(zoo.base), {k: str(v) for k, v in zoo.experts.items()}))
+
+
+@pytest.fixture
+def evomerge_main(monkeypatch, capsys):
+    """``evomerge ARGS...`` in this process (the CLI's own ``main``, what ``python -m
+    evomerge.cli`` runs): a subprocess per call costs ~3 s of imports and proves nothing more
+    where a test reads the exit code and output. Returns returncode, stdout and stderr."""
+    from evomerge.cli import main
+
+    def call(*args: str, cache=None) -> SimpleNamespace:
+        if cache is not None:
+            monkeypatch.setenv("EVOMERGE_CACHE", str(cache))
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse's --help and usage errors
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return call

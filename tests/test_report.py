@@ -185,13 +185,8 @@ def test_plots_are_real_pictures(tmp_path, count):
 # --- the command line -----------------------------------------------------------------------------
 
 
-def cli(*args, cache=None):
-    env = {**os.environ, **({"EVOMERGE_CACHE": str(cache)} if cache else {}), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=300)
-
-
-def test_inspect_command(run):
+def test_inspect_command(run, evomerge_main):
+    cli = evomerge_main
     done = cli("inspect", str(run.root), "--json")
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
@@ -217,21 +212,22 @@ def test_inspect_and_report_read_the_run_folder_without_torch(run):
 @pytest.mark.parametrize("args, named", [(["inspect", "nowhere"], "nowhere"),
                                          (["export", "RUN", "--pick", "best:speed"], "speed"),
                                          (["export", "RUN", "--pick", "99"], "99")])
-def test_command_errors_are_one_line(run, args, named):
-    done = cli(*[str(run.root) if a == "RUN" else a for a in args])
+def test_command_errors_are_one_line(run, args, named, evomerge_main):
+    done = evomerge_main(*[str(run.root) if a == "RUN" else a for a in args])
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and named in lines[0], done.stderr
 
 
-def test_help_shows_examples():
+def test_help_shows_examples(evomerge_main):
     for command in ("inspect", "export", "pool"):
-        done = cli(command, "--help")
+        done = evomerge_main(command, "--help")
         assert done.returncode == 0 and "example" in done.stdout, command
 
 
 @pytest.mark.reliability("safety", "`evomerge export` into an existing folder: refused in one line unless --force, "
                                    "which replaces it whole")
-def test_export_command_writes_a_model_equal_to_the_merge(pico_zoo, pico_cache, tmp_path):
+def test_export_command_writes_a_model_equal_to_the_merge(pico_zoo, pico_cache, tmp_path, evomerge_main):
+    cli = evomerge_main
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.merge.engine import Merger
