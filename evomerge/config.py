@@ -138,10 +138,13 @@ class SpaceConfig:
 class AlgorithmConfig:
     """Which pymoo algorithm searches, and for how long (see ``evomerge.search.algorithms``)."""
 
-    # CMA-ES told the tasks' mean over depth profiles: see experiments/README.md for what it beat
+    # CMA-ES told the tasks' mean over depth profiles: see experiments/README.md for what it beat.
+    # Six generations, then gradient refinement (refine.at=auto): about 130 estimates' worth and
+    # under 10 minutes on the zoo; twelve without refinement cost about as much and scored 15
+    # points less on test (experiments/README.md, "Search that learns").
     name: str = "cmaes"
     pop_size: int = 12
-    generations: int = 12
+    generations: int = 6
     sigma: float = 0.2  # CMA-ES initial step size, in units of the gene range
 
     def __post_init__(self) -> None:
@@ -265,7 +268,7 @@ class RuntimeConfig:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-REFINE_AT = ("off", "final")
+REFINE_AT = ("off", "auto", "final")
 REFINE_SIGNALS = ("supervised", "entropy")
 
 
@@ -274,10 +277,12 @@ class RefineConfig:
     """Gradient refinement of a candidate's weights (see ``evomerge.search.refine``): a few Adam
     steps on per-layer expert weights, each from one backward pass through the merged model."""
 
-    # off, or final: the best verified candidate is refined when the search ends, and the refined
-    # recipe is verified and archived as a candidate of its own (its parent and steps recorded).
-    at: str = "off"
-    steps: int = 20
+    # final: the best verified candidate is refined when the search ends, and the refined recipe is
+    # verified and archived as a candidate of its own (its parent and steps recorded); a space whose
+    # recipes cannot be refined is refused. auto: final where the space's recipes can be refined
+    # (weights that enter linearly) and the gradients fit the device, else off. off: never.
+    at: str = "auto"
+    steps: int = 12  # the test gain was made in the first ~10 steps (experiments/refine/)
     lr: float = 0.05  # Adam's step size, in units of an expert weight
     # supervised: teacher-forced loss of the validation references; entropy: of the model's own
     # greedy answers (no references needed).

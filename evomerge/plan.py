@@ -143,6 +143,7 @@ class SearchPlan:
     base: str
     loading: int = 0  # host bytes while a worker's pool loads (memory.pool_loading_bytes)
     fallbacks: tuple[MemoryPlan, ...] = ()  # the smaller formats' plans, tried when nothing fit
+    refine_dropped: bool = False  # refine.at=auto whose gradients do not fit: the search runs without
 
     @property
     def plan(self) -> MemoryPlan:
@@ -179,6 +180,9 @@ class SearchPlan:
             lines.append(f"  {format_name(fit.requested.delta_dtype)} deltas would need "
                          f"{size_text(fit.needs(fit.requested))}: using runtime.delta_dtype="
                          f"{format_name(plan.delta_dtype)}, the first of bfloat16, int8, int4 that fits")
+        if self.refine_dropped:
+            lines.append("  refine.at=auto: the refinement's gradients do not fit beside the rest, so this "
+                         "search runs without it (refine.at=final asks for it regardless)")
         return lines
 
     def refusal(self) -> str | None:
@@ -216,22 +220,31 @@ def plan_search(config: Mapping[str, Any], *, device_memory: int | None = None,
     activations = Architecture.of_config(base.config, f"{base_ref}/config.json").activation_bytes(
         typed.fitness.batch_size, sequence, dtype)
 
-    def plan_for(delta):
+    from evomerge.search.settings import effective_refine
+
+    refining = effective_refine(typed.refine, typed.space).at == "final"
+
+    def plan_for(delta, gradients: bool | None = None):
+        gradients = refining if gradients is None else gradients
         return MemoryPlan.for_shapes(base.shapes, dense, dtype, delta, adapters=adapters, activations=activations,
-                                     gradients=typed.refine.at != "off")
+                                     gradients=gradients)
 
     device = runtime.resolved_device()
     gpu = device.startswith("cuda")
     memory, source = (device_memory, "--device-memory") if device_memory is not None else _device_memory(device)
     workers = 1 if gpu else runtime.workers  # Ray gives each worker a GPU of its own
     fit = fit_delta_format(plan_for, requested, workers, memory)
+    dropped = typed.refine.at == "auto" and refining and (fit.chosen is None or fit.chosen is not fit.requested)
+    if dropped:  # the default's refinement gives way rather than shrink the deltas or refuse the search
+        refining = False
+        fit = fit_delta_format(plan_for, requested, workers, memory)
     fallbacks = () if fit.chosen else tuple(plan_for(f) for f in SMALLER_FORMATS if f != requested)
     full = [e for e in experts if isinstance(e, ModelMeta)]
     second = max([base.stored, *(e.stored for e in full), *([torch.float32] if adapters else [])],
                  key=lambda d: d.itemsize)
     loading = pool_loading_bytes(base.shapes, base.stored, second, (fit.chosen or fit.requested).deltas)
     return SearchPlan(fit, "cuda" if gpu else "cpu", source, typed.fitness.batch_size, sequence, base_ref,
-                      loading, fallbacks)
+                      loading, fallbacks, refine_dropped=dropped)
 
 
 def planned_config(config: Mapping[str, Any], search: SearchPlan) -> dict[str, Any]:
@@ -240,11 +253,12 @@ def planned_config(config: Mapping[str, Any], search: SearchPlan) -> dict[str, A
     refusal = search.refusal()
     if refusal:
         raise UserError(refusal)
-    if not search.changed:
-        return dict(config)
-    runtime = dict(config.get("runtime") or {})
-    runtime["delta_dtype"] = format_name(search.plan.delta_dtype)
-    return {**config, "runtime": runtime}
+    config = dict(config)
+    if search.refine_dropped:  # refine.at=auto resolved, by the plan, to off
+        config["refine"] = {**(config.get("refine") or {}), "at": "off"}
+    if search.changed:
+        config["runtime"] = {**(config.get("runtime") or {}), "delta_dtype": format_name(search.plan.delta_dtype)}
+    return config
 
 
 def _model_refs(typed: Config) -> tuple[str, dict[str, str]]:

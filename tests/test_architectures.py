@@ -261,7 +261,7 @@ def test_a_non_llama_path_folds_its_scales(pools, tmp_path):
         ("attention.dense", pytest.approx(1 / 0.75)), ("dense_4h_to_h", pytest.approx(1 / 0.75)), (None, 1.0)]
 
 
-def test_cli_search_inspect_export_on_gpt2(pools, pico_zoo, tmp_path):
+def test_cli_search_inspect_export_on_gpt2(pools, pico_zoo, tmp_path, evomerge_main):
     """One CLI run for two features: a non-Llama family, and a pool mixing a full expert with
     a LoRA adapter (GPT-2's Conv1D: peft's fan_in_fan_out) that mergekit re-merges as base+adapter."""
     from test_export import run_mergekit
@@ -277,7 +277,8 @@ def test_cli_search_inspect_export_on_gpt2(pools, pico_zoo, tmp_path):
         return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True,
                               env=env, timeout=300)
 
-    done = cli("search", f"runs_dir={runs}", "name=gpt2", f"models.base={folder / 'base'}",
+    # a subprocess: its Ray workers are processes too
+    done = cli("search", f"runs_dir={runs}", "name=gpt2", f"models.base={folder / 'base'}", "refine=none",
                f"models.experts=[{folder / 'a'},{adapter}]", "tasks=[zoo_add]",
                f"include_path={pico_zoo.task_dir}", "algorithm=ga", "fitness=random",
                "fitness.objectives=[mean]", "fitness.items_per_task=4", "fitness.probe_merges=0",
@@ -286,10 +287,10 @@ def test_cli_search_inspect_export_on_gpt2(pools, pico_zoo, tmp_path):
                "space.methods=[task_arithmetic]", "algorithm.pop_size=2", "algorithm.generations=1",
                "runtime.workers=1")
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(cli("inspect", str(runs / "gpt2"), "--json").stdout)
+    summary = json.loads(evomerge_main("inspect", runs / "gpt2", "--json").stdout)
     assert summary["progress"]["evaluations"] == 2 and summary["front"]
     best = summary["front"][0]
-    done = cli("export", str(runs / "gpt2"), "--pick", str(best["id"]), "--out", str(tmp_path / "merge"))
+    done = evomerge_main("export", runs / "gpt2", "--pick", best["id"], "--out", tmp_path / "merge")
     assert done.returncode == 0, done.stderr[-2000:]
     from transformers import AutoModelForCausalLM
 

@@ -67,7 +67,8 @@ def test_a_search_without_overrides_runs_the_dataclass_defaults():
     composed = compose()
     assert composed == dataclasses.asdict(Config())
     assert (composed["algorithm"]["name"], composed["algorithm"]["generations"], composed["fitness"]["items_per_task"],
-            composed["runtime"]["workers"], composed["space"]["knots"]) == ("cmaes", 12, 10, 2, 3)
+            composed["runtime"]["workers"], composed["space"]["knots"]) == ("cmaes", 6, 10, 2, 3)
+    assert (composed["refine"]["at"], composed["refine"]["steps"]) == ("auto", 12)
 
 
 @pytest.mark.parametrize("overrides", [[], ["zoo=pico", "space=methods", "algorithm=cmaes", "fitness=irt",

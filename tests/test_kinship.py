@@ -4,9 +4,6 @@ computed directly on whole flattened task vectors of the pico zoo."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -69,13 +66,8 @@ def test_pool_arguments_are_models_or_zoo_overrides(pico_zoo, tmp_path, monkeypa
         pool_for(["zoo=pico"])
 
 
-def cli(*args, cache):
-    env = {**os.environ, "EVOMERGE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", "pool", *args], capture_output=True,
-                          text=True, env=env, timeout=300)
-
-
-def test_pool_command(pico_zoo, pico_cache):
+def test_pool_command(pico_zoo, pico_cache, evomerge_main):
+    cli = lambda *args, cache: evomerge_main("pool", *args, cache=cache)  # noqa: E731
     done = cli("zoo=pico", "--json", cache=pico_cache)
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)

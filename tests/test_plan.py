@@ -20,8 +20,10 @@ TINY = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_hidden_lay
 LLAMA_7B_PARAMS = 6_738_415_616  # Llama-2-7B's parameter count, as its model card gives 6.74e9
 
 
-def overrides(base, experts, *more):
-    return [f"models.base={base}", f"models.experts=[{','.join(map(str, experts))}]", *more]
+def overrides(base, experts, *more, refine="none"):
+    """The plan of a search over ``base`` and ``experts``; without the default refinement
+    (refine.at=auto plans gradients where they fit) unless ``refine`` says otherwise."""
+    return [f"models.base={base}", f"models.experts=[{','.join(map(str, experts))}]", f"refine={refine}", *more]
 
 
 def test_a_tiny_plan_counts_each_parameter_once_and_lora_factors(tmp_path):
@@ -144,3 +146,15 @@ def test_refinement_plans_a_gradient_per_parameter_and_is_refused_where_it_does_
         assert "\n" not in tight.refusal() and "does not fit" in tight.refusal()
     else:  # a smaller delta format makes room for the gradients
         assert tight.plan.delta_dtype == "int4"
+
+    # refine.at=auto, the default, gives way instead: the search runs without it where its
+    # gradients would not fit beside the requested deltas, with them where they do
+    auto = compose(overrides(hub["7b"], hub["experts7"], "runtime.device=cuda", "runtime.delta_dtype=int8",
+                             refine="auto"))
+    dropped = plan_search(auto, device_memory=between)
+    assert dropped.refine_dropped and dropped.plan.gradients == 0 and dropped.fit.chosen is dropped.fit.requested
+    assert planned_config(auto, dropped)["refine"]["at"] == "off"
+    assert any("refine.at=auto" in line for line in dropped.lines())
+    roomy = plan_search(auto, device_memory=parse_size("1TB"))
+    assert not roomy.refine_dropped and roomy.plan.gradients == refined.plan.gradients
+    assert planned_config(auto, roomy)["refine"].get("at") != "off"

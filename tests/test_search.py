@@ -35,7 +35,7 @@ CLASSIC = ("algorithm=nsga2", "space.knots=0", "fitness.multi_fidelity=0", "spac
 
 
 def search_args(runs: Path, name: str, *extra: str, classic: bool = True) -> list[str]:
-    return ["search", "zoo=pico", f"runs_dir={runs}", f"name={name}", "fitness=anchors",
+    return ["search", "zoo=pico", f"runs_dir={runs}", f"name={name}", "fitness=anchors", "refine=none",
             "fitness.items_per_task=8", "fitness.probe_merges=1", "space.granularity=2",
             f"algorithm.pop_size={POP}", f"algorithm.generations={GENS}", "runtime.workers=1",
             *(CLASSIC if classic else ()), *extra]
@@ -204,7 +204,7 @@ def test_resume_after_a_killed_driver_ends_with_the_same_archive(reference_run, 
 
 
 @pytest.mark.reliability("bad input", "resuming a run whose config.yaml was edited to search differently")
-def test_resume_refuses_an_edited_search_config(reference_run, pico_cache, tmp_path):
+def test_resume_refuses_an_edited_search_config(reference_run, pico_cache, tmp_path, evomerge_main):
     import shutil
 
     run = tmp_path / "edited"
@@ -212,7 +212,7 @@ def test_resume_refuses_an_edited_search_config(reference_run, pico_cache, tmp_p
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["space"]["granularity"] = 3
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    done = cli("resume", str(run), cache=pico_cache)
+    done = evomerge_main("resume", run, cache=pico_cache)  # refused before Ray starts: in process
     assert done.returncode == 2 and "space.granularity" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
@@ -239,8 +239,8 @@ def test_a_run_made_before_teacher_forcing_resumes_decoding(reference_run, pico_
 
 
 @pytest.mark.reliability("bad input", "resuming a folder that is not a run")
-def test_resume_of_a_folder_that_is_not_a_run_fails_clearly(tmp_path, pico_cache):
-    done = cli("resume", str(tmp_path), cache=pico_cache)
+def test_resume_of_a_folder_that_is_not_a_run_fails_clearly(tmp_path, pico_cache, evomerge_main):
+    done = evomerge_main("resume", tmp_path, cache=pico_cache)
     assert done.returncode == 2 and "not an evomerge run folder" in done.stderr
 
 
@@ -406,13 +406,13 @@ def test_a_worker_over_its_memory_cap_names_the_setting(pico_zoo, pico_cache, tm
 
 
 @pytest.mark.reliability("bad input", "resuming a run whose config.yaml is malformed YAML")
-def test_resume_of_a_malformed_config_names_the_file(reference_run, pico_cache, tmp_path):
+def test_resume_of_a_malformed_config_names_the_file(reference_run, pico_cache, tmp_path, evomerge_main):
     import shutil
 
     run = tmp_path / "malformed"
     shutil.copytree(reference_run[0], run)
     (run / "config.yaml").write_text("models: {base: [unclosed\n")
-    done = cli("resume", str(run), cache=pico_cache)
+    done = evomerge_main("resume", run, cache=pico_cache)
     assert done.returncode == 2 and "config.yaml is not valid YAML" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 

@@ -116,6 +116,12 @@ TASK_ARITHMETIC_VARIANTS: dict[str, TaskArithmeticVariant] = {
 """The generalized task-arithmetic family by recipe name: one function, eight variants as data."""
 
 
+# Methods whose merged tensors are base + sum_k weight_k * scale * component_k given their masks
+# or cached components, so that dL/d(weight) is an inner product (evomerge.merge.weight_grad):
+# what gradient refinement can refine. A name list, so a config is checked without torch.
+DIFFERENTIABLE_METHODS = ("task_arithmetic", "tsv_m")
+
+
 # --- what a method is --------------------------------------------------------------------------
 
 MergeFn = Callable[..., Any]

@@ -18,11 +18,9 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import UserError
-from evomerge.merge.registry import MergeParams
+from evomerge.merge.registry import DIFFERENTIABLE_METHODS, MergeParams
 from evomerge.merge.subspace import rank_for
 
-# Methods whose merged tensors are base + sum_k weight_k * scale * component_k.
-DIFFERENTIABLE_METHODS = ("task_arithmetic", "tsv_m")
 
 
 def check_differentiable(method: str, params: MergeParams) -> None:

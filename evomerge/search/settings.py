@@ -9,6 +9,7 @@ first, the explicit step ``build_zoo_for`` the CLI takes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -92,26 +93,38 @@ def read_settings(config: Mapping[str, Any]) -> Settings:
         layout.writers()  # a family whose scales cannot fold is refused before any model loads
     if typed.space.split_components or typed.refine.split_components:
         layout.marks()
-    if typed.refine.at != "off":
-        _check_refinable(typed.space)
+    refine = effective_refine(typed.refine, typed.space)
     return Settings(config=dict(config), base=base, experts=experts, tasks=[str(t) for t in tasks],
                     include_path=include_path, space=typed.space, algorithm=typed.algorithm,
                     fitness=typed.fitness, runtime=typed.runtime, seed=typed.seed,
                     allow_pickle=models.allow_pickle, trust_remote_code=models.trust_remote_code,
-                    num_layers=layout.num_layers, refine=typed.refine)
+                    num_layers=layout.num_layers, refine=refine)
 
 
-def _check_refinable(space: SpaceConfig) -> None:
-    """Gradient refinement needs recipes whose weights enter linearly: one line otherwise."""
-    from evomerge.merge.weight_grad import DIFFERENTIABLE_METHODS
+def effective_refine(refine: RefineConfig, space: SpaceConfig) -> RefineConfig:
+    """``refine`` as the search runs it: ``auto`` becomes ``final`` where the space's recipes can
+    be refined and ``off`` where not; ``final`` on a space that cannot be refined is one line."""
+    reason = _unrefinable(space)
+    if refine.at == "auto":
+        return dataclasses.replace(refine, at="off" if reason else "final")
+    if refine.at == "final" and reason:
+        raise UserError(reason)
+    return refine
+
+
+def _unrefinable(space: SpaceConfig) -> str | None:
+    """Why gradient refinement cannot run on ``space``'s recipes (their weights must enter
+    linearly), or None."""
+    from evomerge.merge.registry import DIFFERENTIABLE_METHODS
 
     if space.kind != "params":
-        raise UserError(f"refine.at needs a parameter space; space.kind={space.kind} evolves layer paths, "
-                        f"which have no weights to refine (set refine.at=off)")
+        return (f"refine.at needs a parameter space; space.kind={space.kind} evolves layer paths, "
+                f"which have no weights to refine (set refine.at=off)")
     odd = [m for m in space.methods if m not in DIFFERENTIABLE_METHODS]
     if odd:
-        raise UserError(f"refine.at needs methods linear in their weights, but space.methods has {odd[0]!r}; "
-                        f"valid: {', '.join(DIFFERENTIABLE_METHODS)} (or set refine.at=off)")
+        return (f"refine.at needs methods linear in their weights, but space.methods has {odd[0]!r}; "
+                f"valid: {', '.join(DIFFERENTIABLE_METHODS)} (or set refine.at=off)")
+    return None
 
 
 def _zoo_tasks(config: ZooConfig) -> tuple[list[str], str]:

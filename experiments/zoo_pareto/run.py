@@ -376,7 +376,8 @@ def common_overrides(zoo: str, items: int, workers: int, pop: int) -> list[str]:
     # default's verification in its budget, as `evomerge search` spends it).
     return [f"zoo={zoo}", "fitness=anchors", f"fitness.items_per_task={items}", "fitness.verify=0",
             f"fitness.probe_merges={PROBE_MERGES}", f"runtime.workers={workers}", "runtime.threads_per_worker=1",
-            f"algorithm.pop_size={pop}", "space.parents=false"]
+            f"algorithm.pop_size={pop}", "space.parents=false",
+            "refine=none"]  # searchers as they were measured; refinement has its own experiment (refine/)
 
 
 def generations(name: str, budget: int, pop: int) -> int:
