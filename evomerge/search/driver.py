@@ -63,6 +63,8 @@ def resumed_config(run: RunDir) -> dict[str, Any]:
         # fingerprint has no such key): a resumed run goes on estimating as it began.
         config["fitness"].setdefault("teacher_forcing", False)
         config["fitness"].setdefault("verify", 0)  # and before the end verified the best estimates
+    # Runs made before gradient refinement existed end as they began: without it.
+    config.setdefault("refine", {"at": "off"})
     if isinstance(config.get("space"), dict):
         # Runs made before parents were candidates numbered their first generation from 0, and
         # before smooth depth profiles they had genes per layer group.
