@@ -93,6 +93,7 @@ LAYERS: dict[str, int] = {
     "evomerge.report.html": REPORTS,
     # search
     "evomerge.search.path_space": SEARCH,
+    "evomerge.search.pool_space": SEARCH,
     "evomerge.search.space": SEARCH,
     "evomerge.search.messages": SEARCH,
     "evomerge.search.hooks": SEARCH,

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 import random as _random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from evomerge.config import SpaceConfig
 from evomerge.errors import UserError
+from evomerge.search.pool_space import PoolSpace
 from evomerge.layer_path import BASE, MERGE, LayerPath, Slice
 from evomerge.recipe import Recipe
 
@@ -30,15 +30,9 @@ Genome = dict[str, Any]
 
 
 @dataclass
-class PathSpace:
-    config: SpaceConfig
-    base: str
-    experts: tuple[str, ...]
-    num_layers: int
-    expert_refs: dict[str, str] = field(default_factory=dict)
-
+class PathSpace(PoolSpace):
     def __post_init__(self) -> None:
-        self.experts = tuple(self.experts)
+        super().__post_init__()
         if self.config.initial:
             raise UserError(f"space.initial={list(self.config.initial)!r} holds merge recipes; a dataflow search "
                             f"starts from its sources (the parents); set space.initial=[]")

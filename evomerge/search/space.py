@@ -14,12 +14,13 @@ genes as a vector in ``names`` order.
 from __future__ import annotations
 
 import random as _random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 from evomerge.config import SpaceConfig
 from evomerge.errors import UserError
+from evomerge.search.pool_space import PoolSpace
 from evomerge.merge import registry
 from evomerge.merge.params import Param
 from evomerge.mergekit_config import from_mergekit
@@ -39,15 +40,9 @@ class _Group:
 
 
 @dataclass
-class SearchSpace:
-    config: SpaceConfig
-    base: str
-    experts: tuple[str, ...]
-    num_layers: int
-    expert_refs: dict[str, str] = field(default_factory=dict)
-
+class SearchSpace(PoolSpace):
     def __post_init__(self) -> None:
-        self.experts = tuple(self.experts)
+        super().__post_init__()
         # Every evolvable parameter of an allowed method, in the order the methods declare them.
         self._params: dict[str, Param] = {}
         for method in self.config.methods:
