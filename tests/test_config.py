@@ -110,7 +110,7 @@ def test_reading_settings_never_builds_the_zoo(tmp_path, monkeypatch):
     from evomerge.search.settings import read_settings
 
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path))
-    with pytest.raises(UserError, match="is not built; run `evomerge zoo build`"):
+    with pytest.raises(UserError, match="is not built; run `evomerge zoo build zoo=pico`"):
         read_settings(compose(["zoo=pico"]))
     assert list(tmp_path.iterdir()) == []
 

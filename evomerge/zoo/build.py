@@ -226,6 +226,6 @@ def model_refs(config: Config) -> tuple[str, dict[str, str]]:
                         "experts were fine-tuned from as models.base=PATH_OR_HUB_ID")
     zoo = Zoo.at(config.zoo)
     if not zoo.is_built():
-        raise UserError(f"the zoo {zoo.root} is not built; run `evomerge zoo build` with the same zoo "
-                        f"settings (`evomerge search` builds it itself), or name models.base and models.experts")
+        raise UserError(f"the zoo {zoo.root} is not built; run `evomerge zoo build zoo={config.zoo.name}` with the "
+                        f"same zoo settings (`evomerge search` builds it itself), or name models.base and models.experts")
     return str(zoo.base), {k: str(v) for k, v in zoo.experts.items()}
