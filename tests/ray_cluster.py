@@ -21,7 +21,7 @@ from typing import Iterator, Mapping
 
 import psutil
 
-PORT_OPTIONS = ("--node-manager-port", "--object-manager-port", "--ray-client-server-port", "--metrics-export-port",
+PORT_OPTIONS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",  # (the client server needs ray[client])
                 "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port", "--runtime-env-agent-port")
 
 
@@ -67,10 +67,13 @@ def _stop(head: subprocess.Popen, temp: str) -> None:
         os.killpg(head.pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    try:
-        head.wait(timeout=30)
+    try:  # the daemons stop on SIGTERM; `ray start --block` itself keeps waiting, so it gets SIGKILL
+        head.wait(timeout=5)
     except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         head.wait(timeout=30)
     # Daemons Ray started in sessions of their own still name our temp dir in their arguments.
     mine = [p for p in psutil.process_iter(["cmdline"]) if any(temp in arg for arg in (p.info["cmdline"] or []))]

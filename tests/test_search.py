@@ -449,7 +449,7 @@ def test_racing_promotes_each_generations_best_and_verifies_the_pick(raced_run, 
     chosen = pick(RunDir.open(raced_run), "best:mean")
     assert chosen.fidelity == "full"
     shown = cli("inspect", str(raced_run), cache=pico_cache)
-    assert shown.returncode == 0 and "val items" in shown.stdout
+    assert shown.returncode == 0 and "scored on" in shown.stdout
     rows = [line.split() for line in shown.stdout.splitlines()]
     assert any(r and r[0].rstrip("*+") == str(chosen.id) and "all" in r for r in rows)
 
