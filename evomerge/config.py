@@ -269,7 +269,8 @@ class RuntimeConfig:
 
 
 REFINE_AT = ("off", "auto", "final")
-REFINE_SIGNALS = ("supervised", "entropy")
+REFINE_SIGNALS = ("supervised", "entropy", "fda")
+ANCHOR_INITS = ("gaussian", "weights")  # evomerge.fitness.dual_anchors
 
 
 @dataclass
@@ -285,9 +286,15 @@ class RefineConfig:
     steps: int = 12  # the test gain was made in the first ~10 steps (experiments/refine/)
     lr: float = 0.05  # Adam's step size, in units of an expert weight
     # supervised: teacher-forced loss of the validation references; entropy: of the model's own
-    # greedy answers (no references needed).
+    # greedy answers (no references needed); fda: functional dual anchors, synthetic inputs built
+    # from base and experts alone (no task data read; evomerge.fitness.dual_anchors).
     signal: str = "supervised"
     items_per_task: int = 8  # validation items per task in each step's batch, drawn at random
+    anchors: int = 64  # fda: anchors per expert and block
+    anchor_steps: int = 15  # fda: Adam steps that build each expert's anchors of a block (experiments/refine/)
+    anchor_lr: float = 0.01
+    anchor_init: str = "gaussian"  # gaussian (scaled by anchor_scale) or weights (the expert's rows)
+    anchor_scale: float = 0.01
     split_components: bool = False  # separate attention and MLP weights per block
     seed: int = 0
 
@@ -296,12 +303,17 @@ class RefineConfig:
             raise UserError(f"unknown refine.at {self.at!r}; valid: {', '.join(REFINE_AT)}")
         if self.signal not in REFINE_SIGNALS:
             raise UserError(f"unknown refine.signal {self.signal!r}; valid: {', '.join(REFINE_SIGNALS)}")
-        for key in ("steps", "items_per_task"):
+        if self.anchor_init not in ANCHOR_INITS:
+            raise UserError(f"unknown refine.anchor_init {self.anchor_init!r}; valid: {', '.join(ANCHOR_INITS)}")
+        for key in ("steps", "items_per_task", "anchors", "anchor_steps"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"refine.{key}={value!r} must be an integer >= 1")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"refine.lr={self.lr!r} must be a positive number (Adam's step size)")
+        for key in ("lr", "anchor_lr", "anchor_scale"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value > 0):
+                raise UserError(f"refine.{key}={value!r} must be a positive number")
 
 
 @dataclass

@@ -46,6 +46,10 @@ def provenance(entry: ArchiveEntry) -> str | None:
     refine = (entry.origin or {}).get("refine")
     if not refine:
         return None
+    anchors = refine.get("anchors")
+    on = (f" on functional dual anchors ({anchors['count']} per expert and block, built by {anchors['steps']} "
+          f"steps of learning rate {anchors['lr']:g} from {anchors['init']} inputs, seed {anchors['seed']})"
+          if anchors else "")
     return (f"**Refined** from archive entry {entry.origin['parent']} by {refine['steps']} Adam steps "
-            f"(learning rate {refine['lr']:g}, {refine['signal']} signal, seed {refine['seed']}) on per-block "
+            f"(learning rate {refine['lr']:g}, {refine['signal']} signal, seed {refine['seed']}){on} on per-block "
             f"expert weights; the recipe above is the result, so the merge redoes without the steps.")

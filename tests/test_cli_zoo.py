@@ -34,8 +34,8 @@ def zoo_run(zoo, tmp_path_factory):
     return runs / "tiny"
 
 
-def test_inspect_shows_the_front_and_draws_real_plots(zoo_run):
-    done = cli("inspect", str(zoo_run), "--json")
+def test_inspect_shows_the_front_and_draws_real_plots(zoo_run, evomerge_main):
+    done = evomerge_main("inspect", str(zoo_run), "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout)
     assert summary["progress"]["evaluations"] == 8 and summary["front"]
@@ -50,10 +50,10 @@ def test_inspect_shows_the_front_and_draws_real_plots(zoo_run):
         assert image.size[0] > 300 and len(set(image.getdata())) > 20, name
 
 
-def test_exported_model_scores_what_the_archive_says(zoo_run, zoo, tmp_path):
-    summary = json.loads(cli("inspect", str(zoo_run), "--json").stdout)
+def test_exported_model_scores_what_the_archive_says(zoo_run, zoo, tmp_path, evomerge_main):
+    summary = json.loads(evomerge_main("inspect", str(zoo_run), "--json").stdout)
     best = summary["front"][0]
-    done = cli("export", str(zoo_run), "--pick", str(best["id"]), "--out", str(tmp_path / "merge"))
+    done = evomerge_main("export", str(zoo_run), "--pick", str(best["id"]), "--out", str(tmp_path / "merge"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert {p.name for p in (tmp_path / "merge").iterdir()} >= {"recipe.yaml", "mergekit.yaml", "model"}
     from transformers import AutoModelForCausalLM, AutoTokenizer

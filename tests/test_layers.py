@@ -70,6 +70,7 @@ LAYERS: dict[str, int] = {
     # zoo, fitness, and kinship (which takes base and experts from the zoo when no models are given)
     "evomerge.fitness.native": FITNESS,
     "evomerge.fitness.losses": FITNESS,
+    "evomerge.fitness.dual_anchors": FITNESS,  # reads a Merger's base and task vectors
     "evomerge.fitness.text": FITNESS,
     "evomerge.fitness.tasks": FITNESS,
     "evomerge.fitness.estimators": FITNESS,

@@ -36,7 +36,7 @@ def _recipe(merger, method: str, weight: float = 0.5, **params) -> Recipe:
     return Recipe.uniform("base", merger.experts, merger.num_layers, config)
 
 
-def _slot_gradient(merger, slots: Slots, weights: torch.Tensor, loss_of) -> torch.Tensor:
+def slot_gradient(merger, slots: Slots, weights: torch.Tensor, loss_of) -> torch.Tensor:
     recipe = slots.recipe_for(weights)
     model = merger.materialize(recipe)
     params = dict(model.named_parameters())  # the parameters themselves, tied ones once
@@ -44,7 +44,8 @@ def _slot_gradient(merger, slots: Slots, weights: torch.Tensor, loss_of) -> torc
         p.requires_grad_(True)
         p.grad = None
     loss_of(model).backward()
-    per_tensor = weight_gradients(merger, recipe, {n: p.grad for n, p in params.items()})
+    per_tensor = weight_gradients(merger, recipe, {n: torch.zeros_like(p) if p.grad is None else p.grad
+                                                     for n, p in params.items()})
     for p in params.values():
         p.grad = None
         p.requires_grad_(False)
@@ -67,7 +68,7 @@ def test_weight_gradients_equal_finite_differences_of_the_loss(pico, method, spl
     def loss_of(model):
         return reference_loss(model, merger.tokenizer, pairs)
 
-    analytic = _slot_gradient(merger, slots, weights, loss_of)
+    analytic = slot_gradient(merger, slots, weights, loss_of)
     step = 1e-2
     checked = [(0, 0), (1, 1), (len(slots.names) - 1, len(merger.experts) - 1), (2, 2)]
     for slot, expert in checked:

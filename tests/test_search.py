@@ -47,6 +47,24 @@ def cli(*args: str, cache: Path, env: dict | None = None, timeout: int = 600) ->
                           env=full_env, timeout=timeout)
 
 
+def start_cli(*args: str, cache: Path, env: dict | None = None) -> subprocess.Popen:
+    """``cli`` started, not waited for: for runs that can overlap."""
+    full_env = {**os.environ, "EVOMERGE_CACHE": str(cache), **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full_env)
+
+
+def finish(running: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Wait for a ``start_cli`` run; killed (and the test failed) past ``timeout``."""
+    try:
+        out, err = running.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        running.kill()
+        out, err = running.communicate()
+        pytest.fail(f"{' '.join(running.args[3:5])} ran past {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(running.args, running.returncode, out, err)
+
+
 def with_hooks(hooks: SearchHooks, *args: str, cache: Path, folder: Path) -> subprocess.CompletedProcess:
     """``args`` (search OVERRIDE... or resume RUN_DIR) run by tests/search_faults.py's driver with
     ``hooks``, in a process of its own; its Ray workers find the hooks' module on PYTHONPATH."""
@@ -297,18 +315,22 @@ def test_a_search_joins_a_token_protected_cluster_only_with_its_token(pico_zoo, 
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secret.read_text().strip()}
     clean = {"RAY_AUTH_MODE": "", "RAY_AUTH_TOKEN": "", "RAY_AUTH_TOKEN_PATH": ""}  # nothing leaks in from CI
     with local_cluster(env) as address:
-        for token in (wrong, None):
-            started = time.time()
-            extra = [f"runtime.auth_token_file={token}"] if token else []
-            done = cli(*search_args(tmp_path, f"refused-{bool(token)}", f"runtime.address={address}", *extra),
-                       cache=pico_cache, env=clean, timeout=300)
-            assert done.returncode == 2, done.stderr[-3000:]
+        # The two refusals wait on Ray's handshake, the joining search computes: all three at once.
+        started = time.time()
+        refused = {token: start_cli(*search_args(tmp_path, f"refused-{bool(token)}", f"runtime.address={address}",
+                                                 *([f"runtime.auth_token_file={token}"] if token else [])),
+                                    cache=pico_cache, env=clean)
+                   for token in (wrong, None)}
+        joined = start_cli(*search_args(tmp_path, "joined", f"runtime.address={address}",
+                                        f"runtime.auth_token_file={secret}", "algorithm.generations=1"),
+                           cache=pico_cache, env=clean)
+        for token, running in refused.items():
+            done = finish(running, timeout=300)
+            assert done.returncode == 2, (token, done.stderr[-3000:])
             last = done.stderr.strip().splitlines()[-1]
             assert "cannot join the Ray cluster at runtime.address=127.0.0.1" in last and "auth_token_file" in last
             assert time.time() - started < 120
-        done = cli(*search_args(tmp_path, "joined", f"runtime.address={address}",
-                                f"runtime.auth_token_file={secret}", "algorithm.generations=1"),
-                   cache=pico_cache, env=clean)
+        done = finish(joined)
         assert done.returncode == 0, done.stderr[-3000:]
         assert len(comparable(tmp_path / "joined")) == PARENTS + POP + VERIFY
         assert "evomerge-test-token" not in (tmp_path / "joined" / "config.yaml").read_text()

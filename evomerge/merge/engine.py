@@ -235,6 +235,14 @@ class Merger:
 
     # --- what gradient refinement reads (evomerge.merge.weight_grad) ------------------------------
 
+    def tensor_names(self) -> list[str]:
+        """The names of the tensors this merger writes, one per unique parameter."""
+        return list(self._base)
+
+    def base_tensor(self, name: str) -> Tensor:
+        """The base model's ``name``, on the device in the working dtype (read, never written)."""
+        return self._base[name]
+
     def where(self, name: str) -> tuple[int | None, str]:
         """(block, component) of tensor ``name``: what a recipe's ``config_for`` is asked."""
         return self._where[name]

@@ -292,13 +292,13 @@ class Search:
                      if e.fidelity == "estimate" and e.cached_from is None and e.error is None]
         per_estimate = sum(estimates) / len(estimates) if estimates else float("nan")
         origin = refinement.record(parent.id)
-        origin["refine"]["estimator_equivalents"] = refinement.seconds / per_estimate if estimates else None
+        origin["refine"]["estimator_equivalents"] = refinement.cost_seconds / per_estimate if estimates else None
         entry = dataclasses.replace(self._entry(next_id, generation, [], refinement.recipe, scored[next_id], "full"),
                                     origin=origin)
         self._record(entry)
         if entry.error is None:
             self.log(f"refined best:mean (id {parent.id}, {fronts.mean(parent, self.objectives):.3f}) by "
-                     f"{refinement.steps} gradient steps in {refinement.seconds:.0f} s (~"
+                     f"{refinement.steps} gradient steps in {refinement.cost_seconds:.0f} s (~"
                      f"{origin['refine']['estimator_equivalents'] or float('nan'):.0f} estimates' time): "
                      f"id {entry.id} at {fronts.mean(entry, self.objectives):.3f} on every validation item")
 

@@ -6,7 +6,8 @@ tells it the slope of a smooth loss along every expert weight of every block at 
 each block (or each block's attention and MLP, ``split_components``) and the tensors outside the
 blocks their own weight per expert, and takes ``steps`` Adam steps, each on a fresh random batch
 of validation items: the teacher-forced loss of their references (``supervised``) or the entropy
-of the model's own answers (``entropy``, no references read). Every other parameter of each
+of the model's own answers (``entropy``, no references read); or on the pool's functional dual
+anchors (``fda``, no task data read at all: :mod:`evomerge.fitness.dual_anchors`). Every other parameter of each
 config (lambda, rank fraction) stays as the recipe had it, so the result is an ordinary recipe:
 it exports, hashes and replays like any other. The refined recipe is a candidate of its own;
 the loop archives it with its parent and what was done (:class:`Refinement`).
@@ -23,6 +24,7 @@ import torch
 
 from evomerge.config import RefineConfig
 from evomerge.errors import UserError
+from evomerge.fitness.dual_anchors import AnchorSettings, DualAnchors, build_anchors
 from evomerge.fitness.losses import answer_entropy, reference_loss
 from evomerge.fitness.tasks import TaskSuite
 from evomerge.merge.weight_grad import check_differentiable, weight_gradients
@@ -34,7 +36,9 @@ OUTSIDE = "outside"
 @dataclass(frozen=True)
 class Refinement:
     """A refined recipe and what it took: the loss before each step and after the last
-    (``losses``, one longer than ``steps``), and the seconds of the steps together."""
+    (``losses``, one longer than ``steps``), the seconds of the steps together, and for ``fda``
+    the anchors' record and the seconds this refinement spent building them (0 when an earlier
+    refinement on the same worker had built them)."""
 
     recipe: Recipe
     steps: int
@@ -43,11 +47,22 @@ class Refinement:
     seed: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    anchors: dict | None = None
+    anchor_seconds: float = 0.0
+
+    @property
+    def cost_seconds(self) -> float:
+        """What the refinement cost in all: its steps and any anchors it had to build."""
+        return self.seconds + self.anchor_seconds
 
     def record(self, parent: int) -> dict:
         """What an archive entry says of how it was made: enough to redo it."""
-        return {"parent": parent, "refine": {"steps": self.steps, "lr": self.lr, "signal": self.signal,
-                                             "seed": self.seed, "losses": self.losses, "seconds": self.seconds}}
+        refine = {"steps": self.steps, "lr": self.lr, "signal": self.signal, "seed": self.seed,
+                  "losses": self.losses, "seconds": self.seconds}
+        if self.anchors is not None:
+            refine["anchors"] = self.anchors
+            refine["anchor_seconds"] = self.anchor_seconds
+        return {"parent": parent, "refine": refine}
 
 
 def slot_of(layer: int | None, component: str, split: bool) -> str:
@@ -110,7 +125,20 @@ class Refiner:
             missing = [n for n, t in self.tasks.items() if not t.reference_pairs(range(min(3, len(t))), self.tokenizer)]
             if missing:
                 raise UserError(f"refine.signal=supervised needs reference answers, which task {missing[0]} "
-                                f"does not give (a generate_until task with one string target); use refine.signal=entropy")
+                                f"does not give (a generate_until task with one string target); use refine.signal=entropy "
+                                f"or fda")
+        self._anchors: dict[int, DualAnchors] = {}
+
+    def anchors(self, seed: int) -> tuple[DualAnchors, float]:
+        """The pool's dual anchors drawn from ``seed`` and the seconds spent building them now
+        (built once per seed: they depend on the pool and the settings, never on a candidate)."""
+        if seed in self._anchors:
+            return self._anchors[seed], 0.0
+        c = self.config
+        built = build_anchors(self.merger, AnchorSettings(c.anchors, c.anchor_steps, c.anchor_lr, c.anchor_init,
+                                                          c.anchor_scale, seed))
+        self._anchors[seed] = built
+        return built, built.seconds
 
     def check(self, recipe: Recipe) -> None:
         """One line for a recipe whose method a gradient cannot refine."""
@@ -124,6 +152,7 @@ class Refiner:
         config = self.config
         seed = config.seed if seed is None else seed
         self.check(recipe)
+        anchors, anchor_seconds = self.anchors(seed) if config.signal == "fda" else (None, 0.0)
         slots = Slots(recipe, config.split_components)
         slot_index = {name: i for i, name in enumerate(slots.names)}
         members = {name: slot_index[slot_of(*self.merger.where(name), slots.split)]
@@ -140,7 +169,7 @@ class Refiner:
                 on_step(step, current, spent)
                 mark = time.perf_counter()
             last = step == config.steps  # the last loss is the refined recipe's, on a fresh batch
-            loss, per_tensor = self._loss_and_gradients(current, rng, backward=not last)
+            loss, per_tensor = self._loss_and_gradients(current, rng, anchors, backward=not last)
             losses.append(loss)
             if last:
                 break
@@ -152,16 +181,16 @@ class Refiner:
             optimizer.step()
         seconds = spent + time.perf_counter() - mark
         return Refinement(slots.recipe_for(weights.detach()), config.steps, config.lr, config.signal, seed,
-                          losses, seconds)
+                          losses, seconds, anchors.record() if anchors is not None else None, anchor_seconds)
 
     def _batch(self, rng: random.Random) -> dict[str, list[int]]:
         return {name: sorted(rng.sample(range(len(task)), min(self.config.items_per_task, len(task))))
                 for name, task in self.tasks.items()}
 
-    def _loss_and_gradients(self, recipe: Recipe, rng: random.Random, *,
+    def _loss_and_gradients(self, recipe: Recipe, rng: random.Random, anchors: DualAnchors | None, *,
                             backward: bool) -> tuple[float, dict[str, torch.Tensor]]:
-        """The signal's loss of ``recipe``'s merge on a random batch (mean over tasks) and, with
-        ``backward``, its gradient along each tensor's expert weights."""
+        """The signal's loss of ``recipe``'s merge on a random batch (mean over tasks; all the
+        anchors for ``fda``) and, with ``backward``, its gradient along each tensor's expert weights."""
         model = self.merger.materialize(recipe)
         params = dict(model.named_parameters())  # the parameters themselves, tied ones once
         wanted = {name: p.requires_grad for name, p in params.items()}
@@ -171,7 +200,12 @@ class Refiner:
         total = 0.0
         try:
             with torch.set_grad_enabled(backward):
-                batch = self._batch(rng)
+                if anchors is not None:
+                    loss = anchors.loss(model)
+                    if backward:
+                        loss.backward()
+                    total = float(loss.detach())
+                batch = self._batch(rng) if anchors is None else {}
                 for name, ids in batch.items():
                     task = self.tasks[name]
                     if self.config.signal == "supervised":

@@ -2,6 +2,7 @@
 
     python experiments/refine/run.py                                 # 3 seeds, 40 steps, TSV-M@1
     python experiments/refine/run.py --signal entropy --name entropy  # AdaMerging's label-free signal
+    python experiments/refine/run.py --signal fda --start task_arithmetic:0.6 --name fda-ta  # data-free
     python experiments/refine/run.py --zoo pico --seeds 1 --steps 4 --checkpoints 0,2,4 --out /tmp/r
 
 One process, no Ray, 2 threads. The start is a uniform merge (``--start METHOD:WEIGHT``, default
@@ -12,7 +13,8 @@ and the FULL test split, decoded (exact match, as lm-eval scores it). Cost is co
 estimator-equivalents measured in this run: the seconds of the steps so far over the seconds of
 one estimate (a merge plus 10 items per task, teacher-forced, as `evomerge search` estimates);
 ``budget`` adds what a run needs besides the steps: the parents that find the start (8
-estimates) and one verification of the result (``VERIFY_COST``, curves.py's figure).
+estimates) and one verification of the result (``VERIFY_COST``, curves.py's figure); for ``fda``
+also the seconds of building the anchors (each seed builds its own, from its seed).
 Normalized accuracy: merge / expert on each expert's own skill (test), averaged over skills.
 Writes ``<out>/<name>.json`` and ``<out>/<name>.md``.
 """
@@ -31,6 +33,9 @@ VERIFY_COST = 5.2  # experiments/zoo_pareto/curves.py: a verification in estimat
 
 
 def main() -> None:
+    from evomerge.config import RefineConfig
+
+    defaults = RefineConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default="smollm2")
     parser.add_argument("--seeds", type=int, default=3)
@@ -40,6 +45,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=8)
     parser.add_argument("--signal", default="supervised")
     parser.add_argument("--split-components", action="store_true")
+    parser.add_argument("--anchors", type=int, default=defaults.anchors)
+    parser.add_argument("--anchor-steps", type=int, default=defaults.anchor_steps)
+    parser.add_argument("--anchor-init", default=defaults.anchor_init)
     parser.add_argument("--start", default="tsv_m:1")
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--name", default="refine-alone")
@@ -47,7 +55,7 @@ def main() -> None:
 
     import torch
 
-    from evomerge.config import FitnessConfig, RefineConfig, zoo_config
+    from evomerge.config import FitnessConfig, zoo_config
     from evomerge.fitness.evaluator import Evaluator
     from evomerge.merge.engine import Merger
     from evomerge.pool import ModelPool
@@ -96,7 +104,8 @@ def main() -> None:
     for seed in range(args.seeds):
         rows = []
         config = RefineConfig(steps=args.steps, lr=args.lr, signal=args.signal, items_per_task=args.items,
-                              split_components=args.split_components, seed=seed)
+                              split_components=args.split_components, seed=seed, anchors=args.anchors,
+                              anchor_steps=args.anchor_steps, anchor_init=args.anchor_init)
         refiner = Refiner(merger, full.suite, config)
 
         def checkpoint(step: int, recipe: Recipe, seconds: float) -> None:
@@ -115,8 +124,11 @@ def main() -> None:
                   f"({', '.join(f'{k} {v:.2f}' for k, v in test.items())})", flush=True)
 
         done = refiner.refine(start, on_step=checkpoint)
+        for row in rows:  # the anchors were built before the first step: every checkpoint paid them
+            row["equivalents"] += done.anchor_seconds / estimate_seconds
+            row["budget"] += done.anchor_seconds / estimate_seconds
         runs.append({"seed": seed, "rows": rows, "losses": done.losses, "seconds": done.seconds,
-                     "recipe": done.recipe.to_dict()})
+                     "anchor_seconds": done.anchor_seconds, "anchors": done.anchors, "recipe": done.recipe.to_dict()})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"args": vars(args), "estimate_seconds": estimate_seconds, "own_skill_test": own,
@@ -130,7 +142,9 @@ def table(result: dict, tasks: list[str]) -> str:
     """Mean ± sd over seeds at each checkpoint."""
     args = result["args"]
     lines = [f"# Refinement alone from {args['start']} ({args['signal']}, lr {args['lr']}, "
-             f"{args['items']} items per task per step, {'attn/mlp' if args['split_components'] else 'per block'})",
+             + (f"{args['anchors']} anchors per expert and block, {args['anchor_steps']} construction steps, "
+              f"{args['anchor_init']} init" if args['signal'] == 'fda' else
+              f"{args['items']} items per task per step") + f", {'attn/mlp' if args['split_components'] else 'per block'})",
              "",
              f"{len(result['runs'])} seeds; one estimate = {result['estimate_seconds']:.2f} s; "
              f"wall {result['wall_seconds'] / 60:.1f} min. Test: full split, decoded.", "",
