@@ -95,8 +95,8 @@ def tsv_components(factors: tuple[Tensor, Tensor, Tensor], rank: int) -> Tensor:
     return out
 
 
-def _is_block_matrix(base: Tensor, params: MergeParams) -> bool:
-    return base.ndim == 2 and min(base.shape) > 1 and params.in_block is not False
+def _is_block_matrix(shape: torch.Size, params: MergeParams) -> bool:
+    return len(shape) == 2 and min(shape) > 1 and params.in_block is not False
 
 
 def _write(base: Tensor, update: Tensor, out: Tensor | None) -> Tensor:
@@ -124,6 +124,17 @@ def rank_for(fraction: float, full_rank: int) -> int:
     return max(1, min(full_rank, int(fraction * full_rank)))
 
 
+def tsv_m_rank(shape: torch.Size, count: int, params: MergeParams) -> int | None:
+    """The rank of the components TSV-M merges a tensor of ``shape`` from (each of ``count``
+    experts' top directions), or None where it takes the weighted mean ``lambda / count`` of the
+    task vectors instead (outside the block matrices). One home for the rule: the merge and
+    its weight gradients (:mod:`evomerge.merge.weight_grad`) must agree on it."""
+    if not _is_block_matrix(shape, params):
+        return None
+    fraction = 1 / count if params.rank_fraction is None else params.rank_fraction
+    return rank_for(fraction, min(shape))
+
+
 # --- methods -----------------------------------------------------------------------------------
 
 
@@ -139,10 +150,9 @@ def tsv_m(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Ge
     gene and come from ``stats``, so a candidate costs a weighted sum, like task arithmetic."""
     count = deltas.shape[0]
     weights = params.weight
-    if not _is_block_matrix(base, params):
+    rank = tsv_m_rank(base.shape, count, params)
+    if rank is None:
         return _task_arithmetic(base, deltas, [params.lambda_ * w / count for w in weights], out)
-    fraction = 1 / count if params.rank_fraction is None else params.rank_fraction
-    rank = rank_for(fraction, min(base.shape))
     components = (stats.tsv_components(rank) if stats is not None
                   else tsv_components(singular_factors(deltas), rank))
     return _task_arithmetic(base, components, [params.lambda_ * w for w in weights], out)
@@ -159,7 +169,7 @@ def iso_c(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Ge
     takes it; ``lambda`` is tuned in 0.1..3 in the paper). One SVD per matrix and candidate: the
     sum depends on the weights."""
     count = deltas.shape[0]
-    if not _is_block_matrix(base, params):
+    if not _is_block_matrix(base.shape, params):
         return _task_arithmetic(base, deltas, [params.lambda_ * w / count for w in params.weight], out)
     u, s, vh = torch.linalg.svd(_weighted_sum(deltas, params.weight), full_matrices=False)
     return _write(base, (params.lambda_ * s.mean()) * (u @ vh), out)
@@ -178,7 +188,7 @@ def iso_cts(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.
     the kept ones, and ``lambda`` times the result is added to the base. Per matrix and
     candidate: an SVD of the sum, one per expert, and two orthonormalizations."""
     count = deltas.shape[0]
-    if not _is_block_matrix(base, params):
+    if not _is_block_matrix(base.shape, params):
         return _task_arithmetic(base, deltas, [params.lambda_ * w / count for w in params.weight], out)
     work = work_dtype(deltas.dtype)
     u, s, vh = torch.linalg.svd(_weighted_sum(deltas, params.weight), full_matrices=False)
@@ -211,7 +221,7 @@ def star(base: Tensor, deltas: Tensor, params: MergeParams, generator: torch.Gen
     candidate pays one rebuild of rank the kept components."""
     count = deltas.shape[0]
     weights = params.weight
-    if not _is_block_matrix(base, params):
+    if not _is_block_matrix(base.shape, params):
         return _task_arithmetic(base, deltas, [params.lambda_ * w / count for w in weights], out)
     u, s, vh = stats.singular_factors() if stats is not None else singular_factors(deltas)
     lefts, scales, rights = [], [], []

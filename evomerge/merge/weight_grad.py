@@ -19,7 +19,7 @@ from torch import Tensor
 
 from evomerge.errors import UserError
 from evomerge.merge.registry import DIFFERENTIABLE_METHODS, MergeParams
-from evomerge.merge.subspace import rank_for
+from evomerge.merge.subspace import tsv_m_rank
 
 
 
@@ -48,7 +48,8 @@ def weight_gradients(merger, recipe, grads: Mapping[str, Tensor]) -> dict[str, T
             method, params, included = plans[recipe.config_for(layer, component)]
             check_differentiable(method, params)
             g = grad.T if merger.transposed(name) else grad  # the orientation the merge saw
-            components, scale = _components(merger, name, method, params, included, layer, g.shape)
+            in_context = params.in_context(layer_fraction=None, in_block=layer is not None)  # as the merge sees it
+            components, scale = _components(merger, name, method, in_context, included, g.shape)
             per_expert = components.reshape(len(included), -1).double() @ g.reshape(-1).double()
             full = torch.zeros(count, dtype=torch.float64, device=per_expert.device)
             full[list(included)] = per_expert * scale
@@ -57,7 +58,7 @@ def weight_gradients(merger, recipe, grads: Mapping[str, Tensor]) -> dict[str, T
 
 
 def _components(merger, name: str, method: str, params: MergeParams, included: tuple[int, ...],
-                layer: int | None, shape: torch.Size) -> tuple[Tensor, float]:
+                shape: torch.Size) -> tuple[Tensor, float]:
     """(components ``[k, *shape]`` of the included experts, the scale each weight multiplies)."""
     deltas = merger.dense_deltas(name).index_select(0, torch.tensor(included, device=merger.device))
     if merger.transposed(name):
@@ -66,9 +67,8 @@ def _components(merger, name: str, method: str, params: MergeParams, included: t
     if method == "task_arithmetic":
         return deltas, lam
     # tsv_m: its cached components on the blocks' matrices, the weighted mean elsewhere
-    if len(shape) == 2 and min(shape) > 1 and layer is not None:
-        fraction = 1 / len(included) if params.rank_fraction is None else params.rank_fraction
-        rank = rank_for(fraction, min(shape))
-        # keyed by (rank, experts): the very components the merge reads, whoever built them first
-        return merger.statistics(name).tsv_components(rank, tuple(included)), lam
-    return deltas, lam / len(included)
+    rank = tsv_m_rank(shape, len(included), params)
+    if rank is None:
+        return deltas, lam / len(included)
+    # keyed by (rank, experts): the very components the merge reads, whoever built them first
+    return merger.statistics(name).tsv_components(rank, tuple(included)), lam
