@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from evomerge.fitness.native import left_padded, pad_id
+from evomerge.fitness.native import encode_context, left_padded, pad_id
 
 
 def _answer_logits(model, prompt_ids: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
@@ -35,7 +35,7 @@ def _answer_logits(model, prompt_ids: Sequence[Sequence[int]], answers: Sequence
 
 def reference_loss(model, tokenizer, pairs: Sequence[tuple[str, Sequence[int]]]) -> Tensor:
     """Mean over items of the mean cross-entropy of the reference tokens given the prompt."""
-    prompts = [tokenizer(p, add_special_tokens=False).input_ids for p, _ in pairs]
+    prompts = [encode_context(tokenizer, p) for p, _ in pairs]
     logits, target, real = _answer_logits(model, prompts, [r for _, r in pairs], pad_id(tokenizer))
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
     per_item = (nll * real).sum(-1) / real.sum(-1)
@@ -46,7 +46,7 @@ def answer_entropy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
     """Mean over items of the mean entropy of the next-token distribution along the model's own
     greedy answer (decoded first, without gradient, up to ``max_new_tokens``)."""
     pad = pad_id(tokenizer)
-    encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    encoded = [encode_context(tokenizer, p) for p in prompts]
     device = next(model.parameters()).device
     with torch.no_grad():
         ids, mask = left_padded(encoded, pad, device)

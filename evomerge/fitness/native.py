@@ -39,6 +39,16 @@ class Generation:
     margin: float = math.nan
 
 
+def encode_context(tokenizer, text: str) -> list[int]:
+    """A prompt's token ids as lm-eval's HF model encodes a context (``HFLM.tok_encode`` and
+    ``tok_batch_encode`` with ``add_bos_token`` unset): with the tokenizer's own special tokens,
+    so Gemma and Llama get their ``<bos>`` as they were trained with it (SmolLM2 adds none),
+    and without them where the text already starts with the BOS string. Every path that scores
+    or trains on a prompt encodes it here, so native scores are lm-eval's on every family."""
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
+
+
 def pad_id(tokenizer) -> int:
     """Padding id: many causal LMs define none, and EOS is then the safe filler (masked anyway)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -96,8 +106,8 @@ def generate(
     pad = pad_id(tokenizer)
     results: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = left_padded([tokenizer(p, add_special_tokens=False).input_ids
-                                  for p in prompts[start:start + batch_size]], pad, device)
+        ids, mask = left_padded([encode_context(tokenizer, p) for p in prompts[start:start + batch_size]],
+                                pad, device)
         rows = len(ids)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         # Only the last position's logits are needed: the LM head over every prompt token cost a
@@ -167,7 +177,7 @@ def reference_margins(
         wanted = [list(r)[:max_new_tokens] for r in references[start:start + batch_size]]
         if not all(wanted):
             raise ValueError("reference_margins needs a non-empty reference per prompt")
-        rows = [tokenizer(p, add_special_tokens=False).input_ids + r
+        rows = [encode_context(tokenizer, p) + r
                 for p, r in zip(prompts[start:start + batch_size], wanted)]
         keep = max(map(len, wanted)) + 1
         ids, mask = left_padded(rows, pad_id(tokenizer), device)
@@ -214,8 +224,8 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
-    head = tokenizer(context, add_special_tokens=False).input_ids
+    whole = encode_context(tokenizer, context + continuation)
+    head = encode_context(tokenizer, context)
     return whole[:len(head)], whole[len(head):]
 
 

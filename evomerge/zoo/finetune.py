@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from evomerge.zoo_config import FinetuneConfig
-from evomerge.fitness.native import pad_id
+from evomerge.fitness.native import encode_context, pad_id
 from evomerge.zoo.skills import Item
 
 
@@ -29,7 +29,7 @@ def encode_items(tokenizer, items: Sequence[Item]) -> list[tuple[list[int], int]
     """
     encoded = []
     for item in items:
-        prompt = tokenizer(str(item["prompt"]), add_special_tokens=False).input_ids
+        prompt = encode_context(tokenizer, str(item["prompt"]))
         answer = tokenizer(" " + str(item["answer"]), add_special_tokens=False).input_ids
         encoded.append((prompt + answer + [tokenizer.eos_token_id], len(prompt)))
     return encoded
