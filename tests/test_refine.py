@@ -128,7 +128,7 @@ def test_a_method_whose_weights_enter_non_linearly_is_refused_in_one_line(pico):
 
 
 def test_a_search_refines_its_pick_archives_it_with_its_parent_and_resumes_to_the_same_archive(
-        pico_zoo, pico_cache, tmp_path):
+        pico_zoo, pico_cache, tmp_path, evomerge_main):
     from test_search import cli, comparable, search_args
 
     args = search_args(tmp_path, "refined", "refine.at=final", "refine.steps=3", "refine.lr=0.1",
@@ -147,8 +147,8 @@ def test_a_search_refines_its_pick_archives_it_with_its_parent_and_resumes_to_th
     means = {r["id"]: sum(r["scores"].values()) / len(r["scores"]) for r in rows if r["fidelity"] == "full"}
     pareto = json.loads((tmp_path / "refined" / "pareto.json").read_text())
     assert pareto["verified"][0]["id"] == max(means, key=lambda i: (means[i], -i))
-    exported = cli("export", str(tmp_path / "refined"), "--pick", str(refined["id"]), "--out",
-                   str(tmp_path / "export"), cache=pico_cache)
+    exported = evomerge_main("export", tmp_path / "refined", "--pick", refined["id"], "--out", tmp_path / "export",
+                             cache=pico_cache)  # in process: it loads models, starts no Ray
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert Recipe.from_yaml((tmp_path / "export" / "recipe.yaml").read_text()).hash == refined["recipe_hash"]
     card = (tmp_path / "export" / "model" / "README.md").read_text()
