@@ -20,6 +20,8 @@ their settings, never on a candidate: they are built once per refiner.
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -79,8 +81,7 @@ class DualAnchors:
         s = self.settings
         return {"count": s.count, "steps": s.steps, "lr": s.lr, "init": s.init, "scale": s.scale,
                 "seed": s.seed, "seconds": self.seconds,
-                "alignment": [round(sum(a[1] for a in b.alignment) / max(len(b.alignment), 1), 4)
-                              for b in self.blocks]}
+                "alignment": [round(statistics.mean(after for _, after in b.alignment), 4) for b in self.blocks]}
 
 
 def mlp_paths(merger) -> dict[int, str]:
@@ -90,16 +91,8 @@ def mlp_paths(merger) -> dict[int, str]:
         layer, component = merger.where(name)
         if layer is not None and component == "mlp":
             names.setdefault(layer, []).append(name.split("."))
-    paths = {}
-    for layer, parts in sorted(names.items()):
-        prefix = parts[0][:-1]  # a module holds its tensors: never the tensor's own name
-        for other in parts[1:]:
-            common = 0
-            while common < min(len(prefix), len(other)) and prefix[common] == other[common]:
-                common += 1
-            prefix = prefix[:common]
-        paths[layer] = ".".join(prefix)
-    return paths
+    # a module holds its tensors: the prefix of their owners, never a tensor's own name
+    return {layer: ".".join(os.path.commonprefix([p[:-1] for p in parts])) for layer, parts in sorted(names.items())}
 
 
 def build_anchors(merger, settings: AnchorSettings) -> DualAnchors:
@@ -114,9 +107,11 @@ def build_anchors(merger, settings: AnchorSettings) -> DualAnchors:
         mlp = model.get_submodule(path)
         local = [n for n, _ in mlp.named_parameters()]
         base = {n: merger.base_tensor(f"{path}.{n}").detach() for n in local}
+        # every expert's task vectors, read once per tensor (a quantized stack is made dense per read)
+        stacks = {n: merger.dense_deltas(f"{path}.{n}").view(-1, *base[n].shape).to(base[n].dtype) for n in local}
         experts, inputs, targets, alignment = [], [], [], []
         for k in range(len(merger.experts)):
-            tau = {n: merger.dense_deltas(f"{path}.{n}")[k].view(base[n].shape).to(base[n].dtype) for n in local}
+            tau = {n: stacks[n][k] for n in local}
             moved = [n for n in local if float(tau[n].norm()) > 0]
             if not moved:
                 continue  # the expert left this MLP as it was (a LoRA expert elsewhere): nothing to anchor

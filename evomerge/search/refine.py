@@ -7,8 +7,8 @@ each block (or each block's attention and MLP, ``split_components``) and the ten
 blocks their own weight per expert, and takes ``steps`` Adam steps, each on a fresh random batch
 of validation items: the teacher-forced loss of their references (``supervised``) or the entropy
 of the model's own answers (``entropy``, no references read); or on the pool's functional dual
-anchors (``fda``, no task data read at all: :mod:`evomerge.fitness.dual_anchors`). Every other parameter of each
-config (lambda, rank fraction) stays as the recipe had it, so the result is an ordinary recipe:
+anchors (``fda``, no task data read at all: :mod:`evomerge.fitness.dual_anchors`). Every other
+parameter of each config (lambda, rank fraction) stays as the recipe had it, so the result is an ordinary recipe:
 it exports, hashes and replays like any other. The refined recipe is a candidate of its own;
 the loop archives it with its parent and what was done (:class:`Refinement`).
 """
@@ -135,8 +135,8 @@ class Refiner:
         if seed in self._anchors:
             return self._anchors[seed], 0.0
         c = self.config
-        built = build_anchors(self.merger, AnchorSettings(c.anchors, c.anchor_steps, c.anchor_lr, c.anchor_init,
-                                                          c.anchor_scale, seed))
+        built = build_anchors(self.merger, AnchorSettings(count=c.anchors, steps=c.anchor_steps, lr=c.anchor_lr,
+                                                          init=c.anchor_init, scale=c.anchor_scale, seed=seed))
         self._anchors[seed] = built
         return built, built.seconds
 
@@ -205,17 +205,18 @@ class Refiner:
                     if backward:
                         loss.backward()
                     total = float(loss.detach())
-                batch = self._batch(rng) if anchors is None else {}
-                for name, ids in batch.items():
-                    task = self.tasks[name]
-                    if self.config.signal == "supervised":
-                        loss = reference_loss(model, self.tokenizer, task.reference_pairs(ids, self.tokenizer))
-                    else:
-                        loss = answer_entropy(model, self.tokenizer, task.prompts(ids),
-                                              max_new_tokens=max(1, task.max_gen_toks))
-                    if backward:
-                        (loss / len(batch)).backward()
-                    total += float(loss.detach()) / len(batch)
+                else:
+                    batch = self._batch(rng)
+                    for name, ids in batch.items():
+                        task = self.tasks[name]
+                        if self.config.signal == "supervised":
+                            loss = reference_loss(model, self.tokenizer, task.reference_pairs(ids, self.tokenizer))
+                        else:
+                            loss = answer_entropy(model, self.tokenizer, task.prompts(ids),
+                                                  max_new_tokens=max(1, task.max_gen_toks))
+                        if backward:
+                            (loss / len(batch)).backward()
+                        total += float(loss.detach()) / len(batch)
             gradients = {}
             if backward:
                 grads = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in params.items()}
