@@ -32,12 +32,21 @@ class Family:
     the export selects the same tensors). ``attn``/``mlp``: the first that a name contains decides,
     attn first; ``writers``: those of the tensors whose outputs are added to the residual stream
     (weights and biases); ``pre_norm``: True, or the config attribute saying whether blocks
-    normalize their input (and not their output)."""
+    normalize their input (and not their output); ``writer_offset``: what the forward adds to a
+    writer's stored weight before it multiplies (Gemma 2 and 3 write through post-norms that
+    compute ``x * (1 + weight)``), so scaling a write by ``s`` is ``(w + offset) * s - offset``."""
 
     attn: tuple[str, ...]
     mlp: tuple[str, ...]
     writers: tuple[str, ...]
     pre_norm: bool | str = True
+    writer_offset: float = 0.0
+
+    def scaled_write(self, tensor, scale: float):
+        """A residual writer's stored tensor whose output is ``scale`` times the original's."""
+        if not self.writer_offset:
+            return tensor * scale
+        return (tensor + self.writer_offset) * scale - self.writer_offset
 
     def component_of(self, tensor_name: str) -> str:
         """``attn``, ``mlp`` or ``all`` (the rest of a block: norms), by the first mark contained."""
@@ -48,11 +57,16 @@ class Family:
 
 
 _LLAMA = Family(("self_attn",), ("mlp",), ("o_proj", "down_proj"))
+# Gemma 2 and 3: "sandwich" blocks whose attention and MLP outputs pass a post-norm before the
+# residual add, so the norms are the writers; q_norm/k_norm (Gemma 3) sit under self_attn.
+_GEMMA_SANDWICH = Family(("self_attn",), ("mlp",), ("post_attention_layernorm", "post_feedforward_layernorm"),
+                         writer_offset=1.0)
 # Keyed by config.model_type. A mark ends in a dot where the bare word is in a norm's name too
 # (GPT-NeoX's post_attention_layernorm, OPT's self_attn_layer_norm: the rest of the block). Fused layouts need nothing more: GPT-2's c_attn, GPT-NeoX's
 # query_key_value and Phi-3's qkv_proj/gate_up_proj sit under their attention or MLP module.
 FAMILIES: Mapping[str, Family] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "phi3": _LLAMA,
+    "gemma2": _GEMMA_SANDWICH, "gemma3_text": _GEMMA_SANDWICH,
     "gpt2": Family(("attn",), ("mlp",), ("c_proj",)),
     "gpt_neox": Family((".attention.",), ("mlp",), ("attention.dense", "dense_4h_to_h")),
     "opt": Family(("self_attn.",), ("fc1", "fc2"), ("out_proj", "fc2"), pre_norm="do_layer_norm_before"),
@@ -102,11 +116,21 @@ class Layout:
 
     def writers(self) -> tuple[str, ...]:
         """Marks of the residual writers, for folding a path's scales; refused where that is wrong."""
+        return self._fold_family().writers
+
+    def scaled_write(self, tensor_name: str, tensor, scale: float):
+        """``tensor`` refolded so its block's residual write is ``scale`` times as large (a
+        residual writer's; any other tensor is returned as it is)."""
+        if not self.is_residual_writer(tensor_name):
+            return tensor
+        return self._fold_family().scaled_write(tensor, scale)
+
+    def _fold_family(self) -> Family:
         family = self._known("the data-flow search (space.kind=dataflow)")
         if not self.pre_norm:
             raise UserError(f"{self.model_type} with {family.pre_norm}=false normalizes after the residual add, "
                             f"so a layer path's scales cannot fold into its weights; use space.kind=params")
-        return family.writers
+        return family
 
     def _known(self, what: str) -> Family:
         if self.family is None:

@@ -72,6 +72,10 @@ def _path_to_mergekit(path: LayerPath, layout: Layout | None = None) -> dict[str
     layout = layout or llama_layout(path.num_layers)
     writers = layout.writers()
     check_mergekit_knows(layout)
+    if layout.family is not None and layout.family.writer_offset and any(p.scale != 1.0 for p in path.slices):
+        raise UserError(f"mergekit's scale multiplies a weight, but {layout.model_type}'s residual writes are "
+                        f"norms computing x * ({layout.family.writer_offset:g} + weight), so this path's scales "
+                        f"cannot fold into a mergekit config; the exported model folder has them folded")
     refs = {BASE: path.base, **{e: mergekit_model(path.expert_refs.get(e, e), path.base) for e in path.experts}}
     out, total = [], 1.0
     for piece in path.slices:

@@ -1,6 +1,7 @@
 """Decoder families other than Llama: tiny random pools (a base and two experts nudged from it) of
 GPT-2 (Conv1D, fused QKV, tied head), GPT-NeoX (fused QKV, untied head), OPT (bare fc1/fc2 MLP,
-positions offset), Qwen2 (biased QKV) and Phi (fused-free, parallel block), merged layer-wise
+positions offset), Qwen2 (biased QKV), Phi (fused-free, parallel block) and Gemma 3 (q/k norms,
+sandwich post-norms as the residual writers, sliding-window layers, tied head), merged layer-wise
 with different attention and MLP configs, exported, reloaded with plain transformers, and redone
 by real mergekit where mergekit knows the architecture."""
 
@@ -45,6 +46,10 @@ def _config(family: str, vocab: int):
                                         tie_word_embeddings=True, **common),
         "phi": lambda: tf.PhiConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
                                     intermediate_size=64, max_position_embeddings=64, **common),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
+                                                   num_key_value_heads=1, head_dim=16, intermediate_size=64,
+                                                   max_position_embeddings=64, sliding_window=4,
+                                                   layer_types=["sliding_attention", "full_attention"], **common),
     }[family]()
 
 
@@ -55,6 +60,7 @@ FAMILIES = {
     "opt": ("OPTForCausalLM", 8, 4, 4, False),
     "qwen2": ("Qwen2ForCausalLM", 7, 3, 2, True),
     "phi": ("PhiForCausalLM", 8, 4, 2, True),
+    "gemma3_text": ("Gemma3ForCausalLM", 6, 3, 4, True),
 }
 
 
@@ -243,12 +249,15 @@ def test_post_norm_opt_refuses_the_dataflow_fold(pools, tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_a_non_llama_path_folds_its_scales(pools, tmp_path):
-    """GPT-NeoX's parallel pre-norm block: the folded path computes what the hooked one does."""
+@pytest.mark.parametrize("family", ["gpt_neox", "gemma3_text"])
+def test_a_non_llama_path_folds_its_scales(pools, family):
+    """GPT-NeoX's parallel pre-norm block and Gemma 3's post-norms computing x * (1 + w): the
+    folded path computes what the hooked one does; mergekit's scale (w * s) folds the first and is
+    refused for the second."""
     from evomerge.layer_path import LayerPath, Slice
     from evomerge.merge.path_model import PathSources, folded, path_model
 
-    merger = _merger(pools, "gpt_neox")
+    merger = _merger(pools, family)
     path = LayerPath(merger.pool.base_ref, EXPERTS, LAYERS, (Slice("a", 0, 2, 1.5), Slice("b", 1, 2, 0.5), Slice("a", 1, 2)),
                      "a")
     sources = PathSources(merger)
@@ -256,6 +265,15 @@ def test_a_non_llama_path_folds_its_scales(pools, tmp_path):
     with torch.no_grad():
         hooked, flat = path_model(path, sources)(ids).logits, folded(path, sources)(ids).logits
     torch.testing.assert_close(flat, hooked, rtol=0, atol=1e-4)
+    unscaled = LayerPath(merger.pool.base_ref, EXPERTS, LAYERS, (Slice("a", 0, 2), Slice("b", 1, 2), Slice("a", 1, 2)),
+                         "a")
+    with torch.no_grad():  # the fold is what makes them agree: without it the scales change the logits
+        assert (path_model(unscaled, sources)(ids).logits - hooked).abs().max() > 1e-3
+    if family == "gemma3_text":
+        with pytest.raises(UserError, match=r"gemma3_text's residual writes are norms computing x \* \(1 \+ weight\)"):
+            to_mergekit(path, merger.layout)
+        assert to_mergekit(unscaled, merger.layout)["merge_method"] == "passthrough"  # nothing to fold: exported
+        return
     scale = to_mergekit(path, merger.layout)["slices"][1]["sources"][0]["parameters"]["scale"]
     assert [(c.get("filter"), c["value"]) for c in scale] == [
         ("attention.dense", pytest.approx(1 / 0.75)), ("dense_4h_to_h", pytest.approx(1 / 0.75)), (None, 1.0)]

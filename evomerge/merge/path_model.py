@@ -68,7 +68,7 @@ def folded(path: LayerPath, sources: PathSources) -> torch.nn.Module:
         # Each step its own copy (a block visited twice is stored twice); tied names outside the
         # blocks are tied back into one parameter by ``_filled``.
         if layout.is_residual_writer(name):
-            return tensor / scale
+            return layout.scaled_write(name, tensor, 1.0 / scale)
         return tensor.clone()
 
     return _assembled(path, sources, copied)
