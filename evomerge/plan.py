@@ -8,8 +8,12 @@ activations, and for a LoRA expert (a folder holding ``adapter_config.json``) it
 header, whose A and B factors are what a worker keeps of it. The bytes are counted by
 :mod:`evomerge.merge.memory`, the one home of that arithmetic; this module only reads and tells.
 
-When the requested delta format does not fit, the first of bfloat16, int8 and int4 that does is
-chosen (``search`` then uses it); when none does, one line says what to change. Streaming deltas
+The evaluation's activations are those of the forward pass that keeps the most logits of the
+ones the search's tasks and objectives make (:func:`evaluation_paths`): on a large vocabulary the
+logits are most of a worker's memory, and a decoding step keeps one position per row where a
+log-likelihood request keeps all. When the plan does not fit, smaller evaluation batches are
+tried (the same scores, slower), then the first of bfloat16, int8 and int4 that fits (``search``
+then uses what was chosen); when nothing does, one line says what to change. Streaming deltas
 from host memory to a GPU would be the next resort and is not built.
 """
 
@@ -27,9 +31,9 @@ from evomerge.errors import UserError, first_line
 from evomerge.adapters import lora_factors
 from evomerge.model_files import folder_header, header_shapes, stored_dtype
 from evomerge.pool import local_ref
+from evomerge.fitness.text import PERPLEXITY_WINDOW
 from evomerge.merge.memory import (SMALLER_FORMATS, Adapter, Architecture, Fit, MemoryPlan, delta_format,
-                                   dtype_name, fit_delta_format, format_name, pool_loading_bytes,
-                                   size_text)
+                                   dtype_name, fit_plan, format_name, pool_loading_bytes, size_text)
 
 EVAL_SEQUENCE = 256
 """Tokens per row the activations are planned for. The evaluator fixes no length: it pads a batch
@@ -128,6 +132,88 @@ def _hub_files(repo: str) -> dict[str, Any]:
         raise UserError(f"hub id {repo!r}: headers could not be fetched ({first_line(error)}); pass a local folder") from None
 
 
+# --- what the evaluator runs ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskShape:
+    """What the plan needs of a task: how it is scored and how long its answers may be."""
+
+    output_type: str  # lm-eval's: generate_until, loglikelihood, multiple_choice, ...
+    max_gen_toks: int  # 0 for tasks that generate nothing
+    native: bool  # scored by fitness.native (False: by lm-eval's HF model)
+
+
+@dataclass(frozen=True)
+class EvaluationPath:
+    """One kind of forward pass the evaluator makes, by the logits it keeps per row."""
+
+    what: str
+    rows: int
+    sequence: int
+    logit_positions: int | None  # None: every position
+    float_logit_copies: int = 1
+
+    def bytes(self, architecture: Architecture, dtype: torch.dtype) -> int:
+        return architecture.activation_bytes(self.rows, self.sequence, dtype, logit_positions=self.logit_positions,
+                                             float_logit_copies=self.float_logit_copies)
+
+    def text(self) -> str:
+        kept = ("logits at every position" if self.logit_positions is None else
+                f"logits at {min(self.logit_positions, self.sequence)} position"
+                f"{'s' if min(self.logit_positions, self.sequence) > 1 else ''} per row")
+        return f"{self.what}: batch {self.rows} x {self.sequence} tokens, {kept}"
+
+
+def evaluation_paths(tasks: tuple[TaskShape, ...] | None, batch: int, sequence: int, *,
+                     teacher_forcing: bool, perplexity: bool) -> list[EvaluationPath]:
+    """The forward passes scoring ``tasks`` makes at evaluation ``batch``, as fitness.native and
+    lm-eval run them: a decoding step's LM head runs on the last position (native ``generate``
+    asks for ``logits_to_keep=1``, as transformers' ``generate`` does for lm-eval); teacher
+    forcing on the reference's positions, at most ``max_gen_toks`` + 1; a log-likelihood request
+    on every position; the perplexity objective on every position of a quarter batch of
+    windows, with a float32 copy and its log-softmax. Unknown tasks (None) count as
+    log-likelihood, the most a task can keep."""
+    paths = []
+    for shape in tasks if tasks is not None else (None,):
+        if shape is not None and shape.output_type == "generate_until":
+            paths.append(EvaluationPath("decoding", batch, sequence, 1))
+            if teacher_forcing and shape.native:
+                paths.append(EvaluationPath("teacher forcing", batch, sequence, shape.max_gen_toks + 1))
+        else:
+            what = "log-likelihood" if shape is not None else "log-likelihood (tasks not known to the plan)"
+            paths.append(EvaluationPath(what, batch, sequence, None))
+    if perplexity:
+        paths.append(EvaluationPath("perplexity", max(1, batch // 4), PERPLEXITY_WINDOW, None, 2))
+    return paths
+
+
+def task_shapes(typed: Config) -> tuple[TaskShape, ...] | None:
+    """How the search's tasks are scored: the zoo's skill tasks from their definition, named
+    tasks as lm-eval loads them; None where the tasks are not known yet (own models and no
+    ``tasks``, which the search refuses) or cannot be loaded here (a hub task offline: the
+    search says why when it loads them)."""
+    if typed.tasks is None:
+        if not typed.searches_zoo:
+            return None
+        from evomerge.zoo.tasks import MAX_GEN_TOKS
+
+        return (TaskShape("generate_until", MAX_GEN_TOKS, typed.fitness.native),)
+    from evomerge.fitness.tasks import Task, load_lm_eval_tasks
+
+    include = typed.include_path
+    if include is None and typed.searches_zoo:
+        from evomerge.zoo.build import Zoo
+
+        include = str(Zoo.at(typed.zoo).task_dir)
+    try:
+        loaded = load_lm_eval_tasks([str(t) for t in typed.tasks], include, "validation")
+        tasks = [Task(name, lm_task, "validation", allow_native=typed.fitness.native) for name, lm_task in loaded.items()]
+    except Exception:  # the plan is an estimate: the search itself refuses such tasks in one line
+        return None
+    return tuple(TaskShape(t.output_type, t.max_gen_toks, t.native) for t in tasks)
+
+
 # --- the plan of a search ------------------------------------------------------------------------
 
 
@@ -138,11 +224,11 @@ class SearchPlan:
     fit: Fit
     device: str
     memory_source: str
-    batch: int
-    sequence: int
+    batch: int  # fitness.batch_size as configured; the plan's is ``fit.batch``
+    evaluation: EvaluationPath  # the forward pass keeping the most, at ``fit.batch``: the activations
     base: str
     loading: int = 0  # host bytes while a worker's pool loads (memory.pool_loading_bytes)
-    fallbacks: tuple[MemoryPlan, ...] = ()  # the smaller formats' plans, tried when nothing fit
+    fallbacks: tuple[MemoryPlan, ...] = ()  # every format's plan at batch 1, tried when nothing fit
     refine_dropped: bool = False  # refine.at=auto whose gradients do not fit: the search runs without
 
     @property
@@ -153,6 +239,10 @@ class SearchPlan:
     @property
     def changed(self) -> bool:
         return self.fit.chosen is not None and self.fit.chosen.delta_dtype != self.fit.requested.delta_dtype
+
+    @property
+    def batch_changed(self) -> bool:
+        return self.fit.chosen is not None and self.fit.batch != self.batch
 
     def lines(self) -> list[str]:
         """The plan for people: per worker, then the workers sharing the device against its memory."""
@@ -166,7 +256,7 @@ class SearchPlan:
             f"              deltas {size_text(plan.deltas)} ({plan.experts_text()}, {format_name(plan.delta_dtype)})",
             f"              working model {size_text(plan.working)}",
             f"              evaluation activations {size_text(plan.activations)} "
-            f"(batch {self.batch} x {self.sequence} tokens, estimated)",
+            f"({self.evaluation.text()}, estimated)",
             *([f"              gradients {size_text(plan.gradients)} (refine.at: dL/dW of every parameter)"]
               if plan.gradients else []),
             f"              total {size_text(plan.total)}",
@@ -176,6 +266,9 @@ class SearchPlan:
         lines.append(f"  loading: each worker's pool peaks at {size_text(self.loading)} of host RAM (base and "
                      f"the expert being read as their files store them, task vectors stored as "
                      f"{format_name(plan.delta_dtype)} as they load; not checked)")
+        if self.batch_changed:
+            lines.append(f"  fitness.batch_size={self.batch} does not fit: using fitness.batch_size={self.fit.batch}, "
+                         f"the largest that fits (the same items, scored in smaller batches)")
         if self.changed:
             lines.append(f"  {format_name(fit.requested.delta_dtype)} deltas would need "
                          f"{size_text(fit.needs(fit.requested))}: using runtime.delta_dtype="
@@ -196,8 +289,9 @@ class SearchPlan:
             advice.append(f"fewer workers per device (runtime.workers={fit.workers}; 1 needs "
                           f"{size_text(smallest.total)})")
         advice += ["fewer experts", f"or a device of more than {size_text(fit.needs(smallest))}"]
-        smaller = (f", still {size_text(fit.needs(smallest))} with {format_name(smallest.delta_dtype)}"
-                   if smallest.total < plan.total else ", and no smaller delta format makes it smaller")
+        smaller = (f", still {size_text(fit.needs(smallest))} with {format_name(smallest.delta_dtype)} at "
+                   f"fitness.batch_size=1" if smallest.total < plan.total
+                   else ", and no smaller delta format or batch makes it smaller")
         return (f"the search does not fit {self.device} ({size_text(fit.memory)}): {fit.workers} x "
                 f"{size_text(plan.total)} with {format_name(plan.delta_dtype)} deltas{smaller}; fit it with "
                 f"{', '.join(advice)} (streaming deltas from host memory to the GPU is not built: no GPU "
@@ -217,33 +311,39 @@ def plan_search(config: Mapping[str, Any], *, device_memory: int | None = None,
     runtime = typed.runtime
     dtype = getattr(torch, runtime.dtype)
     requested = delta_format(runtime.delta_dtype, dtype)
-    activations = Architecture.of_config(base.config, f"{base_ref}/config.json").activation_bytes(
-        typed.fitness.batch_size, sequence, dtype)
+    architecture = Architecture.of_config(base.config, f"{base_ref}/config.json")
+    shapes = task_shapes(typed)
+
+    def largest_path(batch: int) -> EvaluationPath:
+        paths = evaluation_paths(shapes, batch, sequence, teacher_forcing=typed.fitness.teacher_forcing,
+                                 perplexity="perplexity" in typed.fitness.objectives)
+        return max(paths, key=lambda p: p.bytes(architecture, dtype))
 
     from evomerge.search.settings import effective_refine
 
     refining = effective_refine(typed.refine, typed.space).at == "final"
 
-    def plan_for(delta, gradients: bool | None = None):
+    def plan_for(delta, batch: int, gradients: bool | None = None):
         gradients = refining if gradients is None else gradients
-        return MemoryPlan.for_shapes(base.shapes, dense, dtype, delta, adapters=adapters, activations=activations,
-                                     gradients=gradients)
+        return MemoryPlan.for_shapes(base.shapes, dense, dtype, delta, adapters=adapters,
+                                     activations=largest_path(batch).bytes(architecture, dtype), gradients=gradients)
 
     device = runtime.resolved_device()
     gpu = device.startswith("cuda")
     memory, source = (device_memory, "--device-memory") if device_memory is not None else _device_memory(device)
     workers = 1 if gpu else runtime.workers  # Ray gives each worker a GPU of its own
-    fit = fit_delta_format(plan_for, requested, workers, memory)
+    batch = typed.fitness.batch_size
+    fit = fit_plan(plan_for, requested, batch, workers, memory)
     dropped = typed.refine.at == "auto" and refining and (fit.chosen is None or fit.chosen is not fit.requested)
-    if dropped:  # the default's refinement gives way rather than shrink the deltas or refuse the search
+    if dropped:  # the default's refinement gives way rather than shrink the batch or deltas, or refuse
         refining = False
-        fit = fit_delta_format(plan_for, requested, workers, memory)
-    fallbacks = () if fit.chosen else tuple(plan_for(f) for f in SMALLER_FORMATS if f != requested)
+        fit = fit_plan(plan_for, requested, batch, workers, memory)
+    fallbacks = () if fit.chosen else tuple(plan_for(f, 1) for f in dict.fromkeys((requested, *SMALLER_FORMATS)))
     full = [e for e in experts if isinstance(e, ModelMeta)]
     second = max([base.stored, *(e.stored for e in full), *([torch.float32] if adapters else [])],
                  key=lambda d: d.itemsize)
     loading = pool_loading_bytes(base.shapes, base.stored, second, (fit.chosen or fit.requested).deltas)
-    return SearchPlan(fit, "cuda" if gpu else "cpu", source, typed.fitness.batch_size, sequence, base_ref,
+    return SearchPlan(fit, "cuda" if gpu else "cpu", source, batch, largest_path(fit.batch), base_ref,
                       loading, fallbacks, refine_dropped=dropped)
 
 
@@ -258,6 +358,8 @@ def planned_config(config: Mapping[str, Any], search: SearchPlan) -> dict[str, A
         config["refine"] = {**(config.get("refine") or {}), "at": "off"}
     if search.changed:
         config["runtime"] = {**(config.get("runtime") or {}), "delta_dtype": format_name(search.plan.delta_dtype)}
+    if search.batch_changed:  # fitness.batch_size is a runtime matter (search.settings.RESUMABLE)
+        config["fitness"] = {**(config.get("fitness") or {}), "batch_size": search.fit.batch}
     return config
 
 

@@ -23,6 +23,12 @@ LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidd
              "num_hidden_layers": 80, "intermediate_size": 28672, "vocab_size": 32000,
              "num_attention_heads": 64, "num_key_value_heads": 8,
              "tie_word_embeddings": False}  # Llama-2-70B
+# Gemma 3 270M's sizes (its q/k norms and post-norms, ~20k parameters, are not written): what
+# matters to the plan is its 262k vocabulary, whose logits outweigh the model.
+GEMMA3_270M = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 640,
+               "num_hidden_layers": 18, "intermediate_size": 2048, "vocab_size": 262144,
+               "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+               "tie_word_embeddings": True}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -10,10 +10,10 @@ import torch
 from evomerge.cli import main
 from evomerge.config import compose
 from evomerge.errors import UserError
-from evomerge.merge.memory import Adapter, lora_factor_bytes, parse_size
-from evomerge.plan import plan_search, planned_config
+from evomerge.merge.memory import Adapter, Architecture, lora_factor_bytes, parse_size
+from evomerge.plan import EvaluationPath, TaskShape, evaluation_paths, plan_search, planned_config
 from evomerge.model_files import safetensors_shapes
-from hub_fixtures import LLAMA_7B, LLAMA_70B, linear_shapes, write_header, write_lora, write_model
+from hub_fixtures import GEMMA3_270M, LLAMA_7B, LLAMA_70B, linear_shapes, write_header, write_lora, write_model
 
 TINY = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_hidden_layers": 2, "intermediate_size": 12,
         "vocab_size": 10, "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True}
@@ -143,9 +143,9 @@ def test_refinement_plans_a_gradient_per_parameter_and_is_refused_where_it_does_
     refined = plan_search(refining, device_memory=parse_size("80GB"))
     assert plain.plan.gradients == 0
     assert refined.plan.gradients == LLAMA_7B_PARAMS * 4  # float32 working model: one fp32 gradient each
-    assert refined.plan.total == plain.plan.total + refined.plan.gradients
+    assert refined.fit.requested.total == plain.fit.requested.total + refined.plan.gradients
     assert any("gradients 25.10 GiB (refine.at" in line for line in refined.lines())
-    between = (plain.plan.total + refined.plan.total) // 2
+    between = (plain.fit.requested.total + refined.fit.requested.total) // 2
     assert plan_search(config, device_memory=between).fit.chosen is not None
     tight = plan_search(refining, device_memory=between)
     if tight.fit.chosen is None:
@@ -164,3 +164,60 @@ def test_refinement_plans_a_gradient_per_parameter_and_is_refused_where_it_does_
     roomy = plan_search(auto, device_memory=parse_size("1TB"))
     assert not roomy.refine_dropped and roomy.plan.gradients == refined.plan.gradients
     assert planned_config(auto, roomy)["refine"].get("at") != "off"
+
+def test_each_scoring_path_counts_the_logits_it_keeps():
+    """By hand on a tiny config: decoding keeps one position per row, teacher forcing the
+    reference's (max_gen_toks + 1), a log-likelihood request every position, perplexity every
+    position of a quarter batch with two float32 copies."""
+    arch = Architecture.of_config(TINY)
+    paths = evaluation_paths((TaskShape("generate_until", 12, True), TaskShape("multiple_choice", 0, True)), 32, 256,
+                             teacher_forcing=True, perplexity=True)
+    assert [(p.what, p.rows, p.sequence, p.logit_positions) for p in paths] == [
+        ("decoding", 32, 256, 1), ("teacher forcing", 32, 256, 13), ("log-likelihood", 32, 256, None),
+        ("perplexity", 8, 256, None)]
+    rest = arch.activation_bytes(32, 256, torch.float32, logit_positions=0)  # everything but the logits
+    assert [p.bytes(arch, torch.float32) - rest for p in paths[:3]] == [32 * n * 10 * 8 for n in (1, 13, 256)]
+    assert paths[3].bytes(arch, torch.float32) == arch.activation_bytes(8, 256, torch.float32, logit_positions=0) \
+        + 8 * 256 * 10 * (4 + 2 * 4)
+    decoded = evaluation_paths((TaskShape("generate_until", 12, True),), 32, 256, teacher_forcing=False, perplexity=False)
+    assert decoded == [EvaluationPath("decoding", 32, 256, 1)]
+    lm_eval_path = evaluation_paths((TaskShape("generate_until", 12, False),), 32, 256, teacher_forcing=True,
+                                    perplexity=False)
+    assert [p.logit_positions for p in lm_eval_path] == [1]  # lm-eval's generate: transformers keeps one
+    assert [p.logit_positions for p in evaluation_paths(None, 32, 256, teacher_forcing=True, perplexity=False)] == [None]
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma")
+    return [write_model(root / name, GEMMA3_270M) for name in ("base", "e1", "e2")]
+
+
+def test_a_262k_vocabulary_plans_the_logits_its_tasks_keep_and_lowers_the_batch_before_the_deltas(gemma, pico_zoo):
+    """Gemma 3 270M with two experts, 2 CPU workers in 24 GiB: generation tasks fit at the
+    configured batch with float32 deltas (teacher forcing keeps 13 positions per row, not 256);
+    a multiple-choice task keeps every position, so the plan halves the batch until it fits,
+    and keeps float32 deltas."""
+    skill = pico_zoo.config.skills[0]
+    common = [*overrides(gemma[0], gemma[1:]), "runtime.device=cpu", "runtime.workers=2",
+              f"include_path={pico_zoo.task_dir}"]
+    memory = parse_size("24GiB")
+    generating = plan_search(compose([*common, f"tasks=[zoo_{skill}]"]), device_memory=memory)
+    assert generating.fit.chosen is generating.fit.requested and generating.fit.batch == 32
+    assert (generating.evaluation.what, generating.evaluation.logit_positions) == ("teacher forcing", 13)
+    arch = Architecture.of_config(GEMMA3_270M)
+    assert generating.plan.activations == arch.activation_bytes(32, 256, torch.float32, logit_positions=13)
+    assert generating.plan.activations < 2 * 2**30 < arch.activation_bytes(32, 256, torch.float32)
+    assert any("teacher forcing: batch 32 x 256 tokens, logits at 13 positions per row" in line
+               for line in generating.lines())
+
+    config = compose([*common, f"tasks=[zoo_{skill}_mc]"])
+    choosing = plan_search(config, device_memory=memory)
+    batch = choosing.fit.batch
+    assert choosing.evaluation.what == "log-likelihood" and choosing.evaluation.logit_positions is None
+    assert 1 <= batch < 32 and choosing.plan.delta_dtype == torch.float32 and choosing.batch_changed
+    assert choosing.fit.needs(choosing.plan) <= memory  # the largest that fits: twice it does not
+    assert plan_search(compose([*common, f"tasks=[zoo_{skill}_mc]", f"fitness.batch_size={2 * batch}"]),
+                       device_memory=memory).fit.batch == batch
+    assert planned_config(config, choosing)["fitness"]["batch_size"] == batch
+    assert any(f"fitness.batch_size=32 does not fit: using fitness.batch_size={batch}" in line for line in choosing.lines())

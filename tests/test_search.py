@@ -20,6 +20,7 @@ from ray_cluster import free_port, local_cluster
 from search_faults import (DRIVER_EXIT, DiskFullAtArchiveLine, DriverDiesAfterGeneration, DriverDiesInArchiveLine,
                            WorkerFaults)
 
+from evomerge.errors import UserError
 from evomerge.search.hooks import SearchHooks
 
 POP, GENS = 4, 3
@@ -254,6 +255,34 @@ def test_a_run_made_before_teacher_forcing_resumes_decoding(reference_run, pico_
     monkeypatch.setenv("EVOMERGE_CACHE", str(pico_cache))
     loop.resume(run, log=lambda *a, **k: None)
     assert seen and seen[0].teacher_forcing is False
+
+
+def test_the_evaluation_batch_may_change_on_resume(reference_run, pico_cache, tmp_path, monkeypatch):
+    """``fitness.batch_size`` sets how many rows a forward pass scores, not what is scored, so
+    the memory plan may lower it and a resume may change it, also in a run made when the
+    fingerprint still held it; a change of what is scored stays refused."""
+    import shutil
+
+    from evomerge.search import driver as loop
+    from evomerge.search.settings import search_fingerprint
+
+    run = tmp_path / "old"
+    shutil.copytree(reference_run[0], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    before = ("name", "runs_dir", "runtime", "algorithm.generations")  # the resumable keys until now
+    (run / "run.json").write_text(json.dumps({"fingerprint": search_fingerprint(config, before), "config": config}))
+    config["fitness"]["batch_size"] = 7
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    seen = []
+    monkeypatch.setattr(loop.Search, "run", lambda self, folder: seen.append(self.settings.fitness))
+    monkeypatch.setenv("EVOMERGE_CACHE", str(pico_cache))
+    loop.resume(run, log=lambda *a, **k: None)
+    assert seen and seen[0].batch_size == 7
+    config["fitness"]["items_per_task"] += 1
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    with pytest.raises(UserError, match=r"\(fitness.items_per_task\); only name, runs_dir, runtime.\*, "
+                                        r"algorithm.generations, fitness.batch_size may change"):
+        loop.resume(run, log=lambda *a, **k: None)
 
 
 @pytest.mark.reliability("bad input", "resuming a folder that is not a run")

@@ -50,7 +50,11 @@ def heldout_text(path: str = "") -> str:
     return text
 
 
-def token_windows(tokenizer, text: str, *, max_tokens: int, window: int = 256) -> list[list[int]]:
+PERPLEXITY_WINDOW = 256
+"""Tokens per window of the perplexity objective; the memory plan counts its logits by it."""
+
+
+def token_windows(tokenizer, text: str, *, max_tokens: int, window: int = PERPLEXITY_WINDOW) -> list[list[int]]:
     """``max_tokens`` tokens of ``text`` as windows spread evenly over all of it, so the budget
     samples every module's prose rather than the first one's."""
     ids = tokenizer(text, add_special_tokens=False).input_ids

@@ -4,7 +4,7 @@ A pool that does not fit should be refused, or stored smaller, before a single w
 everything here works from shapes, dtypes and a model's config alone. The :class:`Merger` plans
 its own residency with :meth:`MemoryPlan.for_shapes` and refuses it with :func:`check_fits`;
 ``evomerge plan`` (:mod:`evomerge.plan`) adds the evaluation's activations and the workers
-sharing a device, and :func:`fit_delta_format` picks the first delta format that fits.
+sharing a device, and :func:`fit_plan` picks the first evaluation batch and delta format that fit.
 """
 
 from __future__ import annotations
@@ -123,21 +123,26 @@ class Architecture:
                    heads=heads, kv_heads=size("num_key_value_heads", default=heads),
                    head_dim=size("head_dim", default=hidden // heads))
 
-    def activation_bytes(self, batch: int, sequence: int, dtype: torch.dtype) -> int:
+    def activation_bytes(self, batch: int, sequence: int, dtype: torch.dtype, *,
+                         logit_positions: int | None = None, float_logit_copies: int = 1) -> int:
         """Peak bytes of one no-grad forward pass over ``batch`` rows of ``sequence`` tokens,
         an upper estimate: layers run one at a time, so one block's temporaries are live (the
         residual stream, its normed copy and the attention output; q, k and v; the attention
         scores as the math path materializes them, in float32; the MLP's gate, up and product),
         plus what outlives the blocks: the KV cache a generation keeps for every layer, and the
-        logits over the whole vocabulary that a log-likelihood request reads (in ``dtype``, with
-        a float32 copy of them)."""
+        logits over the whole vocabulary at the ``logit_positions`` of each row that the LM head
+        runs on (None: every position, as a log-likelihood request needs; a decoding step keeps
+        one), in ``dtype`` with ``float_logit_copies`` float32 copies of them. On a 262k
+        vocabulary the logits are most of the total, so counting every position where a path
+        keeps one refused searches that run."""
         tokens = batch * sequence
         width = itemsize(dtype)
         kv = self.kv_heads * self.head_dim
         block = tokens * (3 * self.hidden + self.heads * self.head_dim + 2 * kv + 3 * self.intermediate) * width
         scores = batch * self.heads * sequence * sequence * 4
         cache = 2 * self.layers * tokens * kv * width
-        logits = tokens * self.vocab * (width + 4)
+        positions = sequence if logit_positions is None else min(logit_positions, sequence)
+        logits = batch * positions * self.vocab * (width + 4 * float_logit_copies)
         return block + scores + cache + logits
 
 
@@ -209,27 +214,42 @@ class MemoryPlan:
 @dataclass(frozen=True)
 class Fit:
     """A plan checked against a device that ``workers`` workers share: the requested delta
-    format's plan, and the plan ``fit_delta_format`` chose (None when nothing fits)."""
+    format's plan at the requested evaluation batch, and the plan :func:`fit_plan` chose with
+    its ``batch`` (``chosen`` None when nothing fits)."""
 
     requested: MemoryPlan
     chosen: MemoryPlan | None
     workers: int
     memory: int
+    batch: int = 0  # the evaluation batch of ``chosen`` (the requested one when nothing fits)
 
     def needs(self, plan: MemoryPlan) -> int:
         return self.workers * plan.total
 
 
-def fit_delta_format(plan_for: Callable[[DeltaFormat], MemoryPlan], requested: DeltaFormat, workers: int, memory: int) -> Fit:
-    """The requested format's plan if ``workers`` of it fit in ``memory`` bytes, else the first
-    of :data:`SMALLER_FORMATS` storing fewer bits that does; ``chosen`` None if none does."""
-    first = plan_for(requested)
-    candidates = [requested, *(f for f in SMALLER_FORMATS if delta_bits(f) < delta_bits(requested))]
-    for delta in candidates:
-        plan = first if delta is requested else plan_for(delta)
-        if workers * plan.total <= memory:
-            return Fit(first, plan, workers, memory)
-    return Fit(first, None, workers, memory)
+def batch_sizes(requested: int) -> list[int]:
+    """What a plan that does not fit tries for the evaluation batch: ``requested``, then halved
+    down to 1."""
+    sizes = [requested]
+    while sizes[-1] > 1:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+def fit_plan(plan_for: Callable[[DeltaFormat, int], MemoryPlan], requested: DeltaFormat, batch: int,
+             workers: int, memory: int) -> Fit:
+    """The first plan of which ``workers`` fit in ``memory`` bytes: the requested delta format at
+    the evaluation ``batch`` and then at smaller batches (a smaller batch scores the same items,
+    only slower), then each of :data:`SMALLER_FORMATS` storing fewer bits likewise (a smaller
+    format changes the merges); ``chosen`` None if none does."""
+    first = plan_for(requested, batch)
+    formats = [requested, *(f for f in SMALLER_FORMATS if delta_bits(f) < delta_bits(requested))]
+    for delta in formats:
+        for size in batch_sizes(batch):
+            plan = first if (delta is requested and size == batch) else plan_for(delta, size)
+            if workers * plan.total <= memory:
+                return Fit(first, plan, workers, memory, size)
+    return Fit(first, None, workers, memory, batch)
 
 
 def pool_loading_bytes(shapes: Mapping[str, Sequence[int]], stored: torch.dtype, second: torch.dtype,

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from evomerge.errors import UserError
 from evomerge.run import RunDir
 from evomerge.search.hooks import SearchHooks
 from evomerge.search.loop import Log, Search, stderr_log
-from evomerge.search.settings import changed_keys, read_settings, search_fingerprint
+from evomerge.search.settings import RESUMABLE, changed_keys, read_settings, same_search, search_fingerprint
 
 RUN_STATE = "run.json"
 
@@ -53,10 +53,10 @@ def resumed_config(run: RunDir) -> dict[str, Any]:
     state = run.read_json(run.root / RUN_STATE)
     if state is None:
         raise UserError(f"{run.root} has no readable {RUN_STATE}; it was not written by evomerge search")
-    if search_fingerprint(config) != state["fingerprint"]:
+    if not same_search(config, state["fingerprint"], state["config"]):
         keys = changed_keys(state["config"], config)
         raise UserError(f"{run.config_path} was edited in a way that changes the search "
-                        f"({', '.join(keys) or 'structure'}); only {', '.join(('runtime.*', 'algorithm.generations'))} "
+                        f"({', '.join(keys) or 'structure'}); only {', '.join(_spelled(RESUMABLE, config))} "
                         f"may change on resume. Start a new run instead")
     if isinstance(config.get("fitness"), dict):
         # Runs made before teacher forcing existed decoded their estimator items (their
@@ -71,3 +71,8 @@ def resumed_config(run: RunDir) -> dict[str, Any]:
         config["space"].setdefault("parents", False)
         config["space"].setdefault("knots", 0)
     return config
+
+
+def _spelled(keys, config: Mapping[str, Any]) -> list[str]:
+    """Config keys for people: a section (``runtime``) as ``runtime.*``."""
+    return [f"{key}.*" if isinstance(config.get(key), Mapping) else key for key in keys]

@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from evomerge.architecture import Layout
 from evomerge.config import AlgorithmConfig, FitnessConfig, RefineConfig, RuntimeConfig, SpaceConfig, read_config
@@ -23,7 +23,10 @@ from evomerge.search.workers import WorkerSpec
 from evomerge.zoo_config import ZooConfig
 
 # Settings that may change between a run and its resume without changing what it searches.
-RESUMABLE = ("name", "runs_dir", "runtime", "algorithm.generations")
+# Settings that change how fast a run goes, not what it searches: they may change on resume. The
+# evaluation batch is one (the memory plan lowers it where the configured one does not fit).
+RESUMABLE = ("name", "runs_dir", "runtime", "algorithm.generations", "fitness.batch_size")
+_BEFORE_BATCH_RESUMABLE = RESUMABLE[:-1]  # the fingerprint of runs made before it was
 
 
 @dataclass
@@ -156,8 +159,8 @@ def _check_models(base: str, experts: Mapping[str, str], allow_pickle: bool, tru
     return layout_of_files(config, info.shapes)
 
 
-def search_fingerprint(config: Mapping[str, Any]) -> str:
-    """Hash of what a run searches: everything but the settings listed in RESUMABLE. A
+def search_fingerprint(config: Mapping[str, Any], resumable: Sequence[str] = RESUMABLE) -> str:
+    """Hash of what a run searches: everything but the ``resumable`` settings. A
     ``space.initial`` entry without a method is hashed with the method it takes (the space's
     first), so a run that spelled it out and one that did not are the same search."""
     reduced = json.loads(json.dumps(dict(config), default=str))
@@ -165,7 +168,7 @@ def search_fingerprint(config: Mapping[str, Any]) -> str:
     if isinstance(space, dict) and isinstance(space.get("initial"), list) and space.get("methods"):
         space["initial"] = [{"method": space["methods"][0], **entry} if isinstance(entry, dict) else entry
                             for entry in space["initial"]]
-    for key in RESUMABLE:
+    for key in resumable:
         parts = key.split(".")
         node = reduced
         for part in parts[:-1]:
@@ -173,6 +176,18 @@ def search_fingerprint(config: Mapping[str, Any]) -> str:
         if isinstance(node, dict):
             node.pop(parts[-1], None)
     return hashlib.sha256(json.dumps(reduced, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_search(config: Mapping[str, Any], fingerprint: str, recorded: Mapping[str, Any]) -> bool:
+    """Whether ``config`` searches what the run whose ``run.json`` holds ``fingerprint`` and the
+    ``recorded`` config searched. A run made before ``fitness.batch_size`` was resumable has a
+    fingerprint of its recorded config by the rule of then: ``config`` is compared with that
+    config by today's."""
+    today = search_fingerprint(config)
+    if today == fingerprint:
+        return True
+    return (fingerprint == search_fingerprint(recorded, _BEFORE_BATCH_RESUMABLE)
+            and today == search_fingerprint(recorded))
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

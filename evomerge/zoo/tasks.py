@@ -44,6 +44,11 @@ def _common(skill: str, data_dir: Path, splits: Sequence[str]) -> dict:
     }
 
 
+MAX_GEN_TOKS = 12
+"""Tokens a zoo answer may take: every answer is a few tokens, and the memory plan counts the
+logits teacher forcing keeps by it."""
+
+
 def lm_eval_tasks(skill: str, data_dir: Path, splits: Sequence[str]) -> dict[str, dict]:
     """The two lm-eval task configs of one skill, keyed by task name."""
     generate = {
@@ -51,7 +56,7 @@ def lm_eval_tasks(skill: str, data_dir: Path, splits: Sequence[str]) -> dict[str
         **_common(skill, data_dir, splits),
         "output_type": "generate_until",
         "doc_to_target": "{{answer}}",
-        "generation_kwargs": {"until": ["\n", "<|im_end|>", "</s>"], "max_gen_toks": 12, "do_sample": False},
+        "generation_kwargs": {"until": ["\n", "<|im_end|>", "</s>"], "max_gen_toks": MAX_GEN_TOKS, "do_sample": False},
         "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"},
                                                      {"function": "take_first"}]}],
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
