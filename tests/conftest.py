@@ -13,8 +13,25 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# pytest-xdist runs the suite in two processes (pyproject's addopts): each computes with one
+# thread, so two of them share the two cores instead of four threads fighting over them, and
+# what they start (CLI subprocesses, Ray workers) inherits that.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def pico_cache(tmp_path_factory):
+    """One cache for the test run: under pytest-xdist the workers share it (the session's temp
+    folder above their own), so the pico zoo is built once (build_zoo's lock) and not per worker."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "evomerge-cache"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("evomerge-cache")
 
 

@@ -1,6 +1,8 @@
 """The zoo builder's plumbing, on the pico zoo: caching, determinism, task files, card."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -47,8 +49,17 @@ def test_lm_eval_builds_the_zoo_tasks_offline(pico_zoo):
     assert len(docs) == pico_zoo.config.eval_size
 
 
-def test_build_is_deterministic_and_cached(pico_zoo, tmp_path):
-    again = build_zoo(zoo_config(["zoo=pico"]), cache=tmp_path, log=lambda _: None)
+def test_build_is_deterministic_cached_and_done_once_when_two_processes_ask(pico_zoo, tmp_path):
+    """Two processes building into one empty cache at once (two searches on a fresh machine):
+    one builds, the other waits on the lock and finds the zoo built; it equals the first build."""
+    script = ("import sys; from pathlib import Path; from evomerge.config import zoo_config; "
+              "from evomerge.zoo.build import build_zoo; build_zoo(zoo_config(['zoo=pico']), cache=Path(sys.argv[1]))")
+    builds = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    said = [build.communicate(timeout=600) for build in builds]
+    assert [build.returncode for build in builds] == [0, 0], [err[-2000:] for _, err in said]
+    assert sorted(out.count("data: ") for out, _ in said) == [0, 1]  # written once
+    again = Zoo.at(zoo_config(["zoo=pico"]), tmp_path)
     assert again.root.name == pico_zoo.root.name
     for name in ["base", *pico_zoo.config.skills]:
         first = load_file(pico_zoo.root / "models" / name / "model.safetensors")

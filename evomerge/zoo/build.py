@@ -105,8 +105,18 @@ class Zoo:
 
 def build_zoo(config: ZooConfig, cache: Path | None = None,
               log: Callable[[str], None] = print) -> Zoo:
-    """Build whatever of the zoo is missing and return it; a no-op on a finished zoo."""
+    """Build whatever of the zoo is missing and return it; a no-op on a finished zoo. Two
+    processes asking at once (two searches on a fresh machine, parallel test workers) build it
+    once: the second waits on a lock beside the zoo's folder, then finds it built."""
+    from filelock import FileLock
+
     zoo = Zoo.at(config, cache)
+    zoo.root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(zoo.root.parent / f".{zoo.root.name}.lock")):
+        return _build_locked(zoo, config, log)
+
+
+def _build_locked(zoo: Zoo, config: ZooConfig, log: Callable[[str], None]) -> Zoo:
     if zoo.is_built():
         write_validation_tasks(zoo, log)
         return zoo
