@@ -152,11 +152,12 @@ class EvaluationPath:
     rows: int
     sequence: int
     logit_positions: int | None  # None: every position
-    float_logit_copies: int = 1
+    float_logit_copies: int = 0  # float32 tensors of the logits' size computed from them
+    kv_cache: bool = False  # whether the pass keeps every layer's keys and values (decoding does)
 
     def bytes(self, architecture: Architecture, dtype: torch.dtype) -> int:
         return architecture.activation_bytes(self.rows, self.sequence, dtype, logit_positions=self.logit_positions,
-                                             float_logit_copies=self.float_logit_copies)
+                                             float_logit_copies=self.float_logit_copies, kv_cache=self.kv_cache)
 
     def text(self) -> str:
         kept = ("logits at every position" if self.logit_positions is None else
@@ -169,22 +170,25 @@ def evaluation_paths(tasks: tuple[TaskShape, ...] | None, batch: int, sequence: 
                      teacher_forcing: bool, perplexity: bool) -> list[EvaluationPath]:
     """The forward passes scoring ``tasks`` makes at evaluation ``batch``, as fitness.native and
     lm-eval run them: a decoding step's LM head runs on the last position (native ``generate``
-    asks for ``logits_to_keep=1``, as transformers' ``generate`` does for lm-eval); teacher
-    forcing on the reference's positions, at most ``max_gen_toks`` + 1; a log-likelihood request
-    on every position; the perplexity objective on every position of a quarter batch of
-    windows, with a float32 copy and its log-softmax. Unknown tasks (None) count as
-    log-likelihood, the most a task can keep."""
+    asks for ``logits_to_keep=1``, as transformers' ``generate`` does for lm-eval) and its KV
+    cache holds every layer; teacher forcing runs on the reference's positions, at most
+    ``max_gen_toks`` + 1, without a cache; a native log-likelihood request on every position
+    without a cache, lm-eval's with its cache and a log-softmax of the whole batch; the
+    perplexity objective on every position of a quarter batch of windows, with its
+    log-softmax. Unknown tasks (None) count as lm-eval's log-likelihood, the most a task keeps."""
     paths = []
     for shape in tasks if tasks is not None else (None,):
         if shape is not None and shape.output_type == "generate_until":
-            paths.append(EvaluationPath("decoding", batch, sequence, 1))
+            paths.append(EvaluationPath("decoding", batch, sequence, 1, kv_cache=True))
             if teacher_forcing and shape.native:
                 paths.append(EvaluationPath("teacher forcing", batch, sequence, shape.max_gen_toks + 1))
+        elif shape is not None and shape.native:
+            paths.append(EvaluationPath("log-likelihood", batch, sequence, None))
         else:
-            what = "log-likelihood" if shape is not None else "log-likelihood (tasks not known to the plan)"
-            paths.append(EvaluationPath(what, batch, sequence, None))
+            what = "lm-eval's log-likelihood" if shape is not None else "log-likelihood (tasks not known to the plan)"
+            paths.append(EvaluationPath(what, batch, sequence, None, 1, kv_cache=True))
     if perplexity:
-        paths.append(EvaluationPath("perplexity", max(1, batch // 4), PERPLEXITY_WINDOW, None, 2))
+        paths.append(EvaluationPath("perplexity", max(1, batch // 4), PERPLEXITY_WINDOW, None, 1))
     return paths
 
 

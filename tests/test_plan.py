@@ -166,21 +166,28 @@ def test_refinement_plans_a_gradient_per_parameter_and_is_refused_where_it_does_
     assert planned_config(auto, roomy)["refine"].get("at") != "off"
 
 def test_each_scoring_path_counts_the_logits_it_keeps():
-    """By hand on a tiny config: decoding keeps one position per row, teacher forcing the
-    reference's (max_gen_toks + 1), a log-likelihood request every position, perplexity every
-    position of a quarter batch with two float32 copies."""
+    """By hand on a tiny config: decoding keeps one position per row and every layer's KV cache,
+    teacher forcing the reference's positions (max_gen_toks + 1), a native log-likelihood
+    request every position, lm-eval's also its cache and a log-softmax, perplexity every
+    position of a quarter batch and a log-softmax; none but decoding keeps a cache."""
     arch = Architecture.of_config(TINY)
-    paths = evaluation_paths((TaskShape("generate_until", 12, True), TaskShape("multiple_choice", 0, True)), 32, 256,
-                             teacher_forcing=True, perplexity=True)
-    assert [(p.what, p.rows, p.sequence, p.logit_positions) for p in paths] == [
-        ("decoding", 32, 256, 1), ("teacher forcing", 32, 256, 13), ("log-likelihood", 32, 256, None),
-        ("perplexity", 8, 256, None)]
-    rest = arch.activation_bytes(32, 256, torch.float32, logit_positions=0)  # everything but the logits
-    assert [p.bytes(arch, torch.float32) - rest for p in paths[:3]] == [32 * n * 10 * 8 for n in (1, 13, 256)]
-    assert paths[3].bytes(arch, torch.float32) == arch.activation_bytes(8, 256, torch.float32, logit_positions=0) \
-        + 8 * 256 * 10 * (4 + 2 * 4)
+    paths = evaluation_paths((TaskShape("generate_until", 12, True), TaskShape("multiple_choice", 0, True),
+                              TaskShape("multiple_choice", 0, False)), 32, 256, teacher_forcing=True, perplexity=True)
+    assert [(p.what, p.rows, p.sequence, p.logit_positions, p.kv_cache) for p in paths] == [
+        ("decoding", 32, 256, 1, True), ("teacher forcing", 32, 256, 13, False), ("log-likelihood", 32, 256, None, False),
+        ("lm-eval's log-likelihood", 32, 256, None, True), ("perplexity", 8, 256, None, False)]
+    tokens = 32 * 256
+    block = tokens * (3 * 8 + 8 + 2 * 4 + 3 * 12) * 4 + 32 * 2 * 256 * 256 * 4  # as the tiny plan's test counts
+    cache = 2 * 2 * tokens * 4 * 4
+    logits = [32 * 1 * 10 * 4 + cache, 32 * 13 * 10 * 4, tokens * 10 * 4, tokens * 10 * 8 + cache]
+    assert [p.bytes(arch, torch.float32) for p in paths[:4]] == [block + n for n in logits]
+    quarter = 8 * 256 * (3 * 8 + 8 + 2 * 4 + 3 * 12) * 4 + 8 * 2 * 256 * 256 * 4
+    assert paths[4].bytes(arch, torch.float32) == quarter + 8 * 256 * 10 * 8
+    # bfloat16 logits are scored in a float32 copy
+    half_block = tokens * (3 * 8 + 8 + 2 * 4 + 3 * 12) * 2 + 32 * 2 * 256 * 256 * 4  # the scores stay float32
+    assert paths[2].bytes(arch, torch.bfloat16) == half_block + tokens * 10 * (2 + 4)
     decoded = evaluation_paths((TaskShape("generate_until", 12, True),), 32, 256, teacher_forcing=False, perplexity=False)
-    assert decoded == [EvaluationPath("decoding", 32, 256, 1)]
+    assert decoded == [EvaluationPath("decoding", 32, 256, 1, kv_cache=True)]
     lm_eval_path = evaluation_paths((TaskShape("generate_until", 12, False),), 32, 256, teacher_forcing=True,
                                     perplexity=False)
     assert [p.logit_positions for p in lm_eval_path] == [1]  # lm-eval's generate: transformers keeps one
@@ -206,7 +213,8 @@ def test_a_262k_vocabulary_plans_the_logits_its_tasks_keep_and_lowers_the_batch_
     assert generating.fit.chosen is generating.fit.requested and generating.fit.batch == 32
     assert (generating.evaluation.what, generating.evaluation.logit_positions) == ("teacher forcing", 13)
     arch = Architecture.of_config(GEMMA3_270M)
-    assert generating.plan.activations == arch.activation_bytes(32, 256, torch.float32, logit_positions=13)
+    assert generating.plan.activations == arch.activation_bytes(32, 256, torch.float32, logit_positions=13,
+                                                                kv_cache=False)
     assert generating.plan.activations < 2 * 2**30 < arch.activation_bytes(32, 256, torch.float32)
     assert any("teacher forcing: batch 32 x 256 tokens, logits at 13 positions per row" in line
                for line in generating.lines())

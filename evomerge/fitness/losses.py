@@ -28,7 +28,7 @@ def _answer_logits(model, prompt_ids: Sequence[Sequence[int]], answers: Sequence
     target, real = left_padded(answers, 0, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     keep = target.shape[1] + 1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=keep).logits[:, :-1].float()  # position t predicts t + 1
     return logits, target, real.bool()
 

@@ -184,7 +184,7 @@ def reference_margins(
         target, scored = left_padded(wanted, 0, device)  # the references, aligned with the last logits
         scored = scored.bool()
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
                        logits_to_keep=keep).logits[:, :-1].float()  # position t predicts t + 1
         top = logits.topk(2, dim=-1)
         chosen = logits.gather(-1, target[..., None])[..., 0]
@@ -246,7 +246,7 @@ def loglikelihoods(
         for row, seq in enumerate(batch):
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         for row, (context, continuation) in enumerate(pairs[start:start + batch_size]):
             positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=device)
             logp = logits[row, positions].float().log_softmax(-1)
@@ -276,7 +276,9 @@ def perplexity(model, windows: Sequence[Sequence[int]], *, pad: int, batch_size:
             inputs[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
         inputs, mask = inputs.to(device), mask.to(device)
-        logp = model(input_ids=inputs, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        # log-softmax before dropping the last position: of the sliced (non-contiguous) logits it
+        # would first copy them, a third logits-sized tensor (2 GiB more on Gemma's vocabulary)
+        logp = model(input_ids=inputs, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)[:, :-1]
         picked = logp.gather(-1, inputs[:, 1:, None])[..., 0]
         keep = mask[:, 1:].bool()
         total -= float(picked[keep].sum())

@@ -123,26 +123,28 @@ class Architecture:
                    heads=heads, kv_heads=size("num_key_value_heads", default=heads),
                    head_dim=size("head_dim", default=hidden // heads))
 
-    def activation_bytes(self, batch: int, sequence: int, dtype: torch.dtype, *,
-                         logit_positions: int | None = None, float_logit_copies: int = 1) -> int:
+    def activation_bytes(self, batch: int, sequence: int, dtype: torch.dtype, *, logit_positions: int | None = None,
+                         float_logit_copies: int = 0, kv_cache: bool = True) -> int:
         """Peak bytes of one no-grad forward pass over ``batch`` rows of ``sequence`` tokens,
         an upper estimate: layers run one at a time, so one block's temporaries are live (the
         residual stream, its normed copy and the attention output; q, k and v; the attention
         scores as the math path materializes them, in float32; the MLP's gate, up and product),
-        plus what outlives the blocks: the KV cache a generation keeps for every layer, and the
-        logits over the whole vocabulary at the ``logit_positions`` of each row that the LM head
-        runs on (None: every position, as a log-likelihood request needs; a decoding step keeps
-        one), in ``dtype`` with ``float_logit_copies`` float32 copies of them. On a 262k
-        vocabulary the logits are most of the total, so counting every position where a path
-        keeps one refused searches that run."""
+        plus what outlives the blocks: the KV cache a generation keeps for every layer
+        (``kv_cache``), and the logits over the whole vocabulary at the ``logit_positions`` of each
+        row that the LM head runs on (None: every position, as a log-likelihood request needs; a
+        decoding step keeps one), in ``dtype``, with the float32 copy a narrower dtype is scored
+        in and ``float_logit_copies`` float32 tensors computed from them (a log-softmax). On a
+        262k vocabulary the logits are most of the total, so counting every position where a
+        path keeps one refused searches that run."""
         tokens = batch * sequence
         width = itemsize(dtype)
         kv = self.kv_heads * self.head_dim
         block = tokens * (3 * self.hidden + self.heads * self.head_dim + 2 * kv + 3 * self.intermediate) * width
         scores = batch * self.heads * sequence * sequence * 4
-        cache = 2 * self.layers * tokens * kv * width
+        cache = 2 * self.layers * tokens * kv * width if kv_cache else 0
         positions = sequence if logit_positions is None else min(logit_positions, sequence)
-        logits = batch * positions * self.vocab * (width + 4 * float_logit_copies)
+        scored = (0 if dtype == torch.float32 else 4) + 4 * float_logit_copies
+        logits = batch * positions * self.vocab * (width + scored)
         return block + scores + cache + logits
 
 
