@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from evomerge.errors import UserError
 
-ZOO_KINDS = ("smollm2", "pico")
+ZOO_KINDS = ("smollm2", "gemma3", "pico")
 # How a zoo's experts are made from its base: full fine-tunes, or peft LoRA adapters.
 ZOO_EXPERTS = ("full", "lora")
 # The zoo's skills (evomerge.zoo.skills generates their items): those an expert is fine-tuned on,
@@ -99,7 +99,7 @@ class ZooConfig:
 
     @property
     def name(self) -> str:
-        """The zoo's name without its hash: ``smollm2``, ``smollm2-lora``, ``pico``."""
+        """The zoo's name without its hash: ``smollm2``, ``smollm2-lora``, ``gemma3``, ``pico``."""
         return self.kind if self.experts == "full" else f"{self.kind}-{self.experts}"
 
     def built_fields(self) -> dict:

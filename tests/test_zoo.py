@@ -88,8 +88,8 @@ def test_lm_eval_loads_the_zoo_tasks_offline_and_agrees_with_the_native_scorer(z
 def test_the_gguf_file_loads_to_exactly_the_saved_base(zoo):
     """The hub-free path: the PyPI wheel's GGUF, dequantized by transformers, is the zoo's base."""
     from evomerge.pool import ModelPool
-    from evomerge.zoo.base import GGUF_NAME
+    from evomerge.zoo.base import SOURCES
 
-    pool = ModelPool(str(zoo.downloads / GGUF_NAME), {"saved": str(zoo.base)})
+    pool = ModelPool(str(zoo.downloads / SOURCES["smollm2"].gguf_name), {"saved": str(zoo.base)})
     assert pool.relative_norms() == {"saved": 0.0}
     assert len(pool.base) == 2 + 9 * 30  # embedding, final norm, 9 per block; the tied head once

