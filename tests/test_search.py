@@ -291,6 +291,45 @@ def test_resume_of_a_folder_that_is_not_a_run_fails_clearly(tmp_path, pico_cache
     assert done.returncode == 2 and "not an evomerge run folder" in done.stderr
 
 
+@pytest.mark.reliability("fault", "a worker killed by Ray's memory monitor (OutOfMemoryError, not an actor death): replaced, its candidate retried")
+def test_a_worker_killed_for_memory_is_replaced_and_its_candidate_retried(monkeypatch):
+    """Ray's memory monitor reports a killed worker as ``OutOfMemoryError`` from ``ray.get``,
+    which is no ``RayActorError``: a Gemma search lost its run to one while scoring its picks.
+    The pool replaces the worker and retries the candidate as for any lost worker (Ray faked:
+    the memory monitor cannot be made to pick a worker on a shared test machine)."""
+    from types import SimpleNamespace
+
+    import ray
+    from ray.exceptions import OutOfMemoryError
+
+    from evomerge.search.workers import WorkerPool
+
+    class Actor:
+        def __init__(self, name):
+            self.evaluate = SimpleNamespace(remote=lambda request: (name, request))
+
+    pool = WorkerPool.__new__(WorkerPool)  # no Ray: its loop over fake actors
+    started, said, results = [], [], {}
+
+    def start():
+        started.append(f"w{len(started)}")
+        return Actor(started[-1]), started[-1]
+
+    def get(ref):
+        worker, request = ref
+        if worker == "w0":
+            raise OutOfMemoryError("Memory on the node was 22.83GB used / 23.54GB limit")
+        return f"{request} by {worker}"
+
+    pool.spec, pool.log, pool._start = SimpleNamespace(runtime=SimpleNamespace(max_retries=2)), said.append, start
+    pool.actors = [start(), start()]
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns: (refs[:1], refs[1:]))
+    monkeypatch.setattr(ray, "get", get)
+    pool.run({"a": "A", "b": "B"}, lambda key, result: results.__setitem__(key, result))
+    assert results == {"a": "A by w2", "b": "B by w1"}
+    assert said == ["worker w0 died (OutOfMemoryError); started w2 and retrying its candidate"]
+
+
 @pytest.mark.reliability("fault", "a worker actor killed mid-generation: its candidate is retried on a fresh worker; the archive equals a fault-free run's")
 def test_a_killed_worker_loses_nothing(reference_run, pico_cache, tmp_path):
     done = with_hooks(WorkerFaults(kill_on=5, kill_worker="w0"), *search_args(tmp_path, "faulty"), cache=pico_cache,

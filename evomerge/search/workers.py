@@ -119,6 +119,8 @@ class MergeWorker:
             return RefineResult(self.name, self._refiner.refine(request.recipe, seed=request.seed))
         except Exception as error:  # noqa: BLE001 - one candidate's failure costs that candidate
             return RefineResult(self.name, error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        finally:
+            _give_back_freed_memory()
 
     def evaluate(self, request: EvalRequest) -> EvalResult:
         """Merge the recipe in place and score it; failures come back as ``error``, not raised."""
@@ -185,6 +187,11 @@ class WorkerPool:
             self.shutdown()
             raise UserError(_first_user_error(error) or f"a merge worker failed to start: "
                             f"{str(error).strip().splitlines()[-1]}") from None
+        except ray.exceptions.OutOfMemoryError:
+            self.shutdown()
+            raise UserError(f"Ray killed a merge worker for memory while it loaded its pool; lower "
+                            f"runtime.workers (now {runtime.workers}) or set runtime.delta_dtype=bfloat16 or "
+                            f"int8 (`evomerge plan` shows what each worker holds)") from None
 
     def _start(self):
         name = f"w{self._serial}"
@@ -204,7 +211,7 @@ class WorkerPool:
         A request whose actor dies goes back to the queue (up to ``max_retries`` times, then it is
         reported as an error) and the actor is replaced, so the pool keeps its size."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import OutOfMemoryError, RayActorError
 
         queue = deque((key, request, 0) for key, request in jobs.items())
         idle = deque(range(len(self.actors)))
@@ -221,7 +228,7 @@ class WorkerPool:
             slot, (key, request, attempts) = running.pop(ref)
             try:
                 result = ray.get(ref)
-            except RayActorError as error:
+            except (RayActorError, OutOfMemoryError) as error:  # Ray's memory monitor kills a worker too
                 lost = self.actors[slot][1]
                 self.actors[slot] = self._start()
                 self.log(f"worker {lost} died ({type(error).__name__}); started "
@@ -243,6 +250,21 @@ class WorkerPool:
         for actor, _ in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def _give_back_freed_memory() -> None:
+    """Return the heap the refinement's backward pass freed to the OS. glibc keeps freed blocks
+    in its arenas, so a worker stayed gigabytes above its plan after refining (on Gemma 3 the
+    memory monitor then killed it while it scored the picks); ``malloc_trim`` releases them.
+    A no-op where the C library is not glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _use_token_file(path: str) -> None:
