@@ -33,7 +33,8 @@ from evomerge.model_files import folder_header, header_shapes, stored_dtype
 from evomerge.pool import local_ref
 from evomerge.fitness.text import PERPLEXITY_WINDOW
 from evomerge.merge.memory import (SMALLER_FORMATS, Adapter, Architecture, Fit, MemoryPlan, delta_format,
-                                   dtype_name, fit_plan, format_name, pool_loading_bytes, size_text)
+                                   dtype_name, fit_plan, format_name, pool_loading_bytes, size_text,
+                                   tsv_component_bytes)
 
 EVAL_SEQUENCE = 256
 """Tokens per row the activations are planned for. The evaluator fixes no length: it pads a batch
@@ -263,6 +264,8 @@ class SearchPlan:
             f"({self.evaluation.text()}, estimated)",
             *([f"              gradients {size_text(plan.gradients)} (refine.at: dL/dW of every parameter)"]
               if plan.gradients else []),
+            *([f"              method statistics {size_text(plan.statistics)} (TSV-M's per-expert components "
+               f"of the block matrices)"] if plan.statistics else []),
             f"              total {size_text(plan.total)}",
             f"  {workers} x {size_text(plan.total)} = {size_text(fit.needs(plan))} of "
             f"{size_text(fit.memory)}: {'fits' if fit.chosen else 'does not fit'}",
@@ -327,10 +330,13 @@ def plan_search(config: Mapping[str, Any], *, device_memory: int | None = None,
 
     refining = effective_refine(typed.refine, typed.space).at == "final"
 
+    matrices = _tsv_block_matrices(typed, base)
+
     def plan_for(delta, batch: int, gradients: bool | None = None):
         gradients = refining if gradients is None else gradients
         return MemoryPlan.for_shapes(base.shapes, dense, dtype, delta, adapters=adapters,
-                                     activations=largest_path(batch).bytes(architecture, dtype), gradients=gradients)
+                                     activations=largest_path(batch).bytes(architecture, dtype), gradients=gradients,
+                                     statistics=tsv_component_bytes(matrices, len(experts), delta, dtype))
 
     device = runtime.resolved_device()
     gpu = device.startswith("cuda")
@@ -349,6 +355,21 @@ def plan_search(config: Mapping[str, Any], *, device_memory: int | None = None,
     loading = pool_loading_bytes(base.shapes, base.stored, second, (fit.chosen or fit.requested).deltas)
     return SearchPlan(fit, "cuda" if gpu else "cpu", source, batch, largest_path(fit.batch), base_ref,
                       loading, fallbacks, refine_dropped=dropped)
+
+
+def _tsv_block_matrices(typed: Config, base: ModelMeta) -> list[tuple[int, ...]]:
+    """The shapes TSV-M keeps per-expert components of, when the search's space merges with it
+    (a parameter space; a data-flow search's sources drop theirs once merged): the 2-D tensors
+    inside the blocks."""
+    if typed.space.kind != "params" or "tsv_m" not in typed.space.methods:
+        return []
+    from types import SimpleNamespace
+
+    from evomerge.architecture import layout_of_files
+
+    layout = layout_of_files(SimpleNamespace(**base.config), base.shapes)
+    return [shape for name, shape in base.shapes.items()
+            if layout.layer_of(name) is not None and len(shape) == 2 and min(shape) > 1]
 
 
 def planned_config(config: Mapping[str, Any], search: SearchPlan) -> dict[str, Any]:

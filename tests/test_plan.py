@@ -73,7 +73,8 @@ def hub(tmp_path_factory):
 
 
 def test_7b_with_4_experts_plans_fp32_deltas_and_picks_the_first_format_that_fits(hub):
-    config = compose(overrides(hub["7b"], hub["experts7"], "runtime.device=cuda"))
+    # task arithmetic caches nothing per tensor (TSV-M's components: the next test)
+    config = compose(overrides(hub["7b"], hub["experts7"], "runtime.device=cuda", "space.methods=[task_arithmetic]"))
     roomy = plan_search(config, device_memory=parse_size("1TB"))
     assert roomy.plan.deltas == 4 * LLAMA_7B_PARAMS * 4 and roomy.plan.base == LLAMA_7B_PARAMS * 4
     assert not roomy.changed and roomy.fit.workers == 1
@@ -87,6 +88,22 @@ def test_7b_with_4_experts_plans_fp32_deltas_and_picks_the_first_format_that_fit
     assert roomy.loading == 2 * LLAMA_7B_PARAMS * 2 + roomy.plan.deltas
     assert planned_config(config, h200)["runtime"]["delta_dtype"] == "bfloat16"
     assert any("using runtime.delta_dtype=bfloat16" in line for line in h200.lines())
+
+
+def test_tsv_m_plans_one_component_stack_of_the_block_matrices(hub):
+    """TSV-M, the default method, keeps each expert's components of every 2-D block tensor for
+    the merger's life: one more stack of the block matrices, in the float delta format, or in the
+    working dtype where deltas are quantized (they are made from dense deltas)."""
+    blocks = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # q, k, v, o and gate, up, down per block
+    assert blocks == LLAMA_7B_PARAMS - 2 * 32000 * 4096 - (2 * 32 + 1) * 4096  # less embedding, head, norms
+    for delta, width in (("float32", 4), ("bfloat16", 2), ("int8", 4)):
+        config = compose(overrides(hub["7b"], hub["experts7"], "runtime.device=cuda", f"runtime.delta_dtype={delta}"))
+        search = plan_search(config, device_memory=parse_size("1TB"))
+        assert search.plan.statistics == 4 * blocks * width, delta
+        assert search.plan.total == search.plan.resident + search.plan.activations + search.plan.statistics
+    assert any("method statistics 96.50 GiB (TSV-M's per-expert components" in line for line in search.lines())
+    lora = plan_search(compose(overrides(hub["7b"], hub["lora7"][:2], "runtime.device=cuda")), device_memory=parse_size("1TB"))
+    assert lora.plan.statistics == 2 * blocks * 4  # components of LoRA experts' dense task vectors too
 
 
 def test_7b_with_16_lora_experts_holds_their_factors(hub):
@@ -106,7 +123,8 @@ def test_70b_that_fits_nowhere_is_refused_in_one_line(hub):
     search = plan_search(config, device_memory=parse_size("24GB"))
     assert search.fit.chosen is None
     message = search.refusal()
-    assert "\n" not in message and "runtime.workers=2" in message and "int4" in message
+    # TSV-M's components are dense in the working dtype under int8/int4 deltas: bfloat16 is smallest
+    assert "\n" not in message and "runtime.workers=2" in message and "with bfloat16 at fitness.batch_size=1" in message
     assert "streaming deltas from host memory to the GPU is not built" in message
     with pytest.raises(UserError, match="does not fit"):
         planned_config(config, search)

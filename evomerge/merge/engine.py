@@ -154,7 +154,8 @@ class Merger:
     DELLA's in-row ranks (2 bytes per delta element, only for tensors DELLA merges: a quarter of
     an fp32 stack on top of the memory plan) are built on first use and kept for the merger's life,
     as are TSV-M's per-expert components (one more delta stack, in the stacks' dtype, for the
-    block matrices) and STAR's SVD factors (1.4 to 2 fp32 stacks), none of them in the plan.
+    block matrices; a search's plan counts them: ``memory.tsv_component_bytes``) and STAR's SVD
+    factors (1.4 to 2 fp32 stacks), which no plan counts.
     Over quantized stacks these are built from the dense deltas, in the working precision: a
     TSV-M component stack then costs about 4 int8 stacks.
     """

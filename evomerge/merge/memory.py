@@ -151,6 +151,17 @@ class Architecture:
 # --- the plan ------------------------------------------------------------------------------------
 
 
+def tsv_component_bytes(block_matrices: Sequence[Sequence[int]], experts: int, delta: DeltaFormat,
+                        dtype: torch.dtype) -> int:
+    """Bytes of TSV-M's per-expert components, which the merger computes once per tensor and keeps:
+    one stack of ``experts`` tensors the shape of each of the ``block_matrices`` (the 2-D tensors
+    inside the blocks; elsewhere TSV-M averages the task vectors), in the float delta format, or
+    the working ``dtype`` where deltas are quantized (the components are made from dense deltas)."""
+    width = itemsize(dtype if isinstance(delta, str) else delta)
+    return experts * sum(math.prod(map(int, shape)) for shape in block_matrices) * width
+
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """Bytes one worker keeps on its device, known from shapes and dtypes before anything is
@@ -168,11 +179,14 @@ class MemoryPlan:
     # dL/dW of every parameter, in the working dtype, while a gradient refinement steps (its
     # backward's activations are those of a few items per task: under the evaluation's batch)
     gradients: int = 0
+    # what the search's methods cache per tensor for the merger's life (TSV-M's per-expert
+    # components of the block matrices: :func:`tsv_component_bytes`)
+    statistics: int = 0
 
     @classmethod
     def for_shapes(cls, shapes: Mapping[str, Sequence[int]], experts: int, dtype: torch.dtype,
                    delta_dtype: DeltaFormat, *, adapters: Sequence[Adapter] = (),
-                   activations: int = 0, gradients: bool = False) -> MemoryPlan:
+                   activations: int = 0, gradients: bool = False, statistics: int = 0) -> MemoryPlan:
         """The plan for a model whose unique parameters have ``shapes``, ``experts`` dense experts
         and the LoRA ``adapters``; the working model holds the same tensors as the base, so it
         costs the same. Quantized deltas count their codes (each tensor's groups padded to whole
@@ -185,7 +199,7 @@ class MemoryPlan:
             per_expert = sum(numels) * itemsize(delta_dtype)
         factors = sum(adapter.factor_bytes(delta_dtype, dtype) for adapter in adapters)
         return cls(model_bytes, experts * per_expert + factors, model_bytes, experts + len(adapters), dtype,
-                   delta_dtype, activations, len(adapters), model_bytes if gradients else 0)
+                   delta_dtype, activations, len(adapters), model_bytes if gradients else 0, statistics)
 
     @property
     def resident(self) -> int:
@@ -194,7 +208,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.resident + self.activations + self.gradients
+        return self.resident + self.activations + self.gradients + self.statistics
 
     def experts_text(self) -> str:
         """``4 experts``, ``16 LoRA experts``, ``2 full + 3 LoRA experts``."""
@@ -210,6 +224,8 @@ class MemoryPlan:
             text += f" + activations {size_text(self.activations)}"
         if self.gradients:
             text += f" + gradients {size_text(self.gradients)}"
+        if self.statistics:
+            text += f" + method statistics {size_text(self.statistics)}"
         return f"{text} = {size_text(self.total)}"
 
 
