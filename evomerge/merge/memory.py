@@ -161,7 +161,6 @@ def tsv_component_bytes(block_matrices: Sequence[Sequence[int]], experts: int, d
     return experts * sum(math.prod(map(int, shape)) for shape in block_matrices) * width
 
 
-
 @dataclass(frozen=True)
 class MemoryPlan:
     """Bytes one worker keeps on its device, known from shapes and dtypes before anything is

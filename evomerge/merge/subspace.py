@@ -21,7 +21,7 @@ every candidate changes, so they pay an SVD per matrix per candidate: their comp
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -95,8 +95,14 @@ def tsv_components(factors: tuple[Tensor, Tensor, Tensor], rank: int) -> Tensor:
     return out
 
 
+def is_block_matrix(shape: Sequence[int]) -> bool:
+    """A matrix the subspace methods take apart by SVD (when it sits in a block): 2-D, neither
+    side 1. The memory plan counts TSV-M's components by the same rule."""
+    return len(shape) == 2 and min(shape) > 1
+
+
 def _is_block_matrix(shape: torch.Size, params: MergeParams) -> bool:
-    return len(shape) == 2 and min(shape) > 1 and params.in_block is not False
+    return is_block_matrix(shape) and params.in_block is not False
 
 
 def _write(base: Tensor, update: Tensor, out: Tensor | None) -> Tensor:

@@ -22,9 +22,9 @@ from evomerge.errors import UserError
 from evomerge.search.workers import WorkerSpec
 from evomerge.zoo_config import ZooConfig
 
-# Settings that may change between a run and its resume without changing what it searches.
-# Settings that change how fast a run goes, not what it searches: they may change on resume. The
-# evaluation batch is one (the memory plan lowers it where the configured one does not fit).
+# Settings that may change between a run and its resume without changing what it searches. The
+# evaluation batch is one: it sets how fast items are scored (the memory plan lowers it where
+# the configured one does not fit).
 RESUMABLE = ("name", "runs_dir", "runtime", "algorithm.generations", "fitness.batch_size")
 _BEFORE_BATCH_RESUMABLE = RESUMABLE[:-1]  # the fingerprint of runs made before it was
 
